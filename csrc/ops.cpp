@@ -1,0 +1,40 @@
+// Schemas of the kernels in fastgan._C, namespace fastgan_C. Kernels register
+// per device: csrc/cpu/<op>.cpp with TORCH_LIBRARY_IMPL(fastgan_C, CPU, m),
+// csrc/cuda/<op>.cu with TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m).
+// The contract (shapes, dtypes, numerics, the dropout RNG) is the one written
+// down in fastgan/reference.py; the Python wrappers in fastgan/ops.py validate
+// arguments first, and every kernel validates again before it launches.
+// `activation` is the integer code of fastgan/spec.py (0 identity, 1 relu,
+// 2 leaky_relu, 3 tanh).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastgan_C, m) {
+  m.def(
+      "linear_bn_act_forward(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!) num_batches_tracked, bool training, float? momentum, float eps, "
+      "int activation, float negative_slope, float p, Tensor seed, Tensor offset) "
+      "-> (Tensor y, Tensor h, Tensor mean, Tensor rstd)");
+  m.def(
+      "linear_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, "
+      "Tensor bn_bias, Tensor h, Tensor mean, Tensor rstd, bool training, int activation, "
+      "float negative_slope, float p, Tensor seed, Tensor offset, bool compute_dx) "
+      "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dbn_weight, Tensor dbn_bias)");
+  m.def(
+      "linear_act_forward(Tensor x, Tensor weight, Tensor? bias, int activation, "
+      "float negative_slope, float p, Tensor seed, Tensor offset) -> Tensor");
+  m.def(
+      "linear_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor y, int activation, "
+      "float negative_slope, float p, Tensor seed, Tensor offset, bool compute_dx) "
+      "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "gan_bce_forward(Tensor logits_a, Tensor? logits_b, float target_a, float target_b) "
+      "-> (Tensor loss, Tensor mean_prob_a, Tensor mean_prob_b, Tensor grad_a, Tensor grad_b)");
+}
+
+// Importing fastgan._C loads this library and runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,112 @@
+"""Which backend runs an op: availability, automatic choice, overrides.
+
+A backend is a module that defines the functions named in ``spec.BACKEND_FUNCTIONS``
+plus ``name``, ``available() -> (bool, reason)`` and ``supports(device)``.
+
+Choice, first match wins:
+1. ``use_backend(name)`` (a context manager) or the ``FASTGAN_BACKEND`` env var:
+   that backend or an error, never a silent substitute.
+2. By device: CUDA tensors -> ``triton``, then ``cuda``; CPU tensors -> ``cpu``;
+   if none of those is available, ``reference`` with a warning (once per device type).
+
+Every dispatch is counted in ``calls`` (``(backend, function) -> n``) so tests can
+prove which backend actually ran.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+_MODULES = {
+    "reference": "fastgan.reference",
+    "cpu": "fastgan.cext",
+    "cuda": "fastgan.cext_cuda",
+    "triton": "fastgan.kernels",
+}
+_PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+
+calls: collections.Counter = collections.Counter()
+_local = threading.local()
+_warned: set = set()
+_cache: dict = {}
+
+
+def _load(name: str):
+    """Import a backend module; returns (module or None, reason)."""
+    if name not in _cache:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+            ok, why = mod.available()
+        except Exception as e:  # a missing optional dependency, an unbuilt extension
+            mod, ok, why = None, False, f"{type(e).__name__}: {e}"
+        _cache[name] = (mod if ok else None, why)
+    return _cache[name]
+
+
+def backends() -> dict[str, str]:
+    """Available backends here, each with a one-line reason/description."""
+    return {n: _load(n)[1] for n in NAMES if _load(n)[0] is not None}
+
+
+def unavailable() -> dict[str, str]:
+    """Backends that cannot run here, with the reason."""
+    return {n: _load(n)[1] for n in NAMES if _load(n)[0] is None}
+
+
+def _check_name(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force every fastgan op inside the block onto backend ``name``."""
+    _check_name(name)
+    prev = getattr(_local, "forced", None)
+    _local.forced = name
+    try:
+        yield
+    finally:
+        _local.forced = prev
+
+
+def forced() -> str | None:
+    name = getattr(_local, "forced", None) or os.environ.get("FASTGAN_BACKEND") or None
+    return _check_name(name) if name else None
+
+
+def select(device: torch.device) -> str:
+    """Name of the backend that runs ops on ``device`` right now."""
+    name = forced()
+    if name is not None:
+        mod, why = _load(name)
+        if mod is None:
+            raise RuntimeError(f"fastgan backend {name!r} was requested but is unavailable: {why}")
+        if not mod.supports(device):
+            raise RuntimeError(f"fastgan backend {name!r} was requested but cannot run on {device.type} tensors")
+        return name
+    for name in _PREFERENCE.get(device.type, ()):
+        mod, _ = _load(name)
+        if mod is not None and mod.supports(device):
+            return name
+    if device.type not in _warned:
+        _warned.add(device.type)
+        tried = ", ".join(f"{n}: {_load(n)[1]}" for n in _PREFERENCE.get(device.type, ()))
+        warnings.warn(f"fastgan: no fused backend for {device.type} tensors ({tried or 'none exists'}); "
+                      "using the slow reference backend", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def get(function: str, device: torch.device):
+    """The implementation of backend ``function`` chosen for ``device``; counts the call."""
+    name = select(device)
+    calls[(name, function)] += 1
+    return getattr(_load(name)[0], function)

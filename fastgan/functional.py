@@ -1,0 +1,82 @@
+"""Functional forms of the fused ops (autograd-aware, compile-friendly).
+
+For dropout the ops need a ``(seed, offset)`` pair of 1-element int64 tensors
+on the input's device. Pass them explicitly for reproducible or CUDA-graph
+captured code; when omitted, a seed is drawn from torch's default generator on
+the host (fine in eager code, not inside a captured graph).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.fastgan.*)
+from .ops import LinearBNActFunction
+
+
+def _rng(x: Tensor, seed: Optional[Tensor], offset: Optional[Tensor], p: float):
+    if seed is None:
+        if p > 0:
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(x.device)
+        else:
+            seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+    if offset is None:
+        offset = torch.zeros(1, dtype=torch.int64, device=x.device)
+    return seed, offset
+
+
+def linear_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Tensor,
+                  bn_bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                  num_batches_tracked: Tensor, training: bool = True,
+                  momentum: Optional[float] = 0.1, eps: float = 1e-5,
+                  activation: str = "leaky_relu", negative_slope: float = 0.2,
+                  dropout: float = 0.0, seed: Optional[Tensor] = None,
+                  offset: Optional[Tensor] = None) -> Tensor:
+    """dropout(act(batch_norm(linear(x)))) in one fused op.
+
+    In training the running statistics are updated in place like
+    ``nn.BatchNorm1d``; dropout is applied only in training.
+    """
+    p = float(dropout) if training else 0.0
+    seed, offset = _rng(x, seed, offset, p)
+    return LinearBNActFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                     running_var, num_batches_tracked, bool(training), momentum,
+                                     float(eps), activation, float(negative_slope), p, seed,
+                                     offset)
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+               activation: str = "leaky_relu", negative_slope: float = 0.2,
+               dropout: float = 0.0, training: bool = True, seed: Optional[Tensor] = None,
+               offset: Optional[Tensor] = None) -> Tensor:
+    """dropout(act(linear(x))) in one fused op; dropout only in training."""
+    p = float(dropout) if training else 0.0
+    seed, offset = _rng(x, seed, offset, p)
+    return torch.ops.fastgan.linear_act(x, weight, bias, activation, float(negative_slope), p,
+                                        seed, offset)
+
+
+class DLoss(NamedTuple):
+    loss: Tensor     # BCE(D(x), 1 - smoothing) + BCE(D(G(z)), 0), fp32 scalar
+    d_real: Tensor   # mean sigmoid(real_logits): mean D(x)
+    d_fake: Tensor   # mean sigmoid(fake_logits): mean D(G(z))
+
+
+class GLoss(NamedTuple):
+    loss: Tensor     # non-saturating BCE(D(G(z)), 1), fp32 scalar
+    d_fake: Tensor   # mean D(G(z))
+
+
+def gan_bce_d(real_logits: Tensor, fake_logits: Tensor, smoothing: float = 0.0) -> DLoss:
+    """Discriminator loss from logits, with optional one-sided label smoothing."""
+    loss, d_real, d_fake, _, _ = torch.ops.fastgan.gan_bce(real_logits, fake_logits,
+                                                           1.0 - float(smoothing), 0.0)
+    return DLoss(loss, d_real.detach(), d_fake.detach())
+
+
+def gan_bce_g(fake_logits: Tensor) -> GLoss:
+    """Generator's non-saturating loss from the discriminator's logits on fakes."""
+    loss, d_fake, _, _, _ = torch.ops.fastgan.gan_bce(fake_logits, None, 1.0, 0.0)
+    return GLoss(loss, d_fake.detach())

@@ -1,0 +1,216 @@
+"""Fused layers that drop into existing models.
+
+``LinearBNAct`` *is* an ``nn.Sequential(Linear, BatchNorm1d, act, Dropout)``
+whose forward runs the fused op with its children's parameters and
+hyper-parameters. So its ``state_dict`` keys, printing and indexing are those of
+the plain Sequential, weights load both ways, and ``unfuse`` only has to
+change the class. ``LinearAct`` is the same without the BatchNorm1d.
+
+Dropout randomness: each layer holds a non-persistent ``dropout_rng`` buffer
+``[seed, counter]`` (int64, on the layer's device, not in the state_dict).
+Every training forward uses ``(seed, counter)`` and advances the counter on the
+device, so a CUDA graph replay draws a fresh mask with no host involvement.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as FG
+
+_ACT_MODULES = {
+    "leaky_relu": lambda slope: nn.LeakyReLU(slope),
+    "relu": lambda slope: nn.ReLU(),
+    "tanh": lambda slope: nn.Tanh(),
+    "identity": lambda slope: nn.Identity(),
+}
+_instances = itertools.count()
+
+
+def activation_module(activation: str, negative_slope: float = 0.2) -> nn.Module:
+    if activation not in _ACT_MODULES:
+        raise ValueError(f"activation must be one of {sorted(_ACT_MODULES)}, got {activation!r}")
+    return _ACT_MODULES[activation](negative_slope)
+
+
+def activation_of(module: nn.Module) -> tuple[str, float]:
+    """(name, negative_slope) of an activation module; ValueError if not fusable."""
+    if type(module) is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    if type(module) is nn.ReLU:
+        return "relu", 0.0
+    if type(module) is nn.Tanh:
+        return "tanh", 0.0
+    if type(module) is nn.Identity:
+        return "identity", 0.0
+    raise ValueError(f"{type(module).__name__} is not a fusable activation")
+
+
+def _new_rng_state(device=None) -> Tensor:
+    # Draw the seed without consuming torch's default generator, so building a
+    # fused model leaves the same RNG state (and weights) as the plain one; the
+    # instance counter keeps layers of one model on different streams.
+    with torch.random.fork_rng(devices=[]):
+        seed = int(torch.randint(0, 2**61, (1,)))
+    seed = (seed + next(_instances) * 0x9E3779B97F4A7C15) % 2**62
+    return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+
+
+def _next_key(state: Tensor) -> tuple[Tensor, Tensor]:
+    seed = state[:1]
+    offset = state[1:].clone()
+    state[1:].add_(1)
+    return seed, offset
+
+
+def _autocast(x: Tensor, weight: Tensor, bias):
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        return x.to(dt), weight.to(dt), (None if bias is None else bias.to(dt))
+    return x, weight, bias
+
+
+def linear_bn_act_sequential(in_features, out_features, bias=True, eps=1e-5, momentum=0.1,
+                             activation="leaky_relu", negative_slope=0.2, dropout=0.0,
+                             device=None, dtype=None) -> nn.Sequential:
+    """The plain-PyTorch block ``LinearBNAct`` fuses (the reference)."""
+    kw = dict(device=device, dtype=dtype)
+    return nn.Sequential(nn.Linear(in_features, out_features, bias=bias, **kw),
+                         nn.BatchNorm1d(out_features, eps=eps, momentum=momentum, device=device),
+                         activation_module(activation, negative_slope), nn.Dropout(dropout))
+
+
+def linear_act_sequential(in_features, out_features, bias=True, activation="leaky_relu",
+                          negative_slope=0.2, dropout=0.0, device=None,
+                          dtype=None) -> nn.Sequential:
+    """The plain-PyTorch block ``LinearAct`` fuses (the reference)."""
+    layers = [nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype),
+              activation_module(activation, negative_slope)]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class _Fused(nn.Sequential):
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        self.register_buffer("dropout_rng", _new_rng_state(layers[0].weight.device),
+                             persistent=False)
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> "_Fused":
+        """Wrap the children of an equivalent plain Sequential (shares its tensors)."""
+        fused = cls.__new__(cls)
+        _Fused.__init__(fused, *seq)
+        fused._validate()
+        return fused
+
+    def to_sequential(self) -> nn.Sequential:
+        """The plain-PyTorch equivalent, sharing this layer's parameters."""
+        return nn.Sequential(*self)
+
+    def _dropout_p(self) -> float:
+        last = self[-1]
+        return float(last.p) if isinstance(last, nn.Dropout) and self.training else 0.0
+
+    def _key(self, p: float):
+        if p > 0:
+            return _next_key(self.dropout_rng)
+        return self.dropout_rng[:1], self.dropout_rng[1:]
+
+    def seed_dropout(self, seed: int) -> None:
+        """Restart this layer's dropout stream at ``seed``."""
+        self.dropout_rng.copy_(torch.tensor([seed % 2**62, 0], dtype=torch.int64))
+
+
+class LinearBNAct(_Fused):
+    """Fused Linear -> BatchNorm1d -> activation -> Dropout.
+
+    Children ``0`` Linear, ``1`` BatchNorm1d (kept in fp32), ``2`` activation,
+    ``3`` Dropout, exactly as ``linear_bn_act_sequential`` builds them.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 eps: float = 1e-5, momentum: float | None = 0.1,
+                 activation: str = "leaky_relu", negative_slope: float = 0.2,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__(*linear_bn_act_sequential(in_features, out_features, bias, eps,
+                                                   momentum, activation, negative_slope,
+                                                   dropout, device, dtype))
+        self._validate()
+
+    def _validate(self):
+        lin, bn, act, drop = self  # raises ValueError if the shape of the block differs
+        if not (isinstance(lin, nn.Linear) and type(bn) is nn.BatchNorm1d
+                and type(drop) is nn.Dropout):
+            raise ValueError("LinearBNAct needs children (Linear, BatchNorm1d, activation, Dropout)")
+        activation_of(act)
+        if not (bn.affine and bn.track_running_stats):
+            raise ValueError("LinearBNAct needs BatchNorm1d(affine=True, track_running_stats=True)")
+
+    def _apply(self, fn, recurse=True):
+        # BN parameters and running statistics stay fp32 whatever dtype the
+        # Linear is cast to: the kernels keep statistics in fp32.
+        super()._apply(fn, recurse)
+        bn = self[1]
+        if bn.weight.dtype != torch.float32:
+            bn.float()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        lin, bn, act, _ = self
+        activation, slope = activation_of(act)
+        x, weight, bias = _autocast(x, lin.weight, lin.bias)
+        p = self._dropout_p()
+        seed, offset = self._key(p)
+        return FG.linear_bn_act(x, weight, bias, bn.weight, bn.bias, bn.running_mean,
+                                bn.running_var, bn.num_batches_tracked, self.training,
+                                bn.momentum, bn.eps, activation, slope, p, seed, offset)
+
+
+class LinearAct(_Fused):
+    """Fused Linear -> activation (-> Dropout): children ``0`` Linear, ``1``
+    activation and, when ``dropout > 0``, ``2`` Dropout."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "leaky_relu", negative_slope: float = 0.2,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__(*linear_act_sequential(in_features, out_features, bias, activation,
+                                                negative_slope, dropout, device, dtype))
+        self._validate()
+
+    def _validate(self):
+        if len(self) not in (2, 3) or not isinstance(self[0], nn.Linear):
+            raise ValueError("LinearAct needs children (Linear, activation[, Dropout])")
+        activation_of(self[1])
+        if len(self) == 3 and type(self[2]) is not nn.Dropout:
+            raise ValueError("LinearAct's third child must be nn.Dropout")
+
+    def forward(self, x: Tensor) -> Tensor:
+        lin = self[0]
+        activation, slope = activation_of(self[1])
+        x, weight, bias = _autocast(x, lin.weight, lin.bias)
+        p = self._dropout_p()
+        seed, offset = self._key(p)
+        return FG.linear_act(x, weight, bias, activation, slope, p, True, seed, offset)
+
+
+def seed_dropout(model: nn.Module, seed: int) -> None:
+    """Give every fused layer of ``model`` its own dropout stream derived from ``seed``."""
+    for i, m in enumerate(m for m in model.modules() if isinstance(m, _Fused)):
+        m.seed_dropout(seed * 1_000_003 + i)
+
+
+def dropout_rng_state(model: nn.Module) -> list[Tensor]:
+    """The dropout RNG buffers of ``model``'s fused layers (for checkpoints)."""
+    return [m.dropout_rng.detach().cpu().clone() for m in model.modules() if isinstance(m, _Fused)]
+
+
+def set_dropout_rng_state(model: nn.Module, states: list[Tensor]) -> None:
+    layers = [m for m in model.modules() if isinstance(m, _Fused)]
+    if len(layers) != len(states):
+        raise ValueError(f"dropout RNG state has {len(states)} entries, model has {len(layers)} fused layers")
+    for m, s in zip(layers, states):
+        m.dropout_rng.copy_(s)

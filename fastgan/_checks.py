@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .spec import ACTIVATIONS
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def tensor(t, name: str, *, ndim: int | None = None, dtype=None, device=None, numel=None):
@@ -37,7 +37,7 @@ def hyper(activation: str, negative_slope: float, p: float):
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor, offset: Tensor):
     tensor(x, "x", ndim=2)
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"x must be float32, float16, bfloat16 (or float64), got {x.dtype}")
     tensor(weight, "weight", ndim=2, dtype=x.dtype, device=x.device)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight has in_features={weight.shape[1]} but x has {x.shape[1]} columns (K mismatch)")
@@ -55,9 +55,10 @@ def linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
                   seed, offset):
     linear(x, weight, bias, seed, offset)
     n = weight.shape[0]
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
                     (running_mean, "running_mean"), (running_var, "running_var")):
-        tensor(t, name, ndim=1, dtype=torch.float32, device=x.device, numel=n)
+        tensor(t, name, ndim=1, dtype=stat_dtype, device=x.device, numel=n)
     tensor(num_batches_tracked, "num_batches_tracked", dtype=torch.int64, device=x.device, numel=1)
     hyper(activation, negative_slope, p)
     if not (math.isfinite(eps) and eps > 0):

@@ -51,7 +51,7 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batche
                           num_batches_tracked, training, momentum, eps, activation,
                           negative_slope, p, seed, offset)
     b, n = x.shape[0], weight.shape[0]
-    stat = x.new_empty(n, dtype=torch.float32)
+    stat = x.new_empty(n, dtype=bn_weight.dtype)
     return x.new_empty(b, n), x.new_empty(b, n), stat, torch.empty_like(stat)
 
 
@@ -171,7 +171,8 @@ def gan_bce(logits_a: Tensor, logits_b: Optional[Tensor], target_a: float, targe
 @register_fake("fastgan::gan_bce")
 def _(logits_a, logits_b, target_a, target_b):
     _checks.gan_bce(logits_a, logits_b, target_a, target_b)
-    scalar = logits_a.new_empty((), dtype=torch.float32)
+    scalar = logits_a.new_empty((), dtype=torch.float64 if logits_a.dtype == torch.float64
+                                else torch.float32)
     grad_b = logits_a.new_empty(0) if logits_b is None else torch.empty_like(logits_b)
     return (scalar, torch.empty_like(scalar), torch.empty_like(scalar),
             torch.empty_like(logits_a), grad_b)

@@ -12,7 +12,8 @@ Numerics shared by all backends
   output ``h = x @ weight.T + bias`` is kept in that dtype, as ``nn.Linear``
   would; everything after it (BN statistics, normalize, activation, dropout)
   is computed in fp32 and rounded once to ``x.dtype`` at the end.
-* BN parameters and running statistics are fp32.
+* BN parameters and running statistics are fp32 (fp64 when ``x`` is fp64, for
+  ``gradcheck``); "fp32" below means that accumulation dtype, ``acc_dtype(x)``.
 * Dropout is inverted dropout driven by Philox 4x32-10 (see ``philox_uniform``):
   element ``(i, j)`` of a ``(B, N)`` output keeps its value iff
   ``u(seed, offset, i * N + j) >= p``, and kept values are multiplied by
@@ -38,6 +39,11 @@ def available() -> tuple[bool, str]:
 
 def supports(device: torch.device) -> bool:
     return True
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of statistics and epilogue math: fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------
@@ -180,23 +186,23 @@ def linear_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
     exactly as ``nn.BatchNorm1d`` does (momentum None = cumulative average).
     """
     h = F.linear(x, weight, bias)
-    hf = h.float()
+    hf = h.to(acc_dtype(x))
     if training:
         var, mean = torch.var_mean(hf, dim=0, correction=0)
         rstd = torch.rsqrt(var + eps)
         with torch.no_grad():
             num_batches_tracked.add_(1)
             if momentum is None:
-                factor = 1.0 / num_batches_tracked.to(torch.float32)
+                factor = 1.0 / num_batches_tracked.to(hf.dtype)
             else:
-                factor = torch.tensor(momentum, dtype=torch.float32, device=x.device)
+                factor = torch.tensor(momentum, dtype=hf.dtype, device=x.device)
             n = hf.shape[0]
             unbiased = var * (n / (n - 1))
             running_mean.copy_(factor * mean + (1 - factor) * running_mean)
             running_var.copy_(factor * unbiased + (1 - factor) * running_var)
     else:
-        mean = running_mean.to(torch.float32, copy=True)
-        rstd = torch.rsqrt(running_var.to(torch.float32) + eps)
+        mean = running_mean.to(hf.dtype, copy=True)
+        rstd = torch.rsqrt(running_var.to(hf.dtype) + eps)
     z = (hf - mean) * rstd * bn_weight + bn_bias
     a = act(z, activation, negative_slope)
     y = _apply_dropout(a, p, seed, offset)
@@ -214,9 +220,9 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
     and ``(seed, offset)``; nothing else is saved. ``dgamma``/``dbeta`` are
     fp32; ``dx``, ``dW`` and ``db`` are in ``x.dtype``.
     """
-    xhat = (h.float() - mean) * rstd
+    xhat = (h.to(mean.dtype) - mean) * rstd
     z = xhat * bn_weight + bn_bias
-    g = _apply_dropout(grad_y.float(), p, seed, offset)
+    g = _apply_dropout(grad_y.to(mean.dtype), p, seed, offset)
     dz = g * act_grad(z, activation, negative_slope)
     dgamma = (dz * xhat).sum(0)
     dbeta = dz.sum(0)
@@ -228,7 +234,7 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
     dh = dh.to(x.dtype)
     dx = dh @ weight if compute_dx else x.new_empty(0)
     dw = dh.t() @ x
-    db = dh.sum(0, dtype=torch.float32).to(x.dtype)
+    db = dh.sum(0, dtype=mean.dtype).to(x.dtype)
     return dx, dw, db, dgamma, dbeta
 
 
@@ -238,7 +244,7 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
 def linear_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                        negative_slope: float, p: float, seed: Tensor, offset: Tensor) -> Tensor:
     z = F.linear(x, weight, bias)
-    a = act(z.float(), activation, negative_slope)
+    a = act(z.to(acc_dtype(x)), activation, negative_slope)
     return _apply_dropout(a, p, seed, offset).to(x.dtype)
 
 
@@ -248,8 +254,8 @@ def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, ac
     """Returns ``(dx, dW, db)``. The activation derivative comes from the saved
     output ``y`` (dropped elements get zero gradient anyway, kept ones are
     divided back by the dropout scale), so no pre-activation is stored."""
-    a = y.float()
-    g = grad_y.float()
+    a = y.to(acc_dtype(x))
+    g = grad_y.to(a.dtype)
     if p != 0.0:
         keep = dropout_keep_mask(seed, offset, tuple(y.shape), p)
         scale = dropout_scale(p)
@@ -258,7 +264,7 @@ def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, ac
     dz = (g * act_grad_from_output(a, activation, negative_slope)).to(x.dtype)
     dx = dz @ weight if compute_dx else x.new_empty(0)
     dw = dz.t() @ x
-    db = dz.sum(0, dtype=torch.float32).to(x.dtype)
+    db = dz.sum(0, dtype=acc_dtype(x)).to(x.dtype)
     return dx, dw, db
 
 
@@ -266,7 +272,7 @@ def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, ac
 # gan_bce: BCE-with-logits losses of a GAN, loss and gradient in one pass.
 # --------------------------------------------------------------------------
 def _bce_term(logits: Tensor, target: float) -> tuple[Tensor, Tensor, Tensor]:
-    z = logits.float()
+    z = logits.to(acc_dtype(logits))
     # softplus(z) - t*z, written so exp never overflows
     loss = (z.clamp_min(0) - z * target + torch.log1p(torch.exp(-z.abs()))).mean()
     prob = torch.sigmoid(z)
@@ -279,7 +285,7 @@ def gan_bce_forward(logits_a: Tensor, logits_b: Optional[Tensor], target_a: floa
     """``loss = mean BCE(logits_a, target_a) [+ mean BCE(logits_b, target_b)]``.
 
     Returns ``(loss, mean sigmoid(a), mean sigmoid(b), dloss/da, dloss/db)``;
-    loss and means are fp32 scalars (0-dim), gradients in the logits' dtype.
+    loss and means are fp32 (fp64 for fp64 logits) scalars (0-dim), gradients in the logits' dtype.
     Without ``logits_b`` its mean is 0 and its gradient empty.
     """
     loss, prob_a, grad_a = _bce_term(logits_a, target_a)

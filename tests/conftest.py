@@ -1,0 +1,25 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run in the interpreter on CPU tensors; that must
+be decided before any Triton kernel is defined, so it happens here, first.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 (DESIGN.md, numerics)
+torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run by bench/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

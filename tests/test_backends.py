@@ -1,0 +1,45 @@
+"""Backend selection: availability, forcing, errors, fallback warning."""
+import pytest
+import torch
+
+import fastgan
+from fastgan import backend
+from backends import test_expected_backends  # noqa: F401  (collected here)
+
+
+def test_reference_always_available():
+    assert "reference" in fastgan.backends()
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastgan.use_backend("nope"):
+            pass
+
+
+def test_forced_unavailable_backend_raises():
+    missing = fastgan.unavailable()
+    if not missing:
+        pytest.skip("every backend is available here")
+    name = next(iter(missing))
+    with fastgan.use_backend(name):
+        with pytest.raises(RuntimeError, match=f"{name}.*unavailable"):
+            backend.select(torch.device("cpu"))
+
+
+def test_forced_backend_is_used(monkeypatch):
+    monkeypatch.setenv("FASTGAN_BACKEND", "reference")
+    assert backend.select(torch.device("cpu")) == "reference"
+
+
+def test_context_manager_restores():
+    before = backend.forced()
+    with fastgan.use_backend("reference"):
+        assert backend.forced() == "reference"
+    assert backend.forced() == before
+
+
+def test_cpu_default_is_cpu_backend_when_available():
+    chosen = backend.select(torch.device("cpu")) if backend.forced() is None else None
+    if "cpu" in fastgan.backends() and chosen is not None:
+        assert chosen == "cpu"

@@ -20,12 +20,35 @@ def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _cuda_home():
+    """A CUDA toolkit with nvcc and headers: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda,
+    or the parent of the nvcc on PATH (which may be a wrapper script outside the
+    toolkit, hence the header check); None if there is none."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in filter(None, candidates):
+        if (os.path.exists(os.path.join(home, "bin", "nvcc"))
+                and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))):
+            return home
+    return None
+
+
 def _want_cuda(torch_cuda_version):
-    flag = os.environ.get("FASTGAN_BUILD_CUDA")
-    if flag is not None:
-        return flag == "1"
-    return torch_cuda_version is not None and shutil.which("nvcc") is not None or (
-        torch_cuda_version is not None and os.path.exists("/usr/local/cuda/bin/nvcc"))
+    """FASTGAN_BUILD_CUDA=1 / 0 forces the CUDA kernels on / off; unset (or empty),
+    they are built when torch has CUDA and a CUDA toolkit is found."""
+    flag = os.environ.get("FASTGAN_BUILD_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"FASTGAN_BUILD_CUDA must be 0, 1 or unset, got {flag!r}")
+    if flag == "0":
+        return False
+    has_toolkit = torch_cuda_version is not None and _cuda_home() is not None
+    if flag == "1" and not has_toolkit:
+        raise RuntimeError("FASTGAN_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
+                           f"(nvcc and headers; set CUDA_HOME): torch.version.cuda="
+                           f"{torch_cuda_version}, toolkit={_cuda_home()}")
+    return has_toolkit
 
 
 def _extensions():
@@ -35,16 +58,26 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DFASTGAN_WITH_OPENMP"]
+    # C++20: recent torch headers require it. -fopenmp: at::parallel_for is an inline
+    # "#pragma omp parallel", and the library links the libgomp.so.1 torch already loaded.
+    # -ffp-contract=off: a * b + c rounds twice, as in the eager reference (no silent FMA
+    # contraction in the epilogues).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-Wno-unknown-pragmas",
+           "-DFASTGAN_WITH_OPENMP"]
     kwargs = dict(name="fastgan._C", sources=sources, extra_link_args=["-fopenmp"],
                   include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=False)
     if _want_cuda(torch.version.cuda):
+        # torch guesses the toolkit from the nvcc on PATH; point it at the real one.
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = _cuda_home()
         archs = os.environ.get("FASTGAN_CUDA_ARCHS", "8.0;9.0")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # torch reads it; never a GPU query
-        kwargs["sources"] = sources + _rel("csrc/cuda/*.cu")
+        kwargs["sources"] = sources + _rel("csrc/cuda/*.cu")  # one file per op: parallel builds
         kwargs["extra_compile_args"] = {
             "cxx": cxx + ["-DFASTGAN_WITH_CUDA"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DFASTGAN_WITH_CUDA",
+            # No --use_fast_math and no FMA contraction: the epilogues are memory
+            # bound, and exact expf/log1pf/tanhf plus twice-rounded a * b + c keep
+            # them at round-off distance from the eager reference.
+            "nvcc": ["-O3", "-std=c++20", "-fmad=false", "-lineinfo", "-DFASTGAN_WITH_CUDA",
                      "--expt-relaxed-constexpr"],
         }
         ext = cpp_extension.CUDAExtension(**kwargs)

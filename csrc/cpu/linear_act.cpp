@@ -1,0 +1,145 @@
+// linear_act on the CPU: y = dropout(act(x @ W.T + b)).
+// Spec: fastgan/reference.py (linear_act_forward / _backward).
+//
+// Forward:  z = at::linear (MKL/OpenBLAS, like nn.Linear), then one parallel
+//           pass over row blocks that overwrites z with dropout(act(z)).
+// Backward: one parallel pass over column blocks computes dz from grad_y and
+//           the saved output y (mask recomputed from (seed, offset), the
+//           activation derivative recovered from y) and the column sums of dz
+//           (db); then dW = dz^T x and dx = dz W through ATen.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace fastgan {
+namespace cpu {
+namespace {
+
+constexpr const char* kForward = "linear_act_forward";
+constexpr const char* kBackward = "linear_act_backward";
+
+at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
+                              const c10::optional<at::Tensor>& bias, int64_t activation,
+                              double negative_slope, double p, const at::Tensor& seed,
+                              const at::Tensor& offset) {
+  check_linear(kForward, x, weight, bias, seed, offset);
+  check_hyper(kForward, activation, negative_slope, p);
+  const int64_t B = x.size(0), N = weight.size(0);
+  at::Tensor y = at::linear(x, weight, bias);  // fresh and contiguous: the epilogue runs in place
+  if (activation == kIdentity && p == 0.0) return y;
+  const Dropout drop(p, seed, offset);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kForward, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const acc_t scale = static_cast<acc_t>(drop.scale);
+    dispatch_activation(activation, [&](auto act_code) {
+      constexpr int64_t A = decltype(act_code)::value;
+      // Rows are independent: a flat range of B * N elements cut into row-aligned tiles.
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(N, 1));
+      at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+        float u[kTile];
+        for (int64_t i = r0; i < r1; ++i) {
+          for (int64_t t0 = 0; t0 < N; t0 += kTile) {
+            const int64_t tw = std::min(kTile, N - t0);
+            scalar_t* yr = yp + i * N + t0;
+            if (drop.on) {
+              philox_uniform_row(drop.key, static_cast<uint32_t>(i * N + t0), tw, u);
+              for (int64_t j = 0; j < tw; ++j) {
+                const acc_t a = act_forward<A>(static_cast<acc_t>(yr[j]), slope);
+                yr[j] = static_cast<scalar_t>(u[j] >= drop.p ? a * scale : acc_t(0));
+              }
+            } else {
+              for (int64_t j = 0; j < tw; ++j) {
+                yr[j] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(yr[j]), slope));
+              }
+            }
+          }
+        }
+      });
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
+    int64_t activation, double negative_slope, double p, const at::Tensor& seed,
+    const at::Tensor& offset, bool compute_dx) {
+  check_linear(kBackward, x, weight, c10::nullopt, seed, offset);
+  const int64_t B = x.size(0), N = weight.size(0);
+  const auto dt = x.scalar_type();
+  check_matrix(kBackward, grad_y, "grad_y", B, N, dt);
+  check_matrix(kBackward, y, "y", B, N, dt);
+  check_hyper(kBackward, activation, negative_slope, p);
+
+  const at::Tensor gy = grad_y.contiguous(), yc = y.contiguous();
+  at::Tensor dz = at::empty({B, N}, x.options());
+  at::Tensor db = at::empty({N}, x.options());
+  const Dropout drop(p, seed, offset);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, kBackward, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gyp = gy.data_ptr<scalar_t>();
+    const scalar_t* yp = yc.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    scalar_t* dbp = db.data_ptr<scalar_t>();
+    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const acc_t scale = static_cast<acc_t>(drop.scale);
+    dispatch_activation(activation, [&](auto act_code) {
+      constexpr int64_t A = decltype(act_code)::value;
+      at::parallel_for(0, N, column_grain(B), [&](int64_t c0, int64_t c1) {
+        std::vector<double> sdz(c1 - c0, 0.0);
+        float u[kTile];
+        for (int64_t i = 0; i < B; ++i) {
+          for (int64_t t0 = c0; t0 < c1; t0 += kTile) {
+            const int64_t tw = std::min(kTile, c1 - t0);
+            const int64_t base = i * N + t0;
+            double* s = sdz.data() + (t0 - c0);
+            if (drop.on) {
+              // kept elements: a = y / scale recovers act(z); dropped: zero gradient
+              philox_uniform_row(drop.key, static_cast<uint32_t>(base), tw, u);
+              for (int64_t j = 0; j < tw; ++j) {
+                const acc_t g = u[j] >= drop.p ? static_cast<acc_t>(gyp[base + j]) * scale
+                                               : acc_t(0);
+                const acc_t a = static_cast<acc_t>(yp[base + j]) / scale;
+                const scalar_t d = static_cast<scalar_t>(g * act_grad_from_output<A>(a, slope));
+                dzp[base + j] = d;
+                s[j] += static_cast<double>(static_cast<acc_t>(d));
+              }
+            } else {
+              for (int64_t j = 0; j < tw; ++j) {
+                const acc_t g = static_cast<acc_t>(gyp[base + j]);
+                const acc_t a = static_cast<acc_t>(yp[base + j]);
+                const scalar_t d = static_cast<scalar_t>(g * act_grad_from_output<A>(a, slope));
+                dzp[base + j] = d;
+                s[j] += static_cast<double>(static_cast<acc_t>(d));
+              }
+            }
+          }
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          dbp[c] = static_cast<scalar_t>(static_cast<acc_t>(sdz[c - c0]));
+        }
+      });
+    });
+  });
+
+  const at::Tensor xc = x.contiguous();
+  at::Tensor dweight = at::mm(dz.t(), xc);
+  at::Tensor dx = compute_dx ? at::mm(dz, weight) : at::empty({0}, x.options());
+  return {dx, dweight, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgan_C, CPU, m) {
+  m.impl("linear_act_forward", &linear_act_forward);
+  m.impl("linear_act_backward", &linear_act_backward);
+}
+
+}  // namespace cpu
+}  // namespace fastgan

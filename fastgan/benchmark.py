@@ -279,83 +279,50 @@ def _compile(module: nn.Module, c: Contender):
     return torch.compile(module, mode=mode)
 
 
-def _adam(params, c: Contender, device: torch.device, lr: float = 2e-4):
-    # The eager reference uses Adam as a user would write it; every other
-    # contender gets the fused Adam (same math), so the comparison is about
-    # the layers, not about an optimizer flag. CUDA graphs need capturable.
-    kw = dict(lr=lr, betas=(0.5, 0.999))
-    if c.cuda_graph:
-        kw["capturable"] = True
-    elif c.fused or c.compile_mode is not None:
-        kw["fused"] = True
-    return torch.optim.Adam(params, **kw)
-
-
 def _ref_loss_d(real_logits, fake_logits):
     return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
-
-
-def _ref_loss_g(fake_logits):
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
 def _fused_loss_d(real_logits, fake_logits):
     return FG.gan_bce_d(real_logits, fake_logits).loss
 
 
-def _fused_loss_g(fake_logits):
-    return FG.gan_bce_g(fake_logits).loss
-
-
 def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp32",
                seed: int = 0, latent_dim: int = 100):
     """A zero-argument callable running one whole GAN train step for contender ``c``.
 
-    The real batch is a fixed tensor on ``device`` (no data loading is timed);
-    the noise is drawn on the device inside the step.
+    The step is the training engine's (``fastgan.train``): ``ReferenceStep`` for
+    the eager and compiled reference, ``GANStep`` for fastgan (CUDA graph on or
+    off). The real batch is a fixed tensor on ``device`` (no data loading is
+    timed); noise is drawn on the device inside the step.
     Returns ``(step, G, D)``.
     """
+    from .train import GANStep, ReferenceStep, make_adam
+
     torch.manual_seed(seed)
     G = Generator(latent_dim=latent_dim, fused=c.fused).to(device).train()
     D = Discriminator(fused=c.fused).to(device).train()
-    opt_g, opt_d = _adam(G.parameters(), c, device), _adam(D.parameters(), c, device)
-    gm, dm = _compile(G, c), _compile(D, c)
-    loss_d_fn = _fused_loss_d if c.fused else _ref_loss_d
-    loss_g_fn = _fused_loss_g if c.fused else _ref_loss_g
+    if c.compile_mode is None and not c.fused:
+        # The eager reference: Adam as a user writes it (what Trainer uses too).
+        opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    else:
+        # torch.compile gets the engine's fused Adam as well, so the comparison
+        # is about the layers and the step, not about an optimizer flag.
+        opt_g, opt_d = make_adam(G.parameters(), device=device), make_adam(D.parameters(), device=device)
+    kw = dict(batch_size=batch, latent_dim=latent_dim, seed=seed, device=device)
+    if c.fused:
+        engine = GANStep(G, D, opt_g, opt_d, graphs=c.cuda_graph, **kw)
+    else:
+        engine = ReferenceStep(_compile(G, c), _compile(D, c), opt_g, opt_d, **kw)
     real = torch.rand(batch, 784, device=device) * 2 - 1
 
     def step():
         with _backend_ctx(c), precision(dtype, device):
-            z = torch.randn(batch, latent_dim, device=device)
-            fake = gm(z)
-            loss_d = loss_d_fn(dm(real), dm(fake.detach()))
-            opt_d.zero_grad(set_to_none=not c.cuda_graph)
-            loss_d.backward()
-            opt_d.step()
-            loss_g = loss_g_fn(dm(fake))
-            opt_g.zero_grad(set_to_none=not c.cuda_graph)
-            loss_g.backward()
-            opt_g.step()
-        return loss_d, loss_g
+            return engine(real)
 
-    if c.cuda_graph:
-        step = _capture(step, device)
     return step, G, D
-
-
-def _capture(step: Callable[[], object], device: torch.device, warmup: int = 3):
-    """Capture ``step`` in a CUDA graph (after warm-up on a side stream); returns replay."""
-    s = torch.cuda.Stream(device)
-    s.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream(device).wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 # ---------------------------------------------------------------------------- ops

@@ -24,8 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     p.add_argument("--batch-sizes", default=None,
                    help="comma-separated (default: 32,64,256 on CPU; up to 16384 on GPU)")
-    p.add_argument("--dtypes", default="fp32,bf16",
-                   help="comma-separated from fp32, bf16 (autocast), fp16 (autocast), tf32 "
+    p.add_argument("--dtypes", default=None,
+                   help="default fp32,bf16 (fp32 with --quick); comma-separated from fp32, bf16 (autocast), fp16 (autocast), tf32 "
                         "(fp32 with TF32 matmuls; labelled separately)")
     p.add_argument("--tf32", action="store_true", help="add the tf32 dtype label")
     p.add_argument("--contenders", default=None,
@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "default: all available")
     p.add_argument("--ops", default="linear_bn_act,linear_act,gan_bce",
                    help="fused ops to time one by one (comma-separated, or 'none')")
-    p.add_argument("--passes", default="forward,backward,both")
+    p.add_argument("--passes", default=None, help="default forward,backward,both "
+                   "(both with --quick)")
     p.add_argument("--no-step", action="store_true", help="skip the whole train step")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op benchmarks")
     p.add_argument("--iters", type=int, default=20, help="measured samples (at least)")
@@ -66,12 +67,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _ints(s: str, name: str) -> tuple:
+    from . import CLIError
+
     try:
         out = tuple(int(v) for v in s.split(",") if v.strip())
     except ValueError:
-        raise SystemExit(f"fastgan bench: {name} must be comma-separated integers, got {s!r}")
+        raise CLIError(f"{name} must be comma-separated integers, got {s!r}")
     if not out or min(out) < 2:
-        raise SystemExit(f"fastgan bench: {name} must be integers >= 2, got {s!r}")
+        raise CLIError(f"{name} must be integers >= 2, got {s!r}")
     return out
 
 
@@ -81,25 +84,27 @@ def _names(s):
 
 def config_from_args(args):
     from .. import benchmark as B
+    from . import CLIError
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastgan bench: --device cuda but no CUDA device is available")
+        raise CLIError("--device cuda but no CUDA device is available")
     gpu = device.type == "cuda"
     batches = _ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else (
         B.GPU_BATCHES if gpu else B.CPU_BATCHES)
-    dtypes = _names(args.dtypes) + (("tf32",) if args.tf32 else ())
+    dtypes = _names(args.dtypes or ("fp32" if args.quick else "fp32,bf16"))
+    dtypes += ("tf32",) if args.tf32 else ()
     ops = () if args.no_ops or args.ops == "none" else _names(args.ops)
     for o in ops:
         if o not in B.OPS:
-            raise SystemExit(f"fastgan bench: --ops: unknown op {o!r} (have {', '.join(B.OPS)})")
-    passes = _names(args.passes)
+            raise CLIError(f"--ops: unknown op {o!r} (have {', '.join(B.OPS)})")
+    passes = _names(args.passes or ("both" if args.quick else "forward,backward,both"))
     for q in passes:
         if q not in B.PASSES:
-            raise SystemExit(f"fastgan bench: --passes: unknown pass {q!r} (have {', '.join(B.PASSES)})")
+            raise CLIError(f"--passes: unknown pass {q!r} (have {', '.join(B.PASSES)})")
     for d in dtypes:
         if d not in ("fp32", "bf16", "fp16", "tf32"):
-            raise SystemExit(f"fastgan bench: --dtypes: unknown dtype {d!r}")
+            raise CLIError(f"--dtypes: unknown dtype {d!r}")
     cfg = B.Config(device=device, batches=batches, dtypes=dtypes,
                    contenders=_names(args.contenders), steps=not args.no_step, ops=ops,
                    passes=passes, warmup=args.warmup, iters=args.iters,
@@ -107,13 +112,11 @@ def config_from_args(args):
                    seed=args.seed)
     if args.quick:
         cfg.batches = _ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else (16,)
-        cfg.dtypes = ("fp32",) if args.dtypes == "fp32,bf16" else dtypes
-        cfg.passes = ("both",) if args.passes == "forward,backward,both" else passes
         cfg.iters, cfg.warmup, cfg.min_time_s, cfg.repeat = 3, 1, 0.0, 1
     try:
         B.contenders(device, cfg.contenders)
     except ValueError as e:
-        raise SystemExit(f"fastgan bench: --{e}")
+        raise CLIError(f"--{e}")
     return cfg
 
 
@@ -241,12 +244,13 @@ def _save(doc, args) -> None:
 
 def _run_quality(args) -> int:
     from .. import quality as Q
+    from . import CLIError
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
     except ValueError:
-        raise SystemExit(f"fastgan bench: --seeds must be comma-separated integers, got {args.seeds!r}")
+        raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     doc = Q.time_to_quality_run(device=device, seeds=seeds, batch=args.quality_batch,
                                 max_steps=args.max_steps, eval_every=args.eval_every,
                                 threshold=args.fd_threshold, data=args.data,

@@ -159,7 +159,13 @@ class LinearBNAct(_Fused):
             bn.float()
         return self
 
+    # Cross-process batch statistics: fastgan.distributed.convert_sync_batchnorm
+    # sets a callable (layer, x) -> y that runs training forwards while active().
+    sync_stats = None
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.sync_stats is not None and self.sync_stats.active():
+            return self.sync_stats(self, x)
         lin, bn, act, _ = self
         activation, slope = activation_of(act)
         x, weight, bias = _autocast(x, lin.weight, lin.bias)

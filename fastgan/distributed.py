@@ -1,0 +1,295 @@
+"""Multi-process training on ``torch.distributed``.
+
+``torchrun --nproc_per_node N -m fastgan train ...`` starts N processes; each
+calls ``init()``, which joins the process group (NCCL on GPUs, one GPU per
+process at ``cuda:LOCAL_RANK``; gloo on CPUs) and returns a ``Context``:
+
+* G and D are wrapped separately in ``DistributedDataParallel`` (``wrap``)
+  with ``broadcast_buffers=False``: BN running statistics are not overwritten
+  by rank 0's on every forward. They stay per rank with local statistics (the
+  default), or identical on every rank with synchronized statistics.
+* Each rank trains on its own shard of the data (``Context.shard``), with its
+  own noise and dropout streams (``Context.seed``): ranks never draw the same
+  noise or mask.
+* Rank 0 logs and writes checkpoints. A checkpoint holds plain (unwrapped)
+  ``state_dict``s, so one written by N ranks loads in one process and back;
+  the RNG streams of all ranks are gathered into it (``gather``).
+
+Synchronized batch statistics
+-----------------------------
+``convert_sync_batchnorm(model)`` makes every ``fastgan.nn.LinearBNAct`` of
+``model`` normalize with the statistics of the global batch (all ranks), as
+``nn.SyncBatchNorm`` does for ``nn.BatchNorm1d``. While torch.distributed is
+initialized with more than one rank, such a layer's training forward runs
+``SyncLinearBNActFunction``: the Linear with ATen, one all-reduce of the
+per-column sum, sum of squares (fp64, so E[h^2] - E[h]^2 loses nothing) and
+count, then normalize + activation + dropout with the op's Philox mask (same
+seed, offset and element numbering as ``torch.ops.fastgan.linear_bn_act``);
+backward all-reduces sum(dz) and sum(dz * xhat). No value is read on the host,
+so the step stays capturable in a CUDA graph. Eval forwards and single-process
+runs take the fused op unchanged. Local statistics stay the default.
+
+CUDA graphs with DDP (PyTorch's documented rules for capturing a whole
+backward with its NCCL all-reduces; NCCL >= 2.9.6):
+
+1. DDP is constructed on a side stream (``wrap`` does it): its buckets and
+   autograd hooks must not be tied to the default stream.
+2. At least 11 DDP-enabled eager iterations run before capture (DDP rebuilds
+   its buckets after the first iterations): ``GRAPH_WARMUP``; the engine's
+   ``GANStep(warmup=...)`` uses it when the models are wrapped.
+3. Every rank captures and replays the same graph: the NCCL calls in it are
+   collective. On PyTorch < 2.2 also set ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``
+   before ``init()`` (newer versions handle the watchdog during capture).
+
+A failing rank: ``torchrun`` stops the other ranks and exits non-zero with
+the failing rank's traceback; nothing here waits forever on a dead peer
+(collectives also time out after ``timeout``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks
+from . import reference as R
+from .nn import LinearBNAct, _autocast, activation_of
+
+GRAPH_WARMUP = 11   # eager DDP iterations before a CUDA graph capture (rule 2 above)
+
+
+# ----------------------------------------------------------------------------- process group
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Where this process stands in the run."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """The process that logs and writes checkpoints."""
+        return self.rank == 0
+
+    def shard(self, data: Tensor) -> Tensor:
+        """This rank's rows of ``data``: every world_size-th row from ``rank``,
+        trimmed so every rank has the same number (and so the same steps per epoch)."""
+        if not self.distributed:
+            return data
+        n = data.shape[0] // self.world_size
+        if n == 0:
+            raise ValueError(f"data: {data.shape[0]} rows cannot be shared by "
+                             f"{self.world_size} ranks")
+        return data[self.rank::self.world_size][:n]
+
+    def seed(self, seed: int, *salt: int) -> int:
+        """``seed`` for this rank: unchanged in one process, distinct per rank otherwise."""
+        if not self.distributed:
+            return seed
+        h = 0x9E3779B97F4A7C15
+        for v in (seed, *salt, self.rank, 0xD157):
+            h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+            h ^= h >> 31
+        return h & 0x7FFFFFFFFFFFFFFF
+
+    def gather(self, obj) -> list:
+        """``[obj of rank 0, obj of rank 1, ...]`` (every rank must call it)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def launched() -> bool:
+    """Started by torchrun (or an equivalent launcher) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device=None, timeout: Optional[datetime.timedelta] = None) -> Context:
+    """Join the process group torchrun describes in the environment.
+
+    ``device``: ``"cpu"`` forces gloo on CPUs; ``None`` or ``"cuda"`` takes
+    ``cuda:LOCAL_RANK`` with NCCL when GPUs are present. Outside torchrun (or
+    with one process) nothing is initialized and a one-process ``Context`` on
+    ``device`` is returned.
+    """
+    want = torch.device(device) if device is not None else None
+    if not launched() and not (dist.is_available() and dist.is_initialized()):
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        return Context(device=want if want is not None else torch.device(default))
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this PyTorch build")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and (want is None or want.type == "cuda")
+    if want is not None and want.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {want}: no CUDA GPU is available here")
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} has no GPU: {torch.cuda.device_count()} "
+                               "visible (one process per GPU: --nproc_per_node <= GPUs)")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        kw = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timeout, **kw)
+    return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
+                   device=dev)
+
+
+def shutdown() -> None:
+    """Leave the process group (if this process joined one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(module: nn.Module, ctx: Context) -> nn.Module:
+    """``module`` in DistributedDataParallel (as is in one process).
+
+    ``broadcast_buffers=False`` keeps each rank's BN running statistics; DDP
+    is constructed on a side stream so the step can be graph-captured later.
+    """
+    if not ctx.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if ctx.device.type != "cuda":
+        return DDP(module, broadcast_buffers=False)
+    side = torch.cuda.Stream(ctx.device)
+    side.wait_stream(torch.cuda.current_stream(ctx.device))
+    with torch.cuda.stream(side):
+        ddp = DDP(module, device_ids=[ctx.device.index], broadcast_buffers=False)
+    torch.cuda.current_stream(ctx.device).wait_stream(side)
+    return ddp
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (itself otherwise)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return module.module if isinstance(module, DDP) else module
+
+
+# ----------------------------------------------------------------------------- synchronized BN
+class SyncStats:
+    """``LinearBNAct.sync_stats``: all-reduce batch statistics over ``process_group``
+    (None = every rank), active while torch.distributed runs with > 1 rank."""
+
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+
+    def active(self) -> bool:
+        return (dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def __call__(self, layer: LinearBNAct, x: Tensor) -> Tensor:
+        lin, bn, act, _ = layer
+        activation, slope = activation_of(act)
+        x, weight, bias = _autocast(x, lin.weight, lin.bias)
+        p = layer._dropout_p()
+        seed, offset = layer._key(p)
+        _checks.linear_bn_act(x, weight, bias, bn.weight, bn.bias, bn.running_mean,
+                              bn.running_var, bn.num_batches_tracked, True, bn.momentum,
+                              float(bn.eps), activation, slope, p, seed, offset)
+        with torch.autocast(x.device.type, enabled=False):
+            return SyncLinearBNActFunction.apply(
+                x, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                bn.num_batches_tracked, bn.momentum, float(bn.eps), activation, slope, p, seed,
+                offset, self.process_group)
+
+    def __repr__(self):
+        return f"SyncStats(process_group={self.process_group!r})"
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None,
+                           enabled: bool = True) -> nn.Module:
+    """Switch every ``LinearBNAct`` of ``model`` to global-batch statistics
+    (``enabled=False`` switches back to local ones); returns ``model``.
+
+    Plain ``nn.BatchNorm1d`` layers are left to ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+    """
+    for m in model.modules():
+        if isinstance(m, LinearBNAct):
+            m.sync_stats = SyncStats(process_group) if enabled else None
+    return model
+
+
+def _mask_grad(g: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
+    """Inverted dropout with the op's Philox mask (element i*N + j of a (B, N) output)."""
+    if p == 0.0:
+        return g
+    keep = R.dropout_keep_mask(seed, offset, tuple(g.shape), p)
+    return torch.where(keep, g * R.dropout_scale(p), torch.zeros_like(g))
+
+
+class SyncLinearBNActFunction(torch.autograd.Function):
+    """Training forward/backward of linear_bn_act with statistics over all ranks.
+
+    The math is the reference backend's with the batch reductions replaced by
+    all-reduced ones; parameter gradients stay local sums (DDP averages them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                num_batches_tracked, momentum, eps, activation, negative_slope, p, seed, offset,
+                group):
+        acc = R.acc_dtype(x)
+        h = F.linear(x, weight, bias)
+        h64 = h.to(torch.float64)
+        count = torch.full((1,), h.shape[0], dtype=torch.float64, device=x.device)
+        stats = torch.cat([h64.sum(0), (h64 * h64).sum(0), count])
+        dist.all_reduce(stats, group=group)
+        n_out = h.shape[1]
+        n = stats[2 * n_out:]
+        mean64 = stats[:n_out] / n
+        var64 = (stats[n_out:2 * n_out] / n - mean64 * mean64).clamp_min(0)
+        mean, var = mean64.to(acc), var64.to(acc)
+        rstd = torch.rsqrt(var + eps)
+        with torch.no_grad():  # exactly nn.BatchNorm1d's update, with the global count
+            num_batches_tracked.add_(1)
+            if momentum is None:
+                factor = 1.0 / num_batches_tracked.to(acc)
+            else:
+                factor = torch.full((), momentum, dtype=acc, device=x.device)
+            unbiased = (var64 * (n / (n - 1))).to(acc)
+            running_mean.copy_(factor * mean + (1 - factor) * running_mean)
+            running_var.copy_(factor * unbiased + (1 - factor) * running_var)
+        z = (h.to(acc) - mean) * rstd * bn_weight + bn_bias
+        y = _mask_grad(R.act(z, activation, negative_slope), p, seed, offset).to(x.dtype)
+        ctx.save_for_backward(x, weight, bn_weight, bn_bias, h, mean, rstd, n, seed, offset)
+        ctx.hyper = (activation, negative_slope, p, group, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bn_weight, bn_bias, h, mean, rstd, n, seed, offset = ctx.saved_tensors
+        activation, negative_slope, p, group, has_bias = ctx.hyper
+        xhat = (h.to(mean.dtype) - mean) * rstd
+        z = xhat * bn_weight + bn_bias
+        dz = _mask_grad(grad_y.to(mean.dtype), p, seed, offset) * \
+            R.act_grad(z, activation, negative_slope)
+        dbeta = dz.sum(0)
+        dgamma = (dz * xhat).sum(0)
+        sums = torch.cat([dbeta, dgamma])
+        dist.all_reduce(sums, group=group)
+        n_out = dz.shape[1]
+        total = n.to(mean.dtype)
+        mean_dz, mean_dz_xhat = sums[:n_out] / total, sums[n_out:] / total
+        dh = (bn_weight * rstd * (dz - mean_dz - xhat * mean_dz_xhat)).to(x.dtype)
+        dx = dh @ weight if ctx.needs_input_grad[0] else None
+        dw = dh.t() @ x
+        db = dh.sum(0, dtype=mean.dtype).to(x.dtype) if has_bias else None
+        return (dx, dw, db, dgamma, dbeta) + (None,) * 11

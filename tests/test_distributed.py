@@ -1,0 +1,233 @@
+"""Multi-process training: 2 CPU processes on gloo (torch.multiprocessing spawn
+and torchrun subprocesses, every one under a timeout), and GPU-marked checks
+for bench/gpu_check.sh."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastgan
+from fastgan import distributed as fdist
+from fastgan.nn import LinearAct, LinearBNAct, seed_dropout
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_BACKENDS = [b for b in ("reference", "cpu") if b in fastgan.backends()]
+B, STEPS = 5, 5            # per-rank batch (odd on purpose) and optimizer steps
+SPAWN_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, nprocs: int, *args):
+    """Run fn(rank, *args) in nprocs processes; fail (never hang) past the timeout."""
+    port = _free_port()
+    ctx = mp.start_processes(fn, args=(nprocs, port, *args), nprocs=nprocs, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{nprocs} processes still running after {SPAWN_TIMEOUT_S} s")
+
+
+def _join_group(rank: int, world: int, port: int) -> fdist.Context:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    return fdist.init("cpu")
+
+
+# ----------------------------------------------------------------------------- model, data
+def _model(dropout=0.0) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        LinearBNAct(6, 9, eps=0.8, momentum=None, dropout=dropout),   # the GAN-code eps
+        LinearBNAct(9, 7, momentum=0.3, activation="relu", dropout=dropout),
+        LinearAct(7, 3, activation="tanh"))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS, 2 * B, 6, generator=g), torch.randn(STEPS, 2 * B, 3, generator=g)
+
+
+def _train(model, xs, ts, backend_name, rows=slice(None)):
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
+    for x, t in zip(xs, ts):
+        with fastgan.use_backend(backend_name):
+            loss = (model(x[rows]) - t[rows]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+        opt.step()
+
+
+def _sync_worker(rank, world, port, out_dir):
+    ctx = _join_group(rank, world, port)
+    xs, ts = _data()
+    for backend_name in CPU_BACKENDS:
+        model = fdist.convert_sync_batchnorm(_model())
+        ddp = fdist.wrap(model, ctx)
+        fastgan.backend.calls.clear()
+        _train(ddp, xs, ts, backend_name, slice(rank * B, (rank + 1) * B))
+        torch.save({"state": model.state_dict(), "calls": dict(fastgan.backend.calls)},
+                   Path(out_dir) / f"{backend_name}_rank{rank}.pt")
+    # Dropout on: the mask is the op's Philox mask for this layer's (seed, offset).
+    layer = fdist.convert_sync_batchnorm(LinearBNAct(6, 9, dropout=0.5))
+    seed_dropout(layer, 77 + rank)
+    seed, offset = layer.dropout_rng[:1].clone(), layer.dropout_rng[1:].clone()
+    x = xs[0][rank * B:(rank + 1) * B]
+    y = layer(x)
+    h = torch.nn.functional.linear(xs[0], layer[0].weight, layer[0].bias)  # the global batch
+    var, mean = torch.var_mean(h, dim=0, correction=0)
+    with fastgan.use_backend("reference"):
+        expect, *_ = torch.ops.fastgan.linear_bn_act(
+            x, layer[0].weight, layer[0].bias, layer[1].weight, layer[1].bias, mean, var,
+            torch.zeros(1, dtype=torch.int64), False, 0.1, layer[1].eps, "leaky_relu", 0.2,
+            0.5, seed, offset)
+    torch.save({"y": y.detach(), "expect": expect}, Path(out_dir) / f"dropout_rank{rank}.pt")
+    fdist.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sync_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sync")
+    _spawn(_sync_worker, 2, str(out))
+    return out
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_sync_stats_two_ranks_equal_one_process_double_batch(sync_run, backend_name):
+    xs, ts = _data()
+    single = _model()
+    _train(single, xs, ts, backend_name)  # 1 process, batch 2B, local statistics
+    expect = single.state_dict()
+    ranks = [torch.load(sync_run / f"{backend_name}_rank{r}.pt") for r in (0, 1)]
+    for r in ranks:
+        # The sync path ran: the fused BN op never did in training, the Linear+act op did.
+        assert r["calls"].get((backend_name, "linear_act_forward"), 0) == STEPS
+        assert r["calls"].get((backend_name, "linear_bn_act_forward"), 0) == 0
+        for k, v in expect.items():
+            torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert int(ranks[0]["state"]["0.1.num_batches_tracked"]) == STEPS
+
+
+def test_sync_stats_dropout_uses_the_op_mask(sync_run):
+    for r in (0, 1):
+        got = torch.load(sync_run / f"dropout_rank{r}.pt")
+        assert (got["y"] == 0).any() and (got["y"] != 0).any()
+        torch.testing.assert_close(got["y"], got["expect"], rtol=1e-5, atol=1e-6)
+    a, b = (torch.load(sync_run / f"dropout_rank{r}.pt")["y"] for r in (0, 1))
+    assert not torch.equal(a == 0, b == 0)  # per-rank seeds: different masks
+
+
+def test_sync_stats_inactive_in_one_process():
+    layer = fdist.convert_sync_batchnorm(LinearBNAct(4, 5))
+    assert not layer.sync_stats.active()
+    fastgan.backend.calls.clear()
+    with fastgan.use_backend("reference"):
+        layer(torch.randn(3, 4))
+    assert fastgan.backend.calls[("reference", "linear_bn_act_forward")] == 1
+    fdist.convert_sync_batchnorm(layer, enabled=False)
+    assert layer.sync_stats is None
+
+
+def test_context_shard_and_seeds():
+    one = fdist.Context()
+    data = torch.arange(11)
+    assert torch.equal(one.shard(data), data) and one.seed(5, 1) == 5
+    parts = [fdist.Context(rank=r, world_size=2).shard(data) for r in (0, 1)]
+    assert [p.tolist() for p in parts] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    seeds = {fdist.Context(rank=r, world_size=2).seed(5, 1) for r in (0, 1)}
+    assert len(seeds) == 2
+    with pytest.raises(ValueError, match="data"):
+        fdist.Context(rank=0, world_size=4).shard(torch.arange(3))
+
+
+# ----------------------------------------------------------------------------- torchrun
+def _torchrun(args, timeout=120, **kw):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=kw.get("cwd", ROOT))
+
+
+def test_failing_rank_fails_the_run_without_hanging(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from fastgan import distributed as fdist\n"
+        "ctx = fdist.init('cpu')\n"
+        "if ctx.rank == 1:\n"
+        "    raise RuntimeError('rank 1 fails on purpose')\n"
+        "dist.all_reduce(torch.ones(1))  # rank 0 waits here for a peer that is gone\n")
+    t0 = time.monotonic()
+    res = _torchrun([str(script)], timeout=100)
+    assert res.returncode != 0
+    assert "rank 1 fails on purpose" in res.stdout + res.stderr
+    assert time.monotonic() - t0 < 100
+
+
+# ----------------------------------------------------------------------------- GPU
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_gpu_nccl_sync_stats_and_graph_capture(tmp_path):
+    script = tmp_path / "nccl.py"
+    script.write_text(_NCCL_SCRIPT)
+    res = _torchrun([str(script)], timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "nccl ok" in res.stdout
+
+
+_NCCL_SCRIPT = """
+import torch
+import fastgan
+from fastgan import distributed as fdist
+from fastgan.nn import LinearAct, LinearBNAct
+ctx = fdist.init()
+assert ctx.device.type == "cuda"
+torch.manual_seed(0)
+model = torch.nn.Sequential(LinearBNAct(16, 32), LinearAct(32, 8, activation="tanh")).cuda()
+fdist.convert_sync_batchnorm(model)
+ddp = fdist.wrap(model, ctx)
+opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+x = torch.randn(64, 16, device=ctx.device)
+def step():
+    opt.zero_grad(set_to_none=True)
+    ddp(x).square().mean().backward()
+    opt.step()
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    for _ in range(fdist.GRAPH_WARMUP):
+        step()
+torch.cuda.current_stream().wait_stream(side)
+graph = torch.cuda.CUDAGraph()
+opt.zero_grad(set_to_none=True)
+with torch.cuda.graph(graph):
+    step()
+for _ in range(3):
+    graph.replay()
+torch.cuda.synchronize()
+stats = [m[1].running_mean.clone() for m in model if isinstance(m, LinearBNAct)]
+gathered = ctx.gather([s.cpu() for s in stats])
+assert all(torch.allclose(a, b) for a, b in zip(gathered[0], gathered[1]))
+if ctx.is_main:
+    print("nccl ok")
+fdist.shutdown()
+"""

@@ -118,7 +118,9 @@ class ResidentBatches:
         self.cursor.fill_(step * self.batch_size)
 
     def next(self) -> Tensor:
-        idx = self.perm.index_select(0, self.cursor + self._arange)
+        # The modulo wraps a caller that runs past the epoch (no Trainer to call
+        # start_epoch) into a repeat of it instead of an out-of-bounds gather.
+        idx = self.perm.index_select(0, (self.cursor + self._arange) % len(self))
         self.cursor.add_(self.batch_size)
         return self.images.index_select(0, idx)
 

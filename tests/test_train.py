@@ -1,0 +1,281 @@
+"""The training engine: GANStep equals the plain-PyTorch loop, resumes bit for bit,
+restores its warm-up state; on a GPU the CUDA graph equals eager."""
+import copy
+
+import pytest
+import torch
+
+import fastgan
+from fastgan import backend
+from fastgan import nn as fnn
+from fastgan.train import (ConfigError, GANStep, ReferenceStep, ResidentBatches, TrainConfig,
+                           Trainer, build_models, make_adam)
+
+SMALL = dict(latent_dim=8, g_hidden=(32, 64), d_hidden=(64, 32), image_dim=48, batch_size=16)
+CPU_BACKENDS = [b for b in ("reference", "cpu") if b in fastgan.backends()]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _data(n=64, dim=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, dim, generator=g) * 2 - 1
+
+
+def _tensors(state, prefix=""):
+    """Flatten nested dicts/lists of a state_dict into {path: tensor-or-value}."""
+    out = {}
+    if isinstance(state, dict):
+        for k, v in state.items():
+            out.update(_tensors(v, f"{prefix}{k}/"))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            out.update(_tensors(v, f"{prefix}{i}/"))
+    else:
+        out[prefix] = state
+    return out
+
+
+def assert_states_equal(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if torch.is_tensor(ta[k]):
+            assert torch.equal(ta[k], tb[k]), k
+        else:
+            assert ta[k] == tb[k], k
+
+
+# ------------------------------------------------------------------ equivalence
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_engine_step_equals_reference_loop(name):
+    """Fused models + GANStep (fused Adam, real and fake through D as one batch)
+    vs plain models + the straightforward loop, dropout off: same parameters and
+    BN statistics after 10 steps to fp32 tolerance."""
+    cfg = TrainConfig(**SMALL, dropout=0.0)
+    G, D = build_models(cfg)
+    ref_cfg = TrainConfig(**SMALL, dropout=0.0, reference=True)
+    G0, D0 = build_models(ref_cfg)
+    G0.load_state_dict(G.state_dict())
+    D0.load_state_dict(D.state_dict())
+    data = _data(n=160)
+    kw = dict(batch_size=16, latent_dim=8, seed=3)
+    engine = GANStep(G, D, make_adam(G.parameters()), make_adam(D.parameters()),
+                     batches=ResidentBatches(data, 16, seed=1), **kw)
+    ref = ReferenceStep(G0, D0, torch.optim.Adam(G0.parameters(), 2e-4, (0.5, 0.999)),
+                        torch.optim.Adam(D0.parameters(), 2e-4, (0.5, 0.999)),
+                        batches=ResidentBatches(data, 16, seed=1), **kw)
+    engine.batches.start_epoch(0)
+    ref.batches.start_epoch(0)
+    backend.calls.clear()
+    with fastgan.use_backend(name):
+        for _ in range(3):
+            s1, s0 = engine(), ref()
+            torch.testing.assert_close(torch.stack(s1), torch.stack(s0), rtol=1e-5, atol=1e-6)
+        for _ in range(7):
+            engine(), ref()
+    assert backend.calls[(name, "linear_bn_act_backward")] == 10 * len(cfg.g_hidden)
+    assert backend.calls[(name, "gan_bce_forward")] == 20
+    # A Linear bias in front of BatchNorm has zero true gradient (BN subtracts
+    # the mean), so its computed gradient is round-off noise that Adam
+    # normalises into steps of up to lr: those biases (and the running means
+    # that include them) may drift apart by up to steps * lr. Everything else
+    # agrees to fp32 round-off.
+    drift = 10 * 2e-4
+    pre_bn = {f"net.{i}.0.bias" for i in range(len(cfg.g_hidden))} | \
+        {f"net.{i}.1.running_mean" for i in range(len(cfg.g_hidden))}
+    for model, ref_model in ((G, G0), (D, D0)):
+        ref_state = ref_model.state_dict()
+        for k, a in model.state_dict().items():
+            atol = drift if (model is G and k in pre_bn) else 1e-6
+            torch.testing.assert_close(a, ref_state[k], rtol=1e-5, atol=atol, msg=k)
+
+
+def test_g_step_gives_discriminator_no_gradient():
+    """D's .grad after a step is exactly what D's Adam used: the G loss's
+    backward through D adds nothing to it, and D trains again afterwards."""
+    tr = Trainer(TrainConfig(**SMALL), _data())
+    used = {}
+    tr.d_opt.register_step_pre_hook(
+        lambda opt, args, kw: used.update({id(p): p.grad.clone() for p in tr.D.parameters()}))
+    for _ in range(2):
+        tr.train_step()
+        for p in tr.D.parameters():
+            assert p.requires_grad
+            assert torch.equal(p.grad, used[id(p)])
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.G.parameters())
+
+
+# ------------------------------------------------------------------ determinism, resume
+def _run(cfg, steps, data, start=None):
+    tr = Trainer(cfg, data)
+    if start is not None:
+        tr.load_state_dict(start)
+    while tr.steps < steps:
+        tr.train_step()
+    return tr
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["engine", "reference"])
+def test_resume_equals_uninterrupted(tmp_path, reference):
+    """Stop after 5 steps (mid-epoch, 4 steps an epoch), checkpoint through a file,
+    resume to 11: bit-identical to 11 uninterrupted steps. Dropout is on, so
+    the dropout streams, noise, data order and optimizer state all matter."""
+    from fastgan import checkpoint
+    cfg = TrainConfig(**SMALL, dropout=0.2, reference=reference)
+    data = _data()
+    straight = _run(cfg, 11, data)
+    first = _run(cfg, 5, data)
+    checkpoint.save(first.state_dict(), tmp_path / "c.pt")
+    del first
+    torch.manual_seed(1234)  # the resumed process's global RNG starts elsewhere
+    resumed = _run(cfg, 11, data, start=checkpoint.load(tmp_path / "c.pt"))
+    assert_states_equal(straight.state_dict(), resumed.state_dict())
+    assert torch.equal(straight.sample(straight.fixed_noise(4)), resumed.sample(resumed.fixed_noise(4)))
+
+
+def test_seed_changes_everything_and_run_is_reproducible():
+    data = _data()
+    a = _run(TrainConfig(**SMALL, seed=1), 3, data)
+    b = _run(TrainConfig(**SMALL, seed=1), 3, data)
+    c = _run(TrainConfig(**SMALL, seed=2), 3, data)
+    assert_states_equal(a.state_dict(), b.state_dict())
+    assert not torch.equal(a.G.net[0][0].weight, c.G.net[0][0].weight)
+
+
+def test_snapshot_restore_undoes_warmup():
+    """The CUDA-graph warm-up restore, exercised on the CPU: snapshot a fresh
+    step (empty Adam state), run 3 steps, restore, then run 4 steps: equal to 4
+    steps of an untouched twin, bit for bit (BN stats, counters, Adam, noise)."""
+    cfg = TrainConfig(**SMALL, dropout=0.2)
+    data = _data()
+    a, b = Trainer(cfg, data), Trainer(cfg, data)
+    a.batches.start_epoch(0)
+    snap = a.step._snapshot()
+    for _ in range(3):
+        a.step()
+    a.step._restore(snap)
+    a.step.count = 0
+    a._loaded_epoch = 0
+    for _ in range(4):
+        a.train_step(), b.train_step()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert_states_equal(sa, sb)
+
+
+def test_read_means_averages_since_last_read():
+    tr = Trainer(TrainConfig(**SMALL), _data())
+    stats = [torch.stack(tr.train_step()).clone() for _ in range(3)]
+    means = tr.step.read_means()
+    torch.testing.assert_close(torch.tensor(list(means.values())), torch.stack(stats).mean(0))
+    assert tr.step.read_means()["d_loss"] == 0.0
+
+
+def test_resident_batches_cover_each_epoch_once():
+    data = torch.arange(20.0).repeat_interleave(3).reshape(20, 3)
+    rb = ResidentBatches(data, 6, seed=5)
+    assert rb.steps_per_epoch == 3
+    rb.start_epoch(0)
+    seen = torch.cat([rb.next()[:, 0] for _ in range(3)])
+    assert len(set(seen.tolist())) == 18                      # no repeats; 2 dropped
+    rb.start_epoch(0, step=1)                                 # resume mid-epoch
+    assert torch.equal(rb.next()[:, 0], seen[6:12])
+    assert not torch.equal(rb.order(0), rb.order(1))
+    assert torch.equal(rb.order(1), ResidentBatches(data, 6, seed=5).order(1))
+
+
+def test_config_errors():
+    data = _data(n=10)
+    with pytest.raises(ConfigError, match="batch_size 16 is larger than the dataset"):
+        Trainer(TrainConfig(**SMALL), data)
+    with pytest.raises(ConfigError, match="graphs=True needs a CUDA device"):
+        Trainer(TrainConfig(**SMALL), _data(), graphs=True)
+    with pytest.raises(ConfigError, match="images of 48 values"):
+        Trainer(TrainConfig(**SMALL), torch.zeros(64, 50))
+    tr = Trainer(TrainConfig(**SMALL), _data())
+    other = Trainer(TrainConfig(**{**SMALL, "g_hidden": (32, 32)}), _data())
+    with pytest.raises(ConfigError, match="g_hidden"):
+        tr.load_state_dict(other.state_dict())
+    st = tr.state_dict()
+    st["generator"] = other.G.state_dict()  # a config that lies about its weights
+    with pytest.raises(ConfigError, match="do not fit the model"):
+        tr.load_state_dict(st)
+
+
+def test_state_dict_loads_with_weights_only(tmp_path):
+    tr = Trainer(TrainConfig(**SMALL), _data())
+    tr.train_step()
+    torch.save(tr.state_dict(), tmp_path / "c.pt")
+    st = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert st["steps"] == 1 and st["config"]["g_hidden"] == [32, 64]
+
+
+# ------------------------------------------------------------------ GPU
+def _gpu_pair(cfg, data, graphs_a, graphs_b):
+    a = Trainer(cfg, data, "cuda", graphs=graphs_a)
+    b = Trainer(cfg, data, "cuda", graphs=graphs_b)
+    return a, b
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_equals_eager():
+    """Graph replay vs the same step run eagerly, dropout on: same losses and
+    parameters (fp32 tolerance), identical BN counters and dropout counters, so
+    the warm-up left no trace and replays drew fresh noise and masks."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = TrainConfig(**SMALL, dropout=0.2)
+    data = _data()
+    g, e = _gpu_pair(cfg, data, True, False)
+    losses = []
+    for _ in range(10):
+        sg, se = g.train_step(), e.train_step()
+        torch.testing.assert_close(torch.stack(sg), torch.stack(se), rtol=1e-4, atol=1e-5)
+        losses.append(torch.stack(sg).clone())
+    assert g.step._graph is not None and e.step._graph is None
+    assert not torch.equal(losses[0], losses[1])  # fresh noise/batches each replay
+    for (k, a), b in zip(g.G.state_dict().items(), e.G.state_dict().values()):
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b), k
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    assert [t.tolist() for t in fnn.dropout_rng_state(g.G)] == \
+        [t.tolist() for t in fnn.dropout_rng_state(e.G)]
+    assert g.step.g_opt.state[next(g.G.parameters())]["step"].item() == 10
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_resume_equals_uninterrupted(tmp_path):
+    from fastgan import checkpoint
+    cfg = TrainConfig(**SMALL, dropout=0.2)
+    data = _data()
+    straight = Trainer(cfg, data, "cuda")
+    for _ in range(11):
+        straight.train_step()
+    first = Trainer(cfg, data, "cuda")
+    for _ in range(5):
+        first.train_step()
+    checkpoint.save(first.state_dict(), tmp_path / "c.pt")
+    resumed = Trainer(cfg, data, "cuda")
+    resumed.load_state_dict(checkpoint.load(tmp_path / "c.pt"))
+    while resumed.steps < 11:
+        resumed.train_step()
+    for (k, a), b in zip(straight.G.state_dict().items(), resumed.G.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_with_host_batches():
+    """step(real) copies into the graph's static buffer."""
+    cfg = TrainConfig(**SMALL, dropout=0.0)
+    G, D = build_models(cfg)
+    G, D = G.cuda(), D.cuda()
+    G2, D2 = copy.deepcopy(G), copy.deepcopy(D)
+    kw = dict(batch_size=16, latent_dim=8, seed=0)
+    g = GANStep(G, D, make_adam(G.parameters()), make_adam(D.parameters()), **kw)
+    e = GANStep(G2, D2, make_adam(G2.parameters()), make_adam(D2.parameters()), graphs=False, **kw)
+    data = _data().cuda()
+    for i in range(4):
+        real = data[16 * i: 16 * (i + 1)]
+        torch.testing.assert_close(torch.stack(g(real)), torch.stack(e(real)), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,133 @@
+// linear_act on CUDA: y = dropout(act(x @ W.T + b)), forward and backward.
+// The spec is fastgan/reference.py (linear_act_forward / _backward).
+//
+// Forward = the GEMM from cuBLAS through ATen (at::linear, as the reference)
+// + one elementwise epilogue kernel that activates and drops out in place, in
+// the GEMM's own output buffer (no second (B, N) allocation).
+// Backward = one column-tile kernel that recomputes the dropout mask, takes the
+// activation derivative from the saved output y, writes dz and reduces the
+// bias gradient from it + the two GEMMs dx = dz @ W, dW = dz.T @ x.
+#include "common.cuh"
+
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+
+namespace fastgan {
+namespace cuda {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    act_forward_kernel(T* __restrict__ zy, int64_t numel, int act, float slope, DropoutArgs drop) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const DropoutMask mask(drop);
+  // Row-major (B, N): the flat index is i * N + j, the dropout counter.
+  for (int64_t idx = start; idx < numel; idx += stride)
+    zy[idx] = static_cast<T>(mask.apply(activate(load(zy, idx), act, slope), idx));
+}
+
+// dz = dropout(grad_y) * act'(a), a = y / scale recovered from the output
+// (dropped elements get no gradient, so their y = 0 does not matter).
+template <typename T>
+__global__ void __launch_bounds__(kTileN * kTileRows)
+    act_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ dz,
+                        T* __restrict__ dbias, int64_t B, int64_t N, int act, float slope,
+                        DropoutArgs drop) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileN + threadIdx.x;
+  const bool valid = j < N;
+  const DropoutMask mask(drop);
+  // The reference divides by the Python float scale; PyTorch's CUDA division
+  // by a scalar multiplies by its fp32 reciprocal, and so do we.
+  const float inv_scale = 1.f / drop.scale;
+  float acc[1] = {0.f};
+  if (valid)
+    for (int64_t i = threadIdx.y; i < B; i += kTileRows) {
+      const int64_t idx = i * N + j;
+      float a = load(y, idx);
+      float g = load(grad_y, idx);
+      if (mask.on) {
+        g = mask.keep(idx) ? g * mask.scale : 0.f;
+        a = a * inv_scale;
+      }
+      const T d = static_cast<T>(g * activate_grad_from_output(a, act, slope));
+      dz[idx] = d;
+      acc[0] += static_cast<float>(d);
+    }
+  column_sum(acc);
+  if (valid && threadIdx.y == 0) dbias[j] = static_cast<T>(acc[0]);
+}
+
+}  // namespace
+
+at::Tensor linear_act_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
+                              const std::optional<at::Tensor>& bias_in, int64_t activation,
+                              double negative_slope, double p, const at::Tensor& seed,
+                              const at::Tensor& offset) {
+  check_linear(x_in, weight_in, bias_in);
+  check_counter(seed, "seed", x_in);
+  check_counter(offset, "offset", x_in);
+  check_hyper(activation, negative_slope, p);
+
+  const DeviceScope device_scope(x_in.device());
+  const Stream stream = current_stream();
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+
+  at::Tensor y = at::linear(x, weight, bias).contiguous();  // z, then y in place
+  const int64_t numel = y.numel();
+  if (numel == 0) return y;
+  FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_act_forward", [&] {
+    launch(act_forward_kernel<scalar_t>, elementwise_grid(numel), dim3(kThreads), stream,
+           y.data_ptr<scalar_t>(), numel, static_cast<int>(activation),
+           static_cast<float>(negative_slope), dropout_args(seed, offset, p));
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const at::Tensor& y_in, int64_t activation, double negative_slope, double p,
+    const at::Tensor& seed, const at::Tensor& offset, bool compute_dx) {
+  const int64_t n = check_linear(x_in, weight_in, std::nullopt);
+  const int64_t batch = x_in.size(0);
+  check_device(grad_y_in, "grad_y", x_in);
+  check_dtype(grad_y_in, "grad_y", x_in.scalar_type());
+  check_shape(grad_y_in, "grad_y", {batch, n});
+  check_device(y_in, "y", x_in);
+  check_dtype(y_in, "y", x_in.scalar_type());
+  check_shape(y_in, "y", {batch, n});
+  check_counter(seed, "seed", x_in);
+  check_counter(offset, "offset", x_in);
+  check_hyper(activation, negative_slope, p);
+
+  const DeviceScope device_scope(x_in.device());
+  const Stream stream = current_stream();
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
+
+  at::Tensor dz = at::empty({batch, n}, x.options());
+  at::Tensor dbias = at::empty({n}, x.options());
+  if (n > 0) {
+    FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_act_backward", [&] {
+      launch(act_backward_kernel<scalar_t>, column_grid(n), column_block(), stream,
+             grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+             dbias.data_ptr<scalar_t>(), batch, n, static_cast<int>(activation),
+             static_cast<float>(negative_slope), dropout_args(seed, offset, p));
+    });
+  }
+  at::Tensor dx = compute_dx ? at::mm(dz, weight) : at::empty({0}, x.options());
+  at::Tensor dweight = at::mm(dz.t(), x);
+  return {dx, dweight, dbias};
+}
+
+}  // namespace cuda
+}  // namespace fastgan
+
+#ifndef FASTGAN_CUDA_EMULATE
+TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m) {
+  m.impl("linear_act_forward", &fastgan::cuda::linear_act_forward);
+  m.impl("linear_act_backward", &fastgan::cuda::linear_act_backward);
+}
+#endif

@@ -1,0 +1,283 @@
+// linear_bn_act on CUDA: y = dropout(act(BN(x @ W.T + b))), forward and backward.
+// The spec is fastgan/reference.py (linear_bn_act_forward / _backward).
+//
+// Forward = the GEMM from cuBLAS through ATen (at::linear, the call the
+// reference makes, so h is bit-identical) + one fused epilogue kernel:
+//   training: column-tile blocks own whole columns of h, so a block computes
+//             the batch mean and biased variance of its columns (two passes,
+//             the second over deviations, for accuracy), updates the running
+//             statistics, and then normalizes, activates and drops out the
+//             same columns. num_batches_tracked is incremented on the device
+//             by a one-thread kernel launched just before (momentum=None reads
+//             the incremented count; a block cannot see another's write).
+//   eval:     an elementwise kernel with the running statistics.
+// Backward = one column-tile kernel (recomputes xhat, the activation
+// derivative and the dropout mask; reduces dgamma, dbeta; writes dh and
+// reduces db from it) + the two GEMMs dx = dh @ W, dW = dh.T @ x.
+#include "common.cuh"
+
+#include <algorithm>
+
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+
+namespace fastgan {
+namespace cuda {
+namespace {
+
+__global__ void increment_kernel(int64_t* counter) { counter[0] += 1; }
+
+// Training forward. One block = kTileN columns, all B rows.
+template <typename T>
+__global__ void __launch_bounds__(kTileN * kTileRows)
+    bn_train_forward_kernel(const T* __restrict__ h, T* __restrict__ y, float* __restrict__ mean_out,
+                            float* __restrict__ rstd_out, float* __restrict__ running_mean,
+                            float* __restrict__ running_var, const int64_t* __restrict__ nbt,
+                            const float* __restrict__ gamma, const float* __restrict__ beta,
+                            int64_t B, int64_t N, float momentum, bool cumulative, float eps,
+                            float unbias, int act, float slope, DropoutArgs drop) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileN + threadIdx.x;
+  const bool valid = j < N;  // threads past N still take part in the reductions
+
+  float s[1] = {0.f};
+  if (valid)
+    for (int64_t i = threadIdx.y; i < B; i += kTileRows) s[0] += load(h, i * N + j);
+  column_sum(s);
+  const float mean = s[0] / static_cast<float>(B);
+
+  float q[1] = {0.f};
+  if (valid)
+    for (int64_t i = threadIdx.y; i < B; i += kTileRows) {
+      const float d = load(h, i * N + j) - mean;
+      q[0] += d * d;
+    }
+  column_sum(q);
+  const float var = q[0] / static_cast<float>(B);  // biased, normalizes the batch
+  const float rstd = rsqrtf(var + eps);
+
+  if (valid && threadIdx.y == 0) {
+    mean_out[j] = mean;
+    rstd_out[j] = rstd;
+    // nn.BatchNorm1d: factor = momentum, or 1 / num_batches_tracked (already
+    // incremented) for the cumulative average; running_var is unbiased.
+    const float f = cumulative ? 1.f / static_cast<float>(nbt[0]) : momentum;
+    running_mean[j] = f * mean + (1.f - f) * running_mean[j];
+    running_var[j] = f * (var * unbias) + (1.f - f) * running_var[j];
+  }
+  if (!valid) return;  // no barriers below
+
+  const float g = gamma[j], b = beta[j];
+  const DropoutMask mask(drop);
+  for (int64_t i = threadIdx.y; i < B; i += kTileRows) {
+    const int64_t idx = i * N + j;
+    const float z = (load(h, idx) - mean) * rstd * g + b;
+    y[idx] = static_cast<T>(mask.apply(activate(z, act, slope), idx));
+  }
+}
+
+// Eval forward: normalize with the running statistics; also writes the
+// (mean, rstd) pair the op returns.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bn_eval_forward_kernel(const T* __restrict__ h, T* __restrict__ y, float* __restrict__ mean_out,
+                           float* __restrict__ rstd_out, const float* __restrict__ running_mean,
+                           const float* __restrict__ running_var, const float* __restrict__ gamma,
+                           const float* __restrict__ beta, int64_t B, int64_t N, float eps, int act,
+                           float slope, DropoutArgs drop) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = start; j < N; j += stride) {
+    mean_out[j] = running_mean[j];
+    rstd_out[j] = rsqrtf(running_var[j] + eps);
+  }
+  const DropoutMask mask(drop);
+  for (int64_t idx = start; idx < B * N; idx += stride) {
+    const int64_t j = idx % N;
+    const float rstd = rsqrtf(running_var[j] + eps);
+    const float z = (load(h, idx) - running_mean[j]) * rstd * gamma[j] + beta[j];
+    y[idx] = static_cast<T>(mask.apply(activate(z, act, slope), idx));
+  }
+}
+
+// Backward through dropout, activation and BN, for kTileN columns per block.
+// dz = dropout(grad_y) * act'(z) with z, xhat recomputed from h. Training:
+//   dh = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = dz * gamma,
+// where mean(dxhat) = gamma * dbeta / B and mean(dxhat * xhat) = gamma * dgamma / B,
+// so a first pass reduces dbeta and dgamma and a second writes dh. Eval:
+// dh = dxhat * rstd in a single pass. db = column sums of dh as stored (x.dtype).
+template <typename T>
+__global__ void __launch_bounds__(kTileN * kTileRows)
+    bn_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ h,
+                       const float* __restrict__ mean, const float* __restrict__ rstd,
+                       const float* __restrict__ gamma, const float* __restrict__ beta,
+                       T* __restrict__ dh, float* __restrict__ dgamma, float* __restrict__ dbeta,
+                       T* __restrict__ dbias, int64_t B, int64_t N, bool training, int act,
+                       float slope, DropoutArgs drop) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileN + threadIdx.x;
+  const bool valid = j < N;
+  const float m = valid ? mean[j] : 0.f, r = valid ? rstd[j] : 0.f;
+  const float g = valid ? gamma[j] : 0.f, b = valid ? beta[j] : 0.f;
+  const DropoutMask mask(drop);
+  auto grad_z = [&](int64_t idx, float& xhat) {
+    xhat = (load(h, idx) - m) * r;
+    const float z = xhat * g + b;
+    return mask.apply(load(grad_y, idx), idx) * activate_grad(z, act, slope);
+  };
+
+  float sums[2] = {0.f, 0.f};  // dbeta, dgamma
+  if (training) {
+    if (valid)
+      for (int64_t i = threadIdx.y; i < B; i += kTileRows) {
+        float xhat;
+        const float dz = grad_z(i * N + j, xhat);
+        sums[0] += dz;
+        sums[1] += dz * xhat;
+      }
+    column_sum(sums);
+  }
+  const float inv_b = 1.f / static_cast<float>(B);
+  const float mean_dxhat = g * sums[0] * inv_b;
+  const float mean_dxhat_xhat = g * sums[1] * inv_b;
+
+  float acc[3] = {0.f, 0.f, 0.f};  // db; in eval also dbeta, dgamma
+  if (valid)
+    for (int64_t i = threadIdx.y; i < B; i += kTileRows) {
+      const int64_t idx = i * N + j;
+      float xhat;
+      const float dz = grad_z(idx, xhat);
+      const float dxhat = dz * g;
+      const float dh_f = training ? r * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) : dxhat * r;
+      const T dh_t = static_cast<T>(dh_f);
+      dh[idx] = dh_t;
+      acc[0] += static_cast<float>(dh_t);
+      if (!training) {
+        acc[1] += dz;
+        acc[2] += dz * xhat;
+      }
+    }
+  column_sum(acc);
+  if (valid && threadIdx.y == 0) {
+    dbias[j] = static_cast<T>(acc[0]);
+    dbeta[j] = training ? sums[0] : acc[1];
+    dgamma[j] = training ? sums[1] : acc[2];
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& running_mean,
+    at::Tensor& running_var, at::Tensor& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, int64_t activation, double negative_slope,
+    double p, const at::Tensor& seed, const at::Tensor& offset) {
+  const int64_t n = check_linear(x_in, weight_in, bias_in);
+  check_feature_vector(bn_weight, "bn_weight", x_in, n);
+  check_feature_vector(bn_bias, "bn_bias", x_in, n);
+  check_feature_vector(running_mean, "running_mean", x_in, n);
+  check_feature_vector(running_var, "running_var", x_in, n);
+  check_counter(num_batches_tracked, "num_batches_tracked", x_in);
+  check_counter(seed, "seed", x_in);
+  check_counter(offset, "offset", x_in);
+  check_hyper(activation, negative_slope, p);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "eps must be finite and > 0, got ", eps);
+  TORCH_CHECK(!momentum.has_value() || (*momentum >= 0.0 && *momentum <= 1.0),
+              "momentum must be None or in [0, 1], got ", momentum.value_or(0.0));
+  const int64_t batch = x_in.size(0);
+  TORCH_CHECK(!training || batch > 1,
+              "Expected more than 1 value per channel when training, got input size ",
+              x_in.sizes(), " (x batch size must be > 1 for batch statistics)");
+
+  const DeviceScope device_scope(x_in.device());
+  const Stream stream = current_stream();
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+
+  const at::Tensor h = at::linear(x, weight, bias).contiguous();  // (B, N) in x.dtype
+  at::Tensor y = at::empty_like(h);
+  at::Tensor mean = at::empty({n}, bn_weight.options());
+  at::Tensor rstd = at::empty({n}, bn_weight.options());
+  const DropoutArgs drop = dropout_args(seed, offset, p);
+  const int act = static_cast<int>(activation);
+  const float slope = static_cast<float>(negative_slope);
+
+  if (training) launch(increment_kernel, dim3(1), dim3(1), stream, num_batches_tracked.data_ptr<int64_t>());
+  if (n == 0) return {y, h, mean, rstd};
+  FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_bn_act_forward", [&] {
+    if (training) {
+      launch(bn_train_forward_kernel<scalar_t>, column_grid(n), column_block(), stream,
+             h.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+             rstd.data_ptr<float>(), running_mean.data_ptr<float>(),
+             running_var.data_ptr<float>(), num_batches_tracked.data_ptr<int64_t>(),
+             bn_weight.data_ptr<float>(), bn_bias.data_ptr<float>(), batch, n,
+             static_cast<float>(momentum.value_or(0.0)), !momentum.has_value(),
+             static_cast<float>(eps),
+             static_cast<float>(static_cast<double>(batch) / static_cast<double>(batch - 1)), act,
+             slope, drop);
+    } else {
+      launch(bn_eval_forward_kernel<scalar_t>, elementwise_grid(std::max(batch * n, n)),
+             dim3(kThreads), stream, h.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+             mean.data_ptr<float>(), rstd.data_ptr<float>(), running_mean.data_ptr<float>(),
+             running_var.data_ptr<float>(), bn_weight.data_ptr<float>(),
+             bn_bias.data_ptr<float>(), batch, n, static_cast<float>(eps), act, slope, drop);
+    }
+  });
+  return {y, h, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& h_in,
+    const at::Tensor& mean, const at::Tensor& rstd, bool training, int64_t activation,
+    double negative_slope, double p, const at::Tensor& seed, const at::Tensor& offset,
+    bool compute_dx) {
+  const int64_t n = check_linear(x_in, weight_in, std::nullopt);
+  const int64_t batch = x_in.size(0);
+  check_device(grad_y_in, "grad_y", x_in);
+  check_dtype(grad_y_in, "grad_y", x_in.scalar_type());
+  check_shape(grad_y_in, "grad_y", {batch, n});
+  check_device(h_in, "h", x_in);
+  check_dtype(h_in, "h", x_in.scalar_type());
+  check_shape(h_in, "h", {batch, n});
+  check_feature_vector(bn_weight, "bn_weight", x_in, n);
+  check_feature_vector(bn_bias, "bn_bias", x_in, n);
+  check_feature_vector(mean, "mean", x_in, n);
+  check_feature_vector(rstd, "rstd", x_in, n);
+  check_counter(seed, "seed", x_in);
+  check_counter(offset, "offset", x_in);
+  check_hyper(activation, negative_slope, p);
+
+  const DeviceScope device_scope(x_in.device());
+  const Stream stream = current_stream();
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.contiguous(), h = h_in.contiguous();
+
+  at::Tensor dh = at::empty({batch, n}, x.options());
+  at::Tensor dbias = at::empty({n}, x.options());
+  at::Tensor dgamma = at::empty({n}, bn_weight.options());
+  at::Tensor dbeta = at::empty({n}, bn_weight.options());
+  if (n > 0) {
+    FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_bn_act_backward", [&] {
+      launch(bn_backward_kernel<scalar_t>, column_grid(n), column_block(), stream,
+             grad_y.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+             rstd.data_ptr<float>(), bn_weight.data_ptr<float>(), bn_bias.data_ptr<float>(),
+             dh.data_ptr<scalar_t>(), dgamma.data_ptr<float>(), dbeta.data_ptr<float>(),
+             dbias.data_ptr<scalar_t>(), batch, n, training, static_cast<int>(activation),
+             static_cast<float>(negative_slope), dropout_args(seed, offset, p));
+    });
+  }
+  at::Tensor dx = compute_dx ? at::mm(dh, weight) : at::empty({0}, x.options());
+  at::Tensor dweight = at::mm(dh.t(), x);
+  return {dx, dweight, dbias, dgamma, dbeta};
+}
+
+}  // namespace cuda
+}  // namespace fastgan
+
+#ifndef FASTGAN_CUDA_EMULATE
+TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m) {
+  m.impl("linear_bn_act_forward", &fastgan::cuda::linear_bn_act_forward);
+  m.impl("linear_bn_act_backward", &fastgan::cuda::linear_bn_act_backward);
+}
+#endif

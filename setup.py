@@ -35,21 +35,6 @@ def _cuda_home():
     return None
 
 
-def _cuda_home():
-    """A CUDA toolkit with nvcc and headers: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda,
-    or the parent of the nvcc on PATH (which may be a wrapper script outside the
-    toolkit, hence the header check); None if there is none."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    for home in filter(None, candidates):
-        if (os.path.exists(os.path.join(home, "bin", "nvcc"))
-                and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))):
-            return home
-    return None
-
-
 def _want_cuda(torch_cuda_version):
     """FASTGAN_BUILD_CUDA=1 / 0 forces the CUDA kernels on / off; unset (or empty),
     they are built when torch has CUDA and a CUDA toolkit is found."""

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import os
 from typing import Optional
 
@@ -167,12 +168,18 @@ def wrap(module: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.distributed:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
+    # Newer PyTorch renames broadcast_buffers=False to forward_sync_buffers=False
+    # (buffers still synced once at construction: every rank starts from rank 0's).
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        kw = {"forward_sync_buffers": False}
+    else:
+        kw = {"broadcast_buffers": False}
     if ctx.device.type != "cuda":
-        return DDP(module, broadcast_buffers=False)
+        return DDP(module, **kw)
     side = torch.cuda.Stream(ctx.device)
     side.wait_stream(torch.cuda.current_stream(ctx.device))
     with torch.cuda.stream(side):
-        ddp = DDP(module, device_ids=[ctx.device.index], broadcast_buffers=False)
+        ddp = DDP(module, device_ids=[ctx.device.index], **kw)
     torch.cuda.current_stream(ctx.device).wait_stream(side)
     return ddp
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed as fdist
 from . import functional as FG
 from . import nn as fnn
 from .models import Discriminator, Generator
@@ -258,7 +259,8 @@ class GANStep(_Step):
         # G step through the updated D; D's weights get no gradient here.
         self.g_opt.zero_grad(set_to_none=True)
         with _frozen(self.D):
-            g = FG.gan_bce_g(self.D(fake))
+            # D unwrapped: its frozen weights get no gradient for DDP to reduce.
+            g = FG.gan_bce_g(fdist.unwrap(self.D)(fake))
             g.loss.backward()
         self.g_opt.step()
         return self._finish(d.loss, g.loss, d.d_real, d.d_fake)
@@ -356,6 +358,7 @@ class TrainConfig:
     smoothing: float = 0.0
     seed: int = 0
     reference: bool = False   # plain-PyTorch models and ReferenceStep
+    sync_bn: bool = False     # G's BN statistics over all processes (torchrun)
     image_dim: int = 784
 
     ARCH = ("latent_dim", "g_hidden", "d_hidden", "dropout", "negative_slope", "reference",
@@ -388,6 +391,14 @@ def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
     return G, D
 
 
+def _first_reason(e: BaseException) -> str:
+    """The informative line of a load_state_dict error (it starts with a generic one)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        return lines[1]
+    return lines[0] if lines else type(e).__name__
+
+
 CHECKPOINT_FORMAT = "fastgan-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -401,14 +412,27 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, data: Tensor, device="cpu",
-                 graphs: Optional[bool] = None, data_id: str = "", rank: int = 0):
+                 graphs: Optional[bool] = None, data_id: str = "", rank: int = 0,
+                 dist: Optional[fdist.Context] = None):
         self.cfg, self.device = cfg, torch.device(device)
-        self.rank = rank
+        # Under torchrun (fastgan.distributed): this rank's shard, noise and
+        # dropout streams; G and D in DDP; rank 0 logs and checkpoints.
+        self.dist = dist if dist is not None else fdist.Context(rank=rank, device=self.device)
+        self.rank = self.dist.rank
+        if self.dist.distributed and cfg.reference:
+            raise ConfigError("reference: the plain-PyTorch loop runs in one process only "
+                              "(drop --reference under torchrun)")
+        if self.dist.distributed:
+            data = self.dist.shard(data)
         self.data_id = data_id
         if data.dim() < 2 or data[0].numel() != cfg.image_dim:
             raise ConfigError(f"data: images of {cfg.image_dim} values expected, got shape "
                               f"{tuple(data.shape)}")
         self.G, self.D = build_models(cfg)
+        if self.dist.distributed:
+            fnn.seed_dropout(self.G, self.dist.seed(cfg.seed, 2))
+            fnn.seed_dropout(self.D, self.dist.seed(cfg.seed, 3))
+        fdist.convert_sync_batchnorm(self.G, enabled=cfg.sync_bn)
         self.G.to(self.device).train()
         self.D.to(self.device).train()
         if cfg.reference:
@@ -421,13 +445,15 @@ class Trainer:
             self.d_opt = make_adam(self.D.parameters(), cfg.lr, cfg.betas, self.device)
         self.batches = ResidentBatches(data, cfg.batch_size, _mix(cfg.seed, 5), self.device)
         kw = dict(batch_size=cfg.batch_size, latent_dim=cfg.latent_dim, batches=self.batches,
-                  seed=cfg.seed, smoothing=cfg.smoothing, device=self.device)
+                  seed=self.dist.seed(cfg.seed), smoothing=cfg.smoothing, device=self.device)
         if cfg.reference:
             if graphs:
                 raise ConfigError("the reference step runs eagerly: graphs must be off")
             self.step = ReferenceStep(self.G, self.D, self.g_opt, self.d_opt, **kw)
         else:
-            self.step = GANStep(self.G, self.D, self.g_opt, self.d_opt, graphs=graphs, **kw)
+            warmup = fdist.GRAPH_WARMUP if self.dist.distributed else 3
+            self.step = GANStep(fdist.wrap(self.G, self.dist), fdist.wrap(self.D, self.dist),
+                                self.g_opt, self.d_opt, graphs=graphs, warmup=warmup, **kw)
         self.steps = 0               # steps done, over all epochs
         self._loaded_epoch = None    # which epoch's order the batches hold
 
@@ -470,9 +496,13 @@ class Trainer:
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Plain containers and tensors only: loads with torch.load(weights_only=True)."""
+        """Plain containers and tensors only: loads with torch.load(weights_only=True).
+
+        Under torchrun every rank must call it (it gathers all ranks' RNG
+        streams into ``rng_ranks``); ``rng`` is this rank's, so a checkpoint
+        saved by rank 0 also loads in one process."""
         cuda = self.device.type == "cuda"
-        return {
+        state = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
             "config": self.cfg.to_dict(),
             "data": self.data_id,
@@ -487,6 +517,9 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state(self.device) if cuda else None,
             },
         }
+        if self.dist.distributed:
+            state["rng_ranks"] = self.dist.gather(state["rng"])
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; ConfigError if it belongs to another architecture or data."""
@@ -504,15 +537,23 @@ class Trainer:
             self.g_opt.load_state_dict(state["g_opt"])
             self.d_opt.load_state_dict(state["d_opt"])
         except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0]
-            raise ConfigError(f"checkpoint weights do not fit the model: {first}") from None
+            raise ConfigError(f"checkpoint weights do not fit the model: {_first_reason(e)}") from None
         rng = state["rng"]
-        self.step.noise.set_state(rng["noise"])
-        fnn.set_dropout_rng_state(self.G, rng["g_dropout"])
-        fnn.set_dropout_rng_state(self.D, rng["d_dropout"])
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.dist.distributed:  # this rank's streams, or fresh per-rank ones if the
+            ranks = state.get("rng_ranks") or []  # checkpoint had another number of ranks
+            rng = ranks[self.rank] if len(ranks) == self.dist.world_size else None
+        if rng is None:
+            steps = int(state["steps"])
+            self.step.noise.manual_seed(self.dist.seed(self.cfg.seed, 1, steps))
+            fnn.seed_dropout(self.G, self.dist.seed(self.cfg.seed, 2, steps))
+            fnn.seed_dropout(self.D, self.dist.seed(self.cfg.seed, 3, steps))
+        else:
+            self.step.noise.set_state(rng["noise"])
+            fnn.set_dropout_rng_state(self.G, rng["g_dropout"])
+            fnn.set_dropout_rng_state(self.D, rng["d_dropout"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.steps = int(state["steps"])
         self._loaded_epoch = None
         if isinstance(self.step, GANStep):

@@ -180,6 +180,54 @@ def test_failing_rank_fails_the_run_without_hanging(tmp_path):
     assert time.monotonic() - t0 < 100
 
 
+_TRAIN_FLAGS = ["--data", "synthetic", "--batch-size", "8", "--g-hidden", "16,24", "--d-hidden",
+                "24,16", "--latent-dim", "8", "--device", "cpu", "--no-progress", "--log-every",
+                "2"]
+
+
+def test_torchrun_train_checkpoint_one_process_and_back(tmp_path):
+    """2 ranks train and checkpoint (rank 0 writes); the checkpoint resumes in
+    one process; that one's checkpoint resumes on 2 ranks again."""
+    from fastgan import checkpoint, data
+    from fastgan.train import Trainer, TrainConfig
+    out = tmp_path / "run"
+    res = _torchrun(["-m", "fastgan", "train", *_TRAIN_FLAGS, "--steps", "4", "--sync-bn",
+                     "--out", str(out)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
+    assert "2 processes (DDP)" in res.stdout
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["steps"] == 4 and state["config"]["sync_bn"] is True
+    noise = [r["noise"] for r in state["rng_ranks"]]
+    assert len(noise) == 2 and not torch.equal(noise[0], noise[1])  # per-rank streams
+    assert all(k.startswith("net.") for k in state["generator"])     # no DDP "module." prefix
+
+    # One process: loads the 2-rank checkpoint, trains on, writes its own.
+    ds = data.synthetic()
+    trainer = Trainer(TrainConfig.from_dict(state["config"]), ds.images, "cpu",
+                      data_id=state["data"])
+    trainer.load_state_dict(state)
+    for k, v in state["generator"].items():
+        assert torch.equal(trainer.G.state_dict()[k], v), k
+    for _ in range(2):
+        trainer.train_step()
+    checkpoint.save(trainer.state_dict(), out / "checkpoint.pt")
+
+    # And back on 2 ranks.
+    res = _torchrun(["-m", "fastgan", "train", "--resume", "--data", "synthetic", "--device",
+                     "cpu", "--no-progress", "--steps", "8", "--out", str(out)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert state["steps"] == 8 and len(state["rng_ranks"]) == 2
+
+
+def test_reference_loop_refused_on_several_ranks():
+    from fastgan.train import ConfigError, Trainer, TrainConfig
+    cfg = TrainConfig(latent_dim=4, g_hidden=(8,), d_hidden=(8,), reference=True, batch_size=4)
+    with pytest.raises(ConfigError, match="one process"):
+        Trainer(cfg, torch.zeros(16, 784), dist=fdist.Context(rank=0, world_size=2))
+
+
 # ----------------------------------------------------------------------------- GPU
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 

@@ -4,6 +4,7 @@
     fastgan train --data ~/data --epochs 50 --out runs/full
     fastgan train --resume                # continue runs/fastgan exactly where it stopped
     fastgan train --data synthetic --steps 500 --no-graphs   # throughput only
+    torchrun --nproc_per_node 4 -m fastgan train --sync-bn   # 4 processes (DDP)
 
 Writes to --out: checkpoint.pt (each epoch, at the end and on Ctrl-C; atomic),
 metrics.jsonl (one JSON object per log line), samples/epoch_NNNN.png (the
@@ -93,6 +94,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--no-graphs", action="store_true", help="run the step eagerly on CUDA")
     e.add_argument("--reference", action="store_true",
                    help="train the plain-PyTorch models with the eager reference loop")
+    e.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: G's BatchNorm statistics over all processes' batches "
+                        "(default: each process its own)")
     return p
 
 
@@ -143,7 +147,7 @@ def _writable_folder(out: Path) -> None:
 _CONFIG_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "betas": "--betas", "seed": "--seed",
                  "smoothing": "--smoothing", "latent_dim": "--latent-dim",
                  "g_hidden": "--g-hidden", "d_hidden": "--d-hidden", "dropout": "--dropout",
-                 "reference": "--reference"}
+                 "reference": "--reference", "sync_bn": "--sync-bn"}
 
 
 def _config(args, saved=None):
@@ -155,11 +159,12 @@ def _config(args, saved=None):
         cfg = TrainConfig(**given)
     else:
         cfg = TrainConfig.from_dict(saved)
+        show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v  # noqa: E731
         for k, v in given.items():
             if getattr(cfg, k) != v:
-                raise CLIError(f"{_CONFIG_FLAGS[k]} {v} contradicts the checkpoint's "
-                               f"{getattr(cfg, k)} (drop the flag to resume, or start a new "
-                               "run in another --out folder)")
+                raise CLIError(f"{_CONFIG_FLAGS[k]} {show(v)} contradicts the checkpoint's "
+                               f"{show(getattr(cfg, k))} (drop the flag to resume, or start a "
+                               "new run in another --out folder)")
     if not (cfg.lr > 0 and len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas)):
         raise CLIError(f"--lr must be > 0 and --betas two numbers in [0, 1), got lr={cfg.lr}, "
                        f"betas={cfg.betas}")
@@ -201,7 +206,17 @@ def run(args) -> int:
     from . import CLIError
     from .sample import save_grid
 
-    device = resolve_device(args.device)
+    from .. import distributed
+    ctx = None
+    if distributed.launched():  # torchrun: NCCL on cuda:LOCAL_RANK, or gloo on CPUs
+        try:
+            ctx = distributed.init(args.device)
+        except (RuntimeError, ValueError) as e:
+            raise CLIError(f"torch.distributed: {e}") from None
+        device = ctx.device
+    else:
+        device = resolve_device(args.device)
+    say = print if ctx is None or ctx.is_main else (lambda *a, **k: None)
     out = Path(args.out)
     _writable_folder(out)
     ckpt_path = out / CHECKPOINT
@@ -224,20 +239,28 @@ def run(args) -> int:
         engine = f"fused GANStep, backend {name}" + (", CUDA graph" if graphs else ", eager")
 
     dataset = _load_data(args)
-    print(f"data: {dataset.source}", flush=True)
-    print(f"engine: {engine} on {device}", flush=True)
+    if cfg.batch_size > len(dataset):
+        raise CLIError(f"--batch-size {cfg.batch_size} is larger than the dataset "
+                       f"({len(dataset):,} images)")
+    if ctx is not None:
+        engine += f", {ctx.world_size} processes (DDP)"
+    say(f"data: {dataset.source}", flush=True)
+    say(f"engine: {engine} on {device}", flush=True)
     backend_ctx = _backend_context(args.backend)
     with backend_ctx:
         trainer = Trainer(cfg, dataset.images, device, graphs=graphs and not cfg.reference,
-                          data_id=f"{dataset.fingerprint()} ({len(dataset)} images)")
+                          data_id=f"{dataset.fingerprint()} ({len(dataset)} images)", dist=ctx)
         if saved is not None:
             trainer.load_state_dict(saved)
         spe = trainer.steps_per_epoch
         total = args.steps if args.steps else (args.epochs or DEFAULT_EPOCHS) * spe
         if trainer.steps >= total:
-            print(f"nothing to do: the checkpoint is at step {trainer.steps} of {total}")
+            say(f"nothing to do: the checkpoint is at step {trainer.steps} of {total}")
             return 0
-        return _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch)
+        try:
+            return _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch)
+        finally:
+            distributed.shutdown()
 
 
 def _backend_context(name):
@@ -251,12 +274,14 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch) -> int:
     spe, B = trainer.steps_per_epoch, trainer.cfg.batch_size
     z = trainer.fixed_noise(64)
     # A resumed run appends to its metrics; a new run starts the file afresh.
-    metrics = open(out / METRICS, "a" if args.resume is not None else "w")
+    metrics = open(out / METRICS if trainer.is_main else os.devnull,
+                   "a" if args.resume is not None else "w")
     ckpt_path = out / CHECKPOINT
 
     def save_checkpoint():
+        state = trainer.state_dict()  # on every rank: it gathers their RNG streams
         if trainer.is_main:
-            checkpoint.save(trainer.state_dict(), ckpt_path)
+            checkpoint.save(state, ckpt_path)
 
     def log(kind, **extra):
         nonlocal t_last, s_last
@@ -289,7 +314,8 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch) -> int:
                 extra = {}
                 if epoch_end:
                     png = out / "samples" / f"epoch_{trainer.steps // spe:04d}.png"
-                    save_grid(trainer.sample(z), png)
+                    if trainer.is_main:
+                        save_grid(trainer.sample(z), png)
                     save_checkpoint()
                     extra["sample"] = str(png)
                 rec = log("epoch" if epoch_end else "log", **extra)
@@ -307,9 +333,12 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch) -> int:
         bar.close()
         metrics.close()
     if trainer.steps % spe != 0:  # stopped mid-epoch: a last grid and checkpoint
-        save_grid(trainer.sample(z), out / "samples" / f"step_{trainer.steps:07d}.png")
+        if trainer.is_main:
+            save_grid(trainer.sample(z), out / "samples" / f"step_{trainer.steps:07d}.png")
         save_checkpoint()
     elapsed = time.perf_counter() - t0
+    if not trainer.is_main:
+        return status
     if status:
         print(f"interrupted at step {trainer.steps}; checkpoint saved to {ckpt_path} "
               f"(continue with --resume)")

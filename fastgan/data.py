@@ -269,7 +269,7 @@ def load_mnist(path: str | os.PathLike | None = None, split: str = "train", *,
     if embedded and split == "train":
         return load_embedded()
     raise DataError(f"no MNIST {split} files found (looked in {ENV_VAR} and "
-                    f"{', '.join(str(p) for p in (search or search_paths()))})")
+                    f"{', '.join(str(p) for p in (search_paths() if search is None else search))})")
 
 
 # ------------------------------------------------------------------ download

@@ -242,6 +242,18 @@ def _mask_grad(g: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
     return torch.where(keep, g * R.dropout_scale(p), torch.zeros_like(g))
 
 
+def _act_backward(g: Tensor, z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """g * act'(z), in g's dtype (the slope is not rounded to fp32 for fp64 inputs)."""
+    if activation == "leaky_relu":
+        return torch.where(z > 0, g, g * negative_slope)
+    if activation == "relu":
+        return torch.where(z > 0, g, torch.zeros_like(g))
+    if activation == "tanh":
+        t = torch.tanh(z)
+        return g * (1 - t * t)
+    return g
+
+
 class SyncLinearBNActFunction(torch.autograd.Function):
     """Training forward/backward of linear_bn_act with statistics over all ranks.
 
@@ -286,8 +298,8 @@ class SyncLinearBNActFunction(torch.autograd.Function):
         activation, negative_slope, p, group, has_bias = ctx.hyper
         xhat = (h.to(mean.dtype) - mean) * rstd
         z = xhat * bn_weight + bn_bias
-        dz = _mask_grad(grad_y.to(mean.dtype), p, seed, offset) * \
-            R.act_grad(z, activation, negative_slope)
+        dz = _act_backward(_mask_grad(grad_y.to(mean.dtype), p, seed, offset), z, activation,
+                           negative_slope)
         dbeta = dz.sum(0)
         dgamma = (dz * xhat).sum(0)
         sums = torch.cat([dbeta, dgamma])

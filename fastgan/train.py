@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import backend
 from . import distributed as fdist
 from . import functional as FG
 from . import nn as fnn
@@ -48,6 +49,10 @@ STAT_NAMES = ("d_loss", "g_loss", "d_real", "d_fake")
 
 class ConfigError(ValueError):
     """A training setting that cannot work (the message names it)."""
+
+
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured in a CUDA graph (an op that is not capturable)."""
 
 
 class StepStats(NamedTuple):
@@ -232,7 +237,11 @@ class GANStep(_Step):
                          latent_dim=latent_dim, batches=batches, seed=seed,
                          smoothing=smoothing, device=device)
         cuda = self.device.type == "cuda"
-        self.graphs = cuda if graphs is None else bool(graphs)
+        if graphs is None:
+            # The reference backend creates tensors from Python numbers inside its
+            # ops (host-to-device copies), which a CUDA graph cannot capture.
+            graphs = cuda and backend.select(self.device) != "reference"
+        self.graphs = bool(graphs)
         if self.graphs and not cuda:
             raise ConfigError(f"graphs=True needs a CUDA device, got {self.device}")
         if self.graphs:
@@ -338,8 +347,13 @@ class GANStep(_Step):
         self.d_opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.noise)
-        with torch.cuda.graph(graph):
-            out = body()
+        try:
+            with torch.cuda.graph(graph):
+                out = body()
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GraphCaptureError(f"capturing the train step in a CUDA graph failed ({reason}); "
+                                    "run it eagerly with graphs=False (--no-graphs)") from e
         self._graph, self._out = graph, out
 
 

@@ -25,8 +25,8 @@ class CLIError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from ..checkpoint import CheckpointError
     from ..data import DataError
-    from ..train import ConfigError
-    return CLIError, CheckpointError, DataError, ConfigError
+    from ..train import ConfigError, GraphCaptureError
+    return CLIError, CheckpointError, DataError, ConfigError, GraphCaptureError
 
 
 def _load(name: str):

@@ -236,6 +236,7 @@ def run(args) -> int:
         engine = "eager plain-PyTorch reference loop"
     else:
         name = _check_backend(args.backend, device)
+        graphs = graphs and name != "reference"  # its ops cannot be captured
         engine = f"fused GANStep, backend {name}" + (", CUDA graph" if graphs else ", eager")
 
     dataset = _load_data(args)

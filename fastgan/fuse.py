@@ -255,8 +255,8 @@ def _fuse_sequential(seq: nn.Sequential, path: str, shared: set, report: FuseRep
 def _whole_run(seq: nn.Sequential) -> _Fused | None:
     """The fused layer if it replaced every child of seq under names 0, 1, ...
     (then it can take seq's place: its own keys are seq's keys)."""
-    if len(seq._modules) != 1:
-        return None
+    if type(seq) is not nn.Sequential or len(seq._modules) != 1:
+        return None  # (a Sequential subclass keeps its class)
     (child,) = seq._modules.values()
     origin = getattr(child, _ORIGIN, None)
     if origin and all(o in (str(i), None) for i, o in enumerate(origin)) and \
@@ -616,7 +616,7 @@ def _walk(module: nn.Module, path: str, shared: set, report: FuseReport) -> nn.M
                     item.path = path or "<root>"
             return whole
         return module
-    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or type(module) is nn.Sequential:
         return module
     if type(module).__module__.startswith("torch."):
         return module  # a library module (nn.Linear, nn.LSTM...): nothing of ours inside

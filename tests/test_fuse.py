@@ -190,6 +190,24 @@ def test_always_on_functional_dropout_is_kept():
     assert "dropout" in type(model)._fastgan_fx[1]  # the generated forward
 
 
+def test_sequential_subclass_with_its_own_forward():
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            for m in self:
+                x = m(x)
+            return x * 0.5
+
+    torch.manual_seed(0)
+    orig = Scaled(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    model, report = fuse(orig)
+    assert isinstance(model, Scaled) and [r.kind for r in report.fused] == ["LinearBNAct"]
+    assert list(model.state_dict()) == list(orig.state_dict())
+    x = torch.randn(5, 4)
+    with fastgan.use_backend("reference"):
+        torch.testing.assert_close(model.eval()(x), orig.eval()(x))
+    assert repr(unfuse(model)) == repr(orig)
+
+
 def test_shared_and_already_fused_left_alone():
     lin = nn.Linear(5, 5)
     shared = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU())

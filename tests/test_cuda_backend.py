@@ -1,0 +1,576 @@
+"""The ``cuda`` backend: the kernels of csrc/cuda, checked three ways.
+
+* On a GPU (marked ``gpu``, skipped without one): every op through the public
+  API on the ``cuda`` backend against the ``reference`` backend on the same GPU,
+  over the full matrix (shapes, batch 1/2/3, dropout 0/0.2/0.5 with the
+  reference's mask, train/eval, momentum 0.1/None, fp32/bf16/fp16, every
+  gradient and running statistic), plus CUDA graph capture + replay of each op,
+  forward and backward, equal to eager.
+* On the CPU, emulated (``slow``): the same kernel sources compiled as C++ with
+  csrc/cuda/emulate.cuh (blocks of real threads, __syncthreads as a barrier)
+  and compared with the reference; this checks indexing, reductions, numerics
+  and argument checks of the kernels on machines without a GPU.
+* On the CPU, built (``slow``): nvcc compiles the extension with its CUDA
+  kernels in a temporary copy of the repository; the result loads on this
+  machine, registers a CUDA kernel for every function of csrc/ops.cpp, and
+  ``fastgan.backends()`` reports ``cuda`` unavailable without error.
+
+Accuracy criterion (DESIGN.md): against a float64 "gold" run of the reference,
+the cuda backend's error is at most twice the reference's own error at the same
+dtype, plus a small floor.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastgan
+from fastgan import backend
+from fastgan import functional as FG
+from fastgan import reference as R
+from fastgan.spec import ACTIVATIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SHAPES = [(2, 100, 256), (3, 784, 1024), (64, 1024, 784), (5, 7, 3), (1, 33, 65),
+          (2, 33, 65), (3, 33, 65)]
+SEED, OFFSET = 1234, 7
+
+
+# ----------------------------------------------------------------- helpers
+def rel_err(actual, gold, scale=0.0) -> float:
+    """max |actual - gold| / max(max |gold|, scale), in float64 on the CPU."""
+    a = actual.detach().to("cpu", torch.float64)
+    g = gold.detach().to("cpu", torch.float64)
+    assert a.shape == g.shape, (a.shape, g.shape)
+    if g.numel() == 0:
+        return 0.0
+    return float((a - g).abs().max() / max(float(g.abs().max()), scale, 1e-12))
+
+
+def assert_close_to_gold(what: str, got: dict, ref: dict, gold: dict, dtype, scales=None) -> None:
+    """``scales`` gives a key a larger denominator than max |gold| (see bias_grad_scale)."""
+    for k in gold:
+        scale = (scales or {}).get(k, 0.0)
+        e_got, e_ref = rel_err(got[k], gold[k], scale), rel_err(ref[k], gold[k], scale)
+        assert e_got <= 2 * e_ref + FLOOR[dtype], \
+            f"{what}: {k} error {e_got:.3g} > 2 x reference error {e_ref:.3g} + {FLOOR[dtype]:g}"
+
+
+def bias_grad_scale(inputs, p) -> float:
+    """In training, the bias gradient of linear_bn_act sums dh over the batch, which is
+    exactly 0 but for round-off, so its max |gold| is no scale at all. Its error is
+    measured against the magnitude of what is summed, sum_i rstd |gamma| |grad_y| / (1 - p)."""
+    x, w, b = (inputs[k].double() for k in ("x", "weight", "bias"))
+    h = x @ w.T + b
+    rstd = (h.var(0, unbiased=False) + 1e-5).rsqrt()
+    terms = rstd * inputs["bn_weight"].double().abs() * inputs["grad_y"].double().abs() / (1 - p)
+    return float(terms.sum(0).max())
+
+
+def make_bn_inputs(b, k, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bound = k ** -0.5
+    return dict(
+        x=torch.randn(b, k, generator=g),
+        weight=(torch.rand(n, k, generator=g) * 2 - 1) * bound,
+        bias=(torch.rand(n, generator=g) * 2 - 1) * bound,
+        bn_weight=1 + 0.2 * torch.randn(n, generator=g),
+        bn_bias=0.2 * torch.randn(n, generator=g),
+        running_mean=0.1 * torch.randn(n, generator=g),
+        running_var=0.5 + torch.rand(n, generator=g),
+        grad_y=torch.randn(b, n, generator=g),
+    )
+
+
+def cast(inputs: dict, device, dtype) -> dict:
+    """Inputs on ``device``; data tensors in ``dtype``, BN tensors in its stat dtype."""
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    return {k: v.to(device, dtype if k in ("x", "weight", "bias", "grad_y") else stat).clone()
+            for k, v in inputs.items()}
+
+
+def rng(device, seed=SEED, offset=OFFSET):
+    return (torch.tensor([seed], dtype=torch.int64, device=device),
+            torch.tensor([offset], dtype=torch.int64, device=device))
+
+
+class ran:
+    """Run under ``use_backend(name)`` and assert every ``function`` dispatched to it."""
+
+    def __init__(self, name, *functions):
+        self.name, self.functions = name, functions
+
+    def __enter__(self):
+        self.before = {f: backend.calls[(self.name, f)] for f in self.functions}
+        self.ctx = fastgan.use_backend(self.name)
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        if exc[0] is None:
+            for f in self.functions:
+                assert backend.calls[(self.name, f)] > self.before[f], \
+                    f"backend {self.name} did not run {f}"
+
+
+# ------------------------------------------------- GPU: the public ops, eager
+def run_linear_bn_act(name, inputs, device, dtype, training, momentum, p, activation,
+                      steps=2):
+    """``steps`` forwards (so momentum=None averages over several) + one backward."""
+    t = cast(inputs, device, dtype)
+    for k in ("x", "weight", "bias", "bn_weight", "bn_bias"):
+        t[k].requires_grad_(True)
+    nbt = torch.zeros(1, dtype=torch.int64, device=device)
+    seed, offset = rng(device)
+    with ran(name, "linear_bn_act_forward", "linear_bn_act_backward"):
+        for _ in range(steps):
+            y = FG.linear_bn_act(t["x"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"],
+                                 t["running_mean"], t["running_var"], nbt, training, momentum,
+                                 1e-5, activation, 0.2, p, seed, offset)
+        y.backward(t["grad_y"])
+    return dict(y=y, x_grad=t["x"].grad, weight_grad=t["weight"].grad,
+                bias_grad=t["bias"].grad, bn_weight_grad=t["bn_weight"].grad,
+                bn_bias_grad=t["bn_bias"].grad, running_mean=t["running_mean"],
+                running_var=t["running_var"], num_batches_tracked=nbt)
+
+
+def run_linear_act(name, inputs, device, dtype, p, activation, training=True):
+    t = cast(inputs, device, dtype)
+    for k in ("x", "weight", "bias"):
+        t[k].requires_grad_(True)
+    seed, offset = rng(device)
+    with ran(name, "linear_act_forward", "linear_act_backward"):
+        y = FG.linear_act(t["x"], t["weight"], t["bias"], activation, 0.2, p, training, seed,
+                          offset)
+        y.backward(t["grad_y"])
+    return dict(y=y, x_grad=t["x"].grad, weight_grad=t["weight"].grad, bias_grad=t["bias"].grad)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+@pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)],
+                         ids=["train-m0.1", "train-mNone", "eval"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_bn_act_matches_reference(shape, training, momentum, p, dtype):
+    b, k, n = shape
+    inputs = make_bn_inputs(b, k, n)
+    if training and b == 1:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            run_linear_bn_act("cuda", inputs, "cuda", dtype, training, momentum, p, "leaky_relu")
+        return
+    args = (training, momentum, p, "leaky_relu")
+    got = run_linear_bn_act("cuda", inputs, "cuda", dtype, *args)
+    ref = run_linear_bn_act("reference", inputs, "cuda", dtype, *args)
+    gold = run_linear_bn_act("reference", inputs, "cuda", torch.float64, *args)
+    assert torch.equal(got.pop("num_batches_tracked"), gold.pop("num_batches_tracked"))
+    ref.pop("num_batches_tracked")
+    scales = {"bias_grad": bias_grad_scale(inputs, p)} if training else None
+    assert_close_to_gold(f"linear_bn_act {shape}", got, ref, gold, dtype, scales)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_linear_bn_act_activations(activation, training, dtype):
+    inputs = make_bn_inputs(3, 33, 65, seed=1)
+    args = (training, 0.1, 0.2, activation)
+    got = run_linear_bn_act("cuda", inputs, "cuda", dtype, *args)
+    ref = run_linear_bn_act("reference", inputs, "cuda", dtype, *args)
+    gold = run_linear_bn_act("reference", inputs, "cuda", torch.float64, *args)
+    scales = {"bias_grad": bias_grad_scale(inputs, 0.2)} if training else None
+    assert_close_to_gold(f"linear_bn_act {activation}", got, ref, gold, dtype, scales)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_act_matches_reference(shape, p, activation, dtype):
+    if activation != "leaky_relu" and shape not in ((3, 33, 65), (64, 1024, 784)):
+        pytest.skip("activations other than leaky_relu run on two shapes")
+    inputs = make_bn_inputs(*shape)
+    got = run_linear_act("cuda", inputs, "cuda", dtype, p, activation)
+    ref = run_linear_act("reference", inputs, "cuda", dtype, p, activation)
+    gold = run_linear_act("reference", inputs, "cuda", torch.float64, p, activation)
+    assert_close_to_gold(f"linear_act {shape}", got, ref, gold, dtype)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("p", [0.2, 0.5])
+@pytest.mark.parametrize("op", ["linear_act", "linear_bn_act"])
+def test_dropout_mask_is_the_references(op, p):
+    """With the identity activation an output is zero exactly where it was dropped."""
+    b, k, n = 64, 100, 257
+    inputs = make_bn_inputs(b, k, n, seed=2)
+    if op == "linear_act":
+        y = run_linear_act("cuda", inputs, "cuda", torch.float32, p, "identity")["y"]
+    else:
+        y = run_linear_bn_act("cuda", inputs, "cuda", torch.float32, True, 0.1, p, "identity",
+                              steps=1)["y"]
+    seed, offset = rng("cuda")
+    keep = R.dropout_keep_mask(seed, offset, (b, n), p)
+    assert torch.equal(y != 0, keep)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("b", [1, 2, 3, 64, 1000, 8192])
+def test_gan_bce_matches_reference(b, smoothing, dtype):
+    g = torch.Generator().manual_seed(b)
+    real, fake = 3 * torch.randn(b, 1, generator=g), 3 * torch.randn(b, 1, generator=g)
+
+    def run(name, dt):
+        r = real.to("cuda", dt).requires_grad_(True)
+        f = fake.to("cuda", dt).requires_grad_(True)
+        with ran(name, "gan_bce_forward"):
+            d = FG.gan_bce_d(r, f, smoothing)
+            gl = FG.gan_bce_g(f)
+        (d.loss + 3.0 * gl.loss).backward()
+        return dict(d_loss=d.loss, d_real=d.d_real, d_fake=d.d_fake, g_loss=gl.loss,
+                    g_fake=gl.d_fake, real_grad=r.grad, fake_grad=f.grad)
+
+    got, ref, gold = run("cuda", dtype), run("reference", dtype), run("reference", torch.float64)
+    assert got["d_loss"].dtype == torch.float32 and got["d_loss"].dim() == 0
+    assert_close_to_gold(f"gan_bce b={b}", got, ref, gold, dtype)
+
+
+@gpu
+@needs_gpu
+def test_rejects_bad_input_naming_the_argument():
+    x = torch.randn(4, 8, device="cuda", dtype=torch.float64)
+    w = torch.randn(5, 8, device="cuda", dtype=torch.float64)
+    seed, offset = rng("cuda")
+    C = torch.ops.fastgan_C
+    with pytest.raises(RuntimeError, match="x: the cuda backend supports float32"):
+        C.linear_act_forward(x, w, None, 2, 0.2, 0.0, seed, offset)
+    with pytest.raises(RuntimeError, match="weight has in_features=7"):
+        C.linear_act_forward(x.float(), w.float()[:, :7], None, 2, 0.2, 0.0, seed, offset)
+    with pytest.raises(RuntimeError, match="seed must be a CUDA tensor"):
+        C.linear_act_forward(x.float(), w.float(), None, 2, 0.2, 0.0, seed.cpu(), offset)
+
+
+# ------------------------------------------------- GPU: CUDA graph capture
+def _capture(step):
+    """Warm up on a side stream, then capture ``step`` in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
+def _assert_same(replayed, eager, what):
+    for i, (a, b) in enumerate(zip(replayed, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}[{i}]: {m}")
+        assert torch.equal(a == 0, b == 0), f"{what}[{i}]: different dropout mask"
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_graph_replay_linear_bn_act(momentum):
+    inputs = cast(make_bn_inputs(64, 100, 256, seed=3), "cuda", torch.float32)
+    params = [inputs[k].requires_grad_(True) for k in ("x", "weight", "bias", "bn_weight",
+                                                      "bn_bias")]
+    stats0 = (inputs["running_mean"].clone(), inputs["running_var"].clone())
+    stats = (inputs["running_mean"], inputs["running_var"],
+             torch.zeros(1, dtype=torch.int64, device="cuda"))
+    seed, offset = rng("cuda")
+
+    def step(stats=stats, seed=seed, offset=offset):
+        y = FG.linear_bn_act(*params, *stats, True, momentum, 1e-5, "leaky_relu", 0.2, 0.5,
+                             seed, offset)
+        return (y,) + torch.autograd.grad(y, params, inputs["grad_y"])
+
+    with fastgan.use_backend("cuda"):
+        graph, out = _capture(step)
+        for new_seed, nbt in ((11, 4), (12, 9)):
+            stats[0].copy_(stats0[0])
+            stats[1].copy_(stats0[1])
+            stats[2].fill_(nbt)
+            seed.fill_(new_seed)  # a replay reads the seed from the device: a new mask
+            graph.replay()
+            fresh = (stats0[0].clone(), stats0[1].clone(),
+                     torch.full((1,), nbt, dtype=torch.int64, device="cuda"))
+            eager = step(fresh, *rng("cuda", seed=new_seed))
+            _assert_same(out, eager, "linear_bn_act")
+            _assert_same(stats, fresh, "running stats")
+
+
+@gpu
+@needs_gpu
+def test_graph_replay_linear_act():
+    inputs = cast(make_bn_inputs(64, 100, 256, seed=4), "cuda", torch.float32)
+    params = [inputs[k].requires_grad_(True) for k in ("x", "weight", "bias")]
+    seed, offset = rng("cuda")
+
+    def step(seed=seed, offset=offset):
+        y = FG.linear_act(*params, "leaky_relu", 0.2, 0.5, True, seed, offset)
+        return (y,) + torch.autograd.grad(y, params, inputs["grad_y"])
+
+    with fastgan.use_backend("cuda"):
+        graph, out = _capture(step)
+        for new_offset in (100, 200):
+            offset.fill_(new_offset)
+            graph.replay()
+            _assert_same(out, step(*rng("cuda", offset=new_offset)), "linear_act")
+
+
+@gpu
+@needs_gpu
+def test_graph_replay_gan_bce():
+    real = torch.randn(64, 1, device="cuda", requires_grad=True)
+    fake = torch.randn(64, 1, device="cuda", requires_grad=True)
+
+    def step():
+        d = FG.gan_bce_d(real, fake, 0.1)
+        return (d.loss, d.d_real, d.d_fake) + torch.autograd.grad(d.loss, [real, fake])
+
+    with fastgan.use_backend("cuda"):
+        graph, out = _capture(step)
+        with torch.no_grad():
+            real.mul_(-2.0)  # new inputs in the static buffers
+        graph.replay()
+        _assert_same(out, step(), "gan_bce")
+
+
+# ------------------------------------------------- CPU: the kernels, emulated
+EMULATED = ("linear_bn_act_forward", "linear_bn_act_backward", "linear_act_forward",
+            "linear_act_backward", "gan_bce_forward")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The kernels of csrc/cuda compiled as C++ (csrc/cuda/emulate.cuh), as
+    ``torch.ops.fastgan_cuda_emu.*`` taking CPU tensors."""
+    from torch.utils import cpp_extension
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    build = tmp_path_factory.mktemp("cuda_emulated")
+    units = "\n".join(f'#include "cuda/{p.name}"' for p in sorted((ROOT / "csrc/cuda").glob("*.cu")))
+    defs = "\n".join(f'  m.def("{f}", &fastgan::cuda::{f});' for f in EMULATED)
+    src = build / "emulated.cpp"
+    src.write_text(f"#define FASTGAN_CUDA_EMULATE\n{units}\n"
+                   f"TORCH_LIBRARY(fastgan_cuda_emu, m) {{\n{defs}\n}}\n")
+    cpp_extension.load(name="fastgan_cuda_emu", sources=[str(src)],
+                       extra_include_paths=[str(ROOT / "csrc")],
+                       extra_cflags=["-O1", "-std=c++20"], build_directory=str(build),
+                       is_python_module=False)
+    return torch.ops.fastgan_cuda_emu
+
+
+def emu_bn(E, inputs, dtype, training, momentum, p, activation, steps=2):
+    """Backend-level forward (``steps`` times) + backward through the emulated kernels, or
+    through the reference when ``E`` is None."""
+    t = cast(inputs, "cpu", dtype)
+    nbt = torch.zeros(1, dtype=torch.int64)
+    seed, offset = rng("cpu")
+    act = activation if E is None else ACTIVATIONS[activation]
+    fwd = R.linear_bn_act_forward if E is None else E.linear_bn_act_forward
+    bwd = R.linear_bn_act_backward if E is None else E.linear_bn_act_backward
+    for _ in range(steps):
+        y, h, mean, rstd = fwd(t["x"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"],
+                               t["running_mean"], t["running_var"], nbt, training, momentum,
+                               1e-5, act, 0.2, p, seed, offset)
+    dx, dw, db, dg, dbeta = bwd(t["grad_y"], t["x"], t["weight"], t["bn_weight"], t["bn_bias"],
+                                h, mean, rstd, training, act, 0.2, p, seed, offset, True)
+    return dict(y=y, h=h, mean=mean, rstd=rstd, running_mean=t["running_mean"],
+                running_var=t["running_var"], nbt=nbt, dx=dx, dw=dw, db=db, dgamma=dg,
+                dbeta=dbeta)
+
+
+def emu_act(E, inputs, dtype, p, activation):
+    t = cast(inputs, "cpu", dtype)
+    seed, offset = rng("cpu")
+    act = activation if E is None else ACTIVATIONS[activation]
+    fwd = R.linear_act_forward if E is None else E.linear_act_forward
+    bwd = R.linear_act_backward if E is None else E.linear_act_backward
+    y = fwd(t["x"], t["weight"], t["bias"], act, 0.2, p, seed, offset)
+    dx, dw, db = bwd(t["grad_y"], t["x"], t["weight"], y, act, 0.2, p, seed, offset, True)
+    return dict(y=y, dx=dx, dw=dw, db=db)
+
+
+EMU_SHAPES = [(5, 7, 3), (3, 33, 65), (17, 20, 40)]
+EMU_MODES = [(True, 0.1, 0.0), (True, None, 0.5), (False, 0.1, 0.2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("mode", EMU_MODES, ids=["train-m0.1", "train-mNone-p0.5", "eval-p0.2"])
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_linear_bn_act(emu, shape, mode, dtype):
+    inputs = make_bn_inputs(*shape, seed=5)
+    for activation in ("leaky_relu", "tanh") if dtype == torch.float32 else ("relu",):
+        args = mode + (activation,)
+        got, ref = emu_bn(emu, inputs, dtype, *args), emu_bn(None, inputs, dtype, *args)
+        gold = emu_bn(None, inputs, torch.float64, *args)
+        assert torch.equal(got["h"], ref["h"]), "h must be the reference's GEMM output"
+        assert torch.equal(got.pop("nbt"), gold.pop("nbt"))
+        ref.pop("nbt")
+        if mode[2] > 0:
+            keep = R.dropout_keep_mask(*rng("cpu"), shape[::2], mode[2])
+            assert not got["y"][~keep].any(), "dropped elements must be zero"
+        scales = {"db": bias_grad_scale(inputs, mode[2])} if mode[0] else None
+        assert_close_to_gold(f"emulated linear_bn_act {activation}", got, ref, gold, dtype, scales)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_linear_act(emu, shape, p, dtype):
+    inputs = make_bn_inputs(*shape, seed=6)
+    for activation in sorted(ACTIVATIONS):
+        got, ref = emu_act(emu, inputs, dtype, p, activation), emu_act(None, inputs, dtype, p,
+                                                                       activation)
+        gold = emu_act(None, inputs, torch.float64, p, activation)
+        assert_close_to_gold(f"emulated linear_act {activation}", got, ref, gold, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("n", [1, 3, 700])
+def test_emulated_gan_bce(emu, n, dtype):
+    g = torch.Generator().manual_seed(n)
+    a = 10 * torch.randn(n, 1, generator=g)  # large logits: the stable form matters
+    b = 10 * torch.randn(n, 1, generator=g)
+    for args in ((a, b, 0.9, 0.0), (b, None, 1.0, 0.0)):
+        def run(fn, dt):
+            out = fn(args[0].to(dt), None if args[1] is None else args[1].to(dt), *args[2:])
+            return dict(zip(("loss", "prob_a", "prob_b", "grad_a", "grad_b"), out))
+        got, ref = run(emu.gan_bce_forward, dtype), run(R.gan_bce_forward, dtype)
+        gold = run(R.gan_bce_forward, torch.float64)
+        assert got["loss"].dtype == torch.float32 and got["loss"].dim() == 0
+        assert_close_to_gold(f"emulated gan_bce n={n}", got, ref, gold, dtype)
+
+
+@pytest.mark.slow
+def test_emulated_rejects_bad_input(emu):
+    t = cast(make_bn_inputs(4, 8, 5), "cpu", torch.float32)
+    seed, offset = rng("cpu")
+    nbt = torch.zeros(1, dtype=torch.int64)
+    bn = (t["bn_weight"], t["bn_bias"], t["running_mean"], t["running_var"], nbt)
+
+    def fwd(x=t["x"], w=t["weight"], b=t["bias"], bn=bn, training=True, act=2, p=0.0, s=seed):
+        return emu.linear_bn_act_forward(x, w, b, *bn, training, 0.1, 1e-5, act, 0.2, p, s,
+                                         offset)
+
+    with pytest.raises(RuntimeError, match="x: the cuda backend supports float32, float16 and "
+                                           "bfloat16, not float64"):
+        fwd(x=t["x"].double(), w=t["weight"].double(), b=t["bias"].double())
+    with pytest.raises(RuntimeError, match="weight has in_features=7"):
+        fwd(w=t["weight"][:, :7])
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        fwd(b=t["bias"][:3])
+    with pytest.raises(RuntimeError, match="running_var must have shape"):
+        fwd(bn=bn[:3] + (t["running_var"][:2], nbt))
+    with pytest.raises(RuntimeError, match="seed must have exactly 1 element"):
+        fwd(s=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="activation must be a code"):
+        fwd(act=9)
+    with pytest.raises(RuntimeError, match=r"dropout p must be in \[0, 1\)"):
+        fwd(p=1.0)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        fwd(x=t["x"][:1])
+    with pytest.raises(RuntimeError, match="fake_logits must have dtype"):
+        emu.gan_bce_forward(torch.zeros(3), torch.zeros(3, dtype=torch.float16), 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="y must have shape"):
+        emu.linear_act_backward(t["grad_y"], t["x"], t["weight"], t["grad_y"][:2], 2, 0.2, 0.0,
+                                seed, offset, True)
+
+
+# ------------------------------------------------- CPU: the build
+def _extension_has_cuda_kernels():
+    try:
+        from fastgan import cext
+    except ImportError:
+        return None
+    return cext.registered("CUDA")
+
+
+def test_built_extension_lists_cuda_kernels_and_backend_reports_availability():
+    """Wherever fastgan._C was built with CUDA, all its CUDA kernels are
+    registered; without a GPU, the cuda backend is reported unavailable (no error)."""
+    registered = _extension_has_cuda_kernels()
+    if registered is None:
+        pytest.skip("fastgan._C is not built")
+    if not any(registered.values()):
+        pytest.skip("fastgan._C here was built without CUDA kernels; "
+                    "test_cuda_build_loads_without_gpu builds them")
+    assert all(registered.values()), registered
+    if not HAS_CUDA:
+        assert "cuda" not in fastgan.backends()
+        assert "no GPU" in fastgan.unavailable()["cuda"]
+
+
+_LOAD_CHECK = textwrap.dedent("""
+    import sys, torch
+    import fastgan, fastgan._C
+    from fastgan import cext
+    assert fastgan._C.__file__.startswith(sys.argv[1]), fastgan._C.__file__
+    missing = [f for f, ok in cext.registered("CUDA").items() if not ok]
+    assert not missing, f"no CUDA kernel registered for {missing}"
+    assert all(cext.registered("CPU").values())
+    if not torch.cuda.is_available():
+        assert "cuda" not in fastgan.backends(), fastgan.backends()
+        assert "no GPU" in fastgan.unavailable()["cuda"], fastgan.unavailable()
+    print("cuda-kernels-registered")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_cuda_build_loads_without_gpu(tmp_path):
+    """setup.py compiles csrc/cuda with nvcc (one architecture, FASTGAN_TEST_CUDA_ARCHS,
+    default 9.0) in a copy of the repository; the extension then loads with no
+    visible GPU and registers a CUDA kernel for every function."""
+    if torch.version.cuda is None:
+        pytest.skip("this torch has no CUDA")
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
+                                    if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        pytest.skip("nvcc not found: cannot compile the CUDA kernels here")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, tmp_path / f)
+    env = dict(os.environ, FASTGAN_BUILD_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+               FASTGAN_CUDA_ARCHS=os.environ.get("FASTGAN_TEST_CUDA_ARCHS", "9.0"))
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(tmp_path))
+    check = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(tmp_path)], cwd=tmp_path,
+                           env=env, capture_output=True, text=True)
+    assert "cuda-kernels-registered" in check.stdout, check.stdout + check.stderr

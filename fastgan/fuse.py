@@ -450,8 +450,9 @@ def _fx_run(lin_node, modules, uses, dropout_modes, shared):
             nodes.append(node)
         elif node.op == "call_function" and node.target is F.dropout:
             p = _arg(node, 1, "p", 0.5)
-            if dropout_modes.get(node) == (True, False) and isinstance(p, float) and 0 <= p < 1:
-                drop = nn.Dropout(p)
+            if dropout_modes.get(node) == (True, False) and isinstance(p, (int, float)) \
+                    and 0 <= p < 1:
+                drop = nn.Dropout(float(p))
                 drop.training = lin.training
                 names.append(None)
                 nodes.append(node)

@@ -164,6 +164,7 @@ class _Step:
         self.noise = torch.Generator(self.device).manual_seed(_mix(seed, 1))
         self.totals = torch.zeros(len(STAT_NAMES), device=self.device)
         self.count = 0
+        self.steps_per_call = 1
 
     def _real(self, real: Optional[Tensor]) -> Tensor:
         if real is None:
@@ -193,8 +194,9 @@ class _Step:
         return dict(zip(STAT_NAMES, values))
 
     def __call__(self, real: Optional[Tensor] = None) -> StepStats:
-        out = self._step(self._real(real))
-        self.count += 1
+        for _ in range(self.steps_per_call):
+            out = self._step(self._real(real))
+        self.count += self.steps_per_call
         return out
 
 
@@ -227,12 +229,14 @@ class GANStep(_Step):
     come from ``make_adam`` or any optimizer that is ``capturable`` on CUDA.
     Call ``step()`` (batches from ``batches``) or ``step(real)`` (copied into a
     static buffer when graphed). ``warmup`` eager steps precede the capture.
+    ``steps_per_call=k`` runs k steps per call (one graph replay of k steps on
+    CUDA, fewer launches); it needs ``batches`` and returns the last step's stats.
     """
 
     def __init__(self, generator, discriminator, g_opt, d_opt, *, batch_size: int,
                  latent_dim: int, batches: Optional[ResidentBatches] = None, seed: int = 0,
                  smoothing: float = 0.0, device=None, graphs: Optional[bool] = None,
-                 warmup: int = 3):
+                 warmup: int = 3, steps_per_call: int = 1):
         super().__init__(generator, discriminator, g_opt, d_opt, batch_size=batch_size,
                          latent_dim=latent_dim, batches=batches, seed=seed,
                          smoothing=smoothing, device=device)
@@ -249,7 +253,10 @@ class GANStep(_Step):
                 if not all(grp.get("capturable", False) for grp in opt.param_groups):
                     raise ConfigError(f"{name}: a CUDA graph needs an optimizer with "
                                       "capturable=True (see fastgan.train.make_adam)")
-        self.warmup = warmup
+        if steps_per_call < 1 or (steps_per_call > 1 and batches is None):
+            raise ConfigError(f"steps_per_call={steps_per_call}: must be >= 1, and > 1 only "
+                              "with ResidentBatches (each step needs its own batch)")
+        self.warmup, self.steps_per_call = warmup, steps_per_call
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._static_real: Optional[Tensor] = None
         self._out: Optional[StepStats] = None
@@ -284,7 +291,7 @@ class GANStep(_Step):
         if real is not None:
             self._static_real.copy_(self._real(real))
         self._graph.replay()
-        self.count += 1
+        self.count += self.steps_per_call
         return self._out
 
     # ---------------------------------------------------------------- CUDA graph
@@ -330,7 +337,9 @@ class GANStep(_Step):
             self._static_real.copy_(self._real(real))
 
         def body():  # the real batch: the static buffer, or gathered from ResidentBatches
-            return self._step(self._real(self._static_real if real is not None else None))
+            for _ in range(self.steps_per_call):
+                out = self._step(self._real(self._static_real if real is not None else None))
+            return out
 
         snap = self._snapshot()
         # Warm-up on a side stream (the documented recipe): lazy initialisation
@@ -427,6 +436,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: Tensor, device="cpu",
                  graphs: Optional[bool] = None, data_id: str = "", rank: int = 0,
+                 steps_per_call: int = 1,
                  dist: Optional[fdist.Context] = None):
         self.cfg, self.device = cfg, torch.device(device)
         # Under torchrun (fastgan.distributed): this rank's shard, noise and
@@ -461,13 +471,18 @@ class Trainer:
         kw = dict(batch_size=cfg.batch_size, latent_dim=cfg.latent_dim, batches=self.batches,
                   seed=self.dist.seed(cfg.seed), smoothing=cfg.smoothing, device=self.device)
         if cfg.reference:
-            if graphs:
-                raise ConfigError("the reference step runs eagerly: graphs must be off")
+            if graphs or steps_per_call != 1:
+                raise ConfigError("the reference step runs eagerly, one step a call: "
+                                  "graphs and steps_per_call must be off")
             self.step = ReferenceStep(self.G, self.D, self.g_opt, self.d_opt, **kw)
         else:
             warmup = fdist.GRAPH_WARMUP if self.dist.distributed else 3
+            if self.batches.steps_per_epoch % steps_per_call:
+                raise ConfigError(f"steps_per_call {steps_per_call} must divide the "
+                                  f"{self.batches.steps_per_epoch} steps of an epoch")
             self.step = GANStep(fdist.wrap(self.G, self.dist), fdist.wrap(self.D, self.dist),
-                                self.g_opt, self.d_opt, graphs=graphs, warmup=warmup, **kw)
+                                self.g_opt, self.d_opt, graphs=graphs, warmup=warmup,
+                                steps_per_call=steps_per_call, **kw)
         self.steps = 0               # steps done, over all epochs
         self._loaded_epoch = None    # which epoch's order the batches hold
 
@@ -486,12 +501,13 @@ class Trainer:
         return self.steps // self.steps_per_epoch
 
     def train_step(self) -> StepStats:
+        """One call of the step: ``steps_per_call`` steps (1 unless asked otherwise)."""
         epoch, i = divmod(self.steps, self.steps_per_epoch)
         if self._loaded_epoch != epoch:
             self.batches.start_epoch(epoch, i)
             self._loaded_epoch = epoch
         stats = self.step()
-        self.steps += 1
+        self.steps += self.step.steps_per_call
         return stats
 
     def fixed_noise(self, n: int = 64) -> Tensor:
@@ -569,6 +585,9 @@ class Trainer:
             if rng.get("cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.steps = int(state["steps"])
+        if self.steps % self.step.steps_per_call:
+            raise ConfigError(f"checkpoint is at step {self.steps}, not a multiple of "
+                              f"steps_per_call {self.step.steps_per_call}")
         self._loaded_epoch = None
         if isinstance(self.step, GANStep):
             self.step.reset_graph()  # optimizer state tensors were replaced

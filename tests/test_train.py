@@ -133,6 +133,20 @@ def test_resume_equals_uninterrupted(tmp_path, reference):
     assert torch.equal(straight.sample(straight.fixed_noise(4)), resumed.sample(resumed.fixed_noise(4)))
 
 
+def test_several_steps_per_call_equal_single_steps():
+    """steps_per_call=2 (one graph of two steps on CUDA) is the same training."""
+    cfg = TrainConfig(**SMALL, dropout=0.2)
+    data = _data()
+    one = _run(cfg, 8, data)
+    two = Trainer(cfg, data, steps_per_call=2)
+    while two.steps < 8:
+        two.train_step()
+    assert two.step.count == 8 and two.steps == 8
+    assert_states_equal(one.state_dict(), two.state_dict())
+    with pytest.raises(ConfigError, match="steps_per_call 3 must divide the 4 steps"):
+        Trainer(cfg, data, steps_per_call=3)
+
+
 def test_seed_changes_everything_and_run_is_reproducible():
     data = _data()
     a = _run(TrainConfig(**SMALL, seed=1), 3, data)
@@ -262,6 +276,24 @@ def test_cuda_graph_resume_equals_uninterrupted(tmp_path):
         resumed.train_step()
     for (k, a), b in zip(straight.G.state_dict().items(), resumed.G.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_of_several_steps_equals_eager():
+    cfg = TrainConfig(**SMALL, dropout=0.2)
+    data = _data()
+    g = Trainer(cfg, data, "cuda", graphs=True, steps_per_call=2)
+    e = Trainer(cfg, data, "cuda", graphs=False)
+    for _ in range(4):
+        g.train_step()
+    for _ in range(8):
+        e.train_step()
+    assert g.steps == e.steps == 8
+    for (k, a), b in zip(g.D.state_dict().items(), e.D.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+    assert [t.tolist() for t in fnn.dropout_rng_state(g.G)] == \
+        [t.tolist() for t in fnn.dropout_rng_state(e.G)]
 
 
 @pytest.mark.gpu

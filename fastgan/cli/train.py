@@ -92,6 +92,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--backend", default=None,
                    help="force a fastgan backend: reference, cpu, triton, cuda (default: best)")
     e.add_argument("--no-graphs", action="store_true", help="run the step eagerly on CUDA")
+    e.add_argument("--steps-per-graph", type=_positive, default=1, metavar="K",
+                   help="K steps per call (one CUDA graph replay of K steps); K must divide "
+                        "the steps of an epoch (default 1)")
     e.add_argument("--reference", action="store_true",
                    help="train the plain-PyTorch models with the eager reference loop")
     e.add_argument("--sync-bn", action="store_true",
@@ -250,6 +253,7 @@ def run(args) -> int:
     backend_ctx = _backend_context(args.backend)
     with backend_ctx:
         trainer = Trainer(cfg, dataset.images, device, graphs=graphs and not cfg.reference,
+                          steps_per_call=args.steps_per_graph,
                           data_id=f"{dataset.fingerprint()} ({len(dataset)} images)", dist=ctx)
         if saved is not None:
             trainer.load_state_dict(saved)
@@ -258,6 +262,9 @@ def run(args) -> int:
         if trainer.steps >= total:
             say(f"nothing to do: the checkpoint is at step {trainer.steps} of {total}")
             return 0
+        if (total - trainer.steps) % args.steps_per_graph:
+            raise CLIError(f"--steps-per-graph {args.steps_per_graph} must divide the "
+                           f"{total - trainer.steps} steps left to run")
         try:
             return _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch)
         finally:
@@ -309,9 +316,11 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch) -> int:
     try:
         while trainer.steps < total:
             trainer.train_step()
-            bar.update(1)
+            k = trainer.step.steps_per_call
+            bar.update(k)
             epoch_end = trainer.steps % spe == 0
-            if epoch_end or trainer.steps % args.log_every == 0 or trainer.steps == total:
+            crossed = trainer.steps // args.log_every != (trainer.steps - k) // args.log_every
+            if epoch_end or crossed or trainer.steps == total:
                 extra = {}
                 if epoch_end:
                     png = out / "samples" / f"epoch_{trainer.steps // spe:04d}.png"

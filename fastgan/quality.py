@@ -178,7 +178,8 @@ def load_judge(images: Tensor, labels: Tensor, cache_dir=None, test_fraction: fl
         model = LeNet()
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            ok = meta.get("data_hash") == key and meta.get("weights_sha256") == weights_hash(model)
+            ok = (meta.get("data_hash") == key and meta.get("epochs") == epochs
+                  and meta.get("weights_sha256") == weights_hash(model))
         except (RuntimeError, OSError, ValueError) as e:
             ok = False
             if log:
@@ -186,7 +187,8 @@ def load_judge(images: Tensor, labels: Tensor, cache_dir=None, test_fraction: fl
         if ok:
             return Judge(model.eval(), train, test, dict(meta, path=str(path), cached=True))
         if log:
-            log(f"classifier cache {path} does not match (data or weights hash); retraining")
+            log(f"classifier cache {path} does not match (data hash, epochs or weights "
+                "hash); retraining")
     t0 = time.perf_counter()
     model = train_classifier(*train, epochs=epochs, log=log)
     meta = {

@@ -31,6 +31,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device the generator runs on")
     p.add_argument("--data", default=None, help="MNIST file or folder (see fastgan train)")
     p.add_argument("--cache-dir", default=None, help="where the classifier is cached")
+    p.add_argument("--classifier-epochs", type=int, default=8,
+                   help="epochs of the classifier's training (default 8; part of the cache key)")
     p.add_argument("--retrain-classifier", action="store_true",
                    help="ignore the cached classifier and train it again")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
@@ -85,11 +87,14 @@ def run(args) -> int:
 
     if args.n < 2:
         raise CLIError(f"--n must be at least 2, got {args.n}")
+    if args.classifier_epochs < 1:
+        raise CLIError(f"--classifier-epochs must be at least 1, got {args.classifier_epochs}")
     G = load_generator(args.checkpoint).to(args.device)
     ds = load_mnist(args.data)
     log = None if args.quiet else (lambda s: print(s, flush=True))
     judge = quality.load_judge(ds.images, ds.labels, cache_dir=args.cache_dir, source=ds.source,
-                               retrain=args.retrain_classifier, log=log)
+                               retrain=args.retrain_classifier,
+                               epochs=args.classifier_epochs, log=log)
     gen = quality.evaluate_generator(G, judge, n=args.n, seed=args.seed, device=args.device)
     floor = quality.real_floor(judge)
     print(f"data: {ds.source}")

@@ -286,6 +286,9 @@ class GANStep(_Step):
             return super().__call__(real)
         if real is None and self.batches is None:
             raise ValueError("real: a batch is required when the step has no ResidentBatches")
+        if self._graph is not None and (real is None) != (self._static_real is None):
+            raise ValueError("real: pass a batch on every call or on none (the CUDA graph "
+                             "was captured for one of the two)")
         if self._graph is None:
             self._capture(real)
         if real is not None:
@@ -298,7 +301,7 @@ class GANStep(_Step):
     def reset_graph(self) -> None:
         """Drop the captured graph (e.g. after loading new optimizer state); the
         next call captures again."""
-        self._graph = self._out = None
+        self._graph = self._out = self._static_real = None
 
     def _state_tensors(self) -> list[Tensor]:
         """Every tensor a step mutates, except optimizer state and the noise RNG."""
@@ -330,17 +333,17 @@ class GANStep(_Step):
                         v.zero_()
         self.noise.set_state(noise)
 
+    def _body(self) -> StepStats:
+        """What the graph holds: ``steps_per_call`` steps, each on the static
+        batch (``step(real)``) or on one gathered from ResidentBatches."""
+        for _ in range(self.steps_per_call):
+            out = self._step(self._real(self._static_real))
+        return out
+
     def _capture(self, real: Optional[Tensor]) -> None:
-        if real is not None and self._static_real is None:
-            self._static_real = torch.empty_like(self._real(real))
         if real is not None:
-            self._static_real.copy_(self._real(real))
-
-        def body():  # the real batch: the static buffer, or gathered from ResidentBatches
-            for _ in range(self.steps_per_call):
-                out = self._step(self._real(self._static_real if real is not None else None))
-            return out
-
+            self._static_real = self._real(real).clone()
+        body = self._body
         snap = self._snapshot()
         # Warm-up on a side stream (the documented recipe): lazy initialisation
         # (optimizer state, autotuning, workspaces) happens outside the capture.

@@ -1,0 +1,453 @@
+"""linear_bn_act: y = dropout(act(BN(x @ W.T + b))), forward and backward in Triton.
+
+Forward, training
+  * B <= MAX_SINGLE_TILE_B (the GAN case): ONE kernel. Each program owns a block
+    of columns and every row, so the GEMM tile it accumulates (fp32) is the
+    whole batch: it stores h, takes the batch mean and biased variance from the
+    tile in registers (two-pass, exact), normalizes, activates, drops out,
+    stores y, mean, rstd, and updates the running statistics of its columns.
+  * Larger B: the GEMM kernel (2-D grid) stores h and, per row tile and column,
+    the sum and the centred sum of squares of its rows (Chan's parallel
+    variance, no E[h^2] - mean^2 cancellation); a light second pass combines
+    those partials per column, then reads h once to write y. h is written
+    once and read once; nothing reads the output a third time.
+  ``num_batches_tracked`` is read by the kernels (momentum=None: factor
+  1 / (n + 1)) and incremented by one device-side ``add_`` after them, so no
+  program can see another's increment and nothing syncs with the host.
+Forward, eval: one GEMM kernel with BN (running statistics) folded into its
+  epilogue.
+
+Backward: the activation derivative and dropout mask are recomputed from
+h / mean / rstd and (seed, offset). dgamma and dbeta are column reductions;
+dh = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) needs them
+first, so a single-tile kernel does it all in registers when the batch fits,
+else a reduce pass writes per-row-tile partials and an apply pass finishes.
+dh is written once in x.dtype (as the reference rounds it), db is its column
+sum, then the two GEMMs dx = dh @ W and dW = dh.T @ x.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgan.reference import dropout_scale
+from fastgan.spec import ACTIVATIONS
+
+from . import runtime
+from .common import (act, act_grad, dropout_keep, element_index, matmul_tile,
+                     round_to)
+from .matmul import col_sum, matmul
+
+
+# ---------------------------------------------------------------- jit helpers
+@triton.jit
+def _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+              offs_m, offs_n, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Stores the tile of h = x @ W.T + b (in h's dtype); returns it as fp32."""
+    acc = matmul_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    h = round_to(acc, h_ptr.dtype.element_ty)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(h_ptr + offs_m[:, None] * N + offs_n[None, :], h, mask=mask)
+    return h.to(tl.float32)
+
+
+@triton.jit
+def _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, unbias,
+                    CUMULATIVE: tl.constexpr):
+    """running = factor * batch + (1 - factor) * running, as nn.BatchNorm1d.
+    momentum=None: factor = 1 / num_batches_tracked after this step's increment."""
+    if CUMULATIVE:
+        factor = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float32)
+    else:
+        factor = momentum
+    rm = tl.load(rm_ptr + offs_n, mask=n_ok, other=0.0)
+    rv = tl.load(rv_ptr + offs_n, mask=n_ok, other=0.0)
+    tl.store(rm_ptr + offs_n, factor * mean + (1.0 - factor) * rm, mask=n_ok)
+    tl.store(rv_ptr + offs_n, factor * (var * unbias) + (1.0 - factor) * rv, mask=n_ok)
+
+
+@triton.jit
+def _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
+                    slope, p, scale, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    z = (hf - mean[None, :]) * rstd[None, :] * gamma[None, :] + beta[None, :]
+    a = act(z, ACT, slope)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        offset = tl.load(offset_ptr)
+        keep = dropout_keep(seed, offset, element_index(offs_m, offs_n, N), p)
+        a = tl.where(keep, a * scale, 0.0)
+    return a
+
+
+@triton.jit
+def _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean, rstd, gamma,
+               beta, seed_ptr, offset_ptr, slope, p, scale, ACT: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr):
+    """(dz, xhat) in fp32: dz = dL/d(BN output) with dropout and act' applied;
+    zero outside ``mask``."""
+    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask,
+                other=0.0).to(tl.float32)
+    hf = tl.load(h_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    xhat = (hf - mean[None, :]) * rstd[None, :]
+    z = xhat * gamma[None, :] + beta[None, :]
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        offset = tl.load(offset_ptr)
+        keep = dropout_keep(seed, offset, element_index(offs_m, offs_n, N), p)
+        g = tl.where(keep, g * scale, 0.0)
+    dz = tl.where(mask, g * act_grad(z, ACT, slope), 0.0)
+    return dz, xhat
+
+
+@triton.jit
+def _bn_bwd_dh(dz, xhat, rstd, gamma, sum_dz, sum_dz_xhat, M, TRAINING: tl.constexpr):
+    dxhat = dz * gamma[None, :]
+    if TRAINING:
+        mean_dxhat = gamma * sum_dz / M
+        mean_dxhat_xhat = gamma * sum_dz_xhat / M
+        return rstd[None, :] * (dxhat - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :])
+    else:
+        return dxhat * rstd[None, :]
+
+
+# ---------------------------------------------------------------- forward kernels
+@triton.autotune(configs=runtime.gemm_configs(with_block_m=False), key=["M", "N", "K"],
+                 prune_configs_by=runtime.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
+@triton.jit
+def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                       y_ptr, h_ptr, mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, K,
+                       stride_xm, stride_xk, stride_wn, stride_wk, momentum, unbias, eps, slope,
+                       p, scale, HAS_BIAS: tl.constexpr, CUMULATIVE: tl.constexpr,
+                       ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Training, whole batch in one tile (M <= BLOCK_M): one program per column block."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
+                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+    mean = tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0) / M
+    d = tl.where(m_ok[:, None], hf - mean[None, :], 0.0)
+    var = tl.sum(d * d, axis=0) / M
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    tl.store(mean_ptr + offs_n, mean, mask=n_ok)
+    tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
+    _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, unbias,
+                    CUMULATIVE)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
+    a = _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
+                        slope, p, scale, ACT, HAS_DROPOUT)
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :],
+             round_to(a, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=runtime.gemm_configs(with_block_m=False), key=["M", "N", "K"],
+                 prune_configs_by=runtime.PRUNE)
+@triton.jit
+def _fwd_stats_kernel(x_ptr, w_ptr, b_ptr, h_ptr, psum_ptr, pm2_ptr, M, N, K,
+                      stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Training, multi-tile pass 1: h, and per (row tile, column) the sum of h
+    and the sum of squares about the tile's own mean."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
+                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+    count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+    tile_sum = tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0)
+    d = tl.where(m_ok[:, None], hf - (tile_sum / count)[None, :], 0.0)
+    tl.store(psum_ptr + pid_m * N + offs_n, tile_sum, mask=n_ok)
+    tl.store(pm2_ptr + pid_m * N + offs_n, tl.sum(d * d, axis=0), mask=n_ok)
+
+
+@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
+                 prune_configs_by=runtime.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
+@triton.jit
+def _fwd_apply_kernel(h_ptr, psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                      y_ptr, mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, R, STATS_M,
+                      momentum, unbias, eps, slope, p, scale, CUMULATIVE: tl.constexpr,
+                      ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Training, multi-tile pass 2: combine the R partials of each column into
+    mean / biased variance, then normalize + activate + drop out one h tile.
+    Programs of row tile 0 also store mean, rstd and the running statistics."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in range(0, R):
+        total += tl.load(psum_ptr + r * N + offs_n, mask=n_ok, other=0.0)
+    mean = total / M
+    m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in range(0, R):
+        count = tl.minimum(M - r * STATS_M, STATS_M).to(tl.float32)
+        s = tl.load(psum_ptr + r * N + offs_n, mask=n_ok, other=0.0)
+        d = s / count - mean
+        m2 += tl.load(pm2_ptr + r * N + offs_n, mask=n_ok, other=0.0) + count * d * d
+    var = m2 / M
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    if pid_m == 0:
+        tl.store(mean_ptr + offs_n, mean, mask=n_ok)
+        tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
+        _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, unbias,
+                        CUMULATIVE)
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    hf = tl.load(h_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
+    a = _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
+                        slope, p, scale, ACT, HAS_DROPOUT)
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :],
+             round_to(a, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=runtime.gemm_configs(), key=["M", "N", "K"],
+                 prune_configs_by=runtime.PRUNE)
+@triton.jit
+def _fwd_eval_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, y_ptr, h_ptr,
+                     mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, K, stride_xm, stride_xk,
+                     stride_wn, stride_wk, eps, slope, p, scale, HAS_BIAS: tl.constexpr,
+                     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Eval: GEMM with BN by the running statistics folded into the epilogue."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
+                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+    mean = tl.load(rm_ptr + offs_n, mask=n_ok, other=0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.load(rv_ptr + offs_n, mask=n_ok, other=1.0) + eps)
+    if pid_m == 0:
+        tl.store(mean_ptr + offs_n, mean, mask=n_ok)
+        tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
+    a = _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
+                        slope, p, scale, ACT, HAS_DROPOUT)
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :],
+             round_to(a, y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- backward kernels
+@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
+                 prune_configs_by=runtime.PRUNE)
+@triton.jit
+def _bwd_single_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, dh_ptr, db_ptr,
+                       dgamma_ptr, dbeta_ptr, seed_ptr, offset_ptr, M, N, stride_gm, stride_gn,
+                       slope, p, scale, TRAINING: tl.constexpr, ACT: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whole batch in one tile: dgamma, dbeta, dh and db for a block of columns."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_n, mask=n_ok, other=0.0)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
+    dz, xhat = _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean,
+                          rstd, gamma, beta, seed_ptr, offset_ptr, slope, p, scale, ACT,
+                          HAS_DROPOUT)
+    dbeta = tl.sum(dz, axis=0)
+    dgamma = tl.sum(dz * xhat, axis=0)
+    tl.store(dbeta_ptr + offs_n, dbeta, mask=n_ok)
+    tl.store(dgamma_ptr + offs_n, dgamma, mask=n_ok)
+    dtype = dh_ptr.dtype.element_ty
+    dh = round_to(_bn_bwd_dh(dz, xhat, rstd, gamma, dbeta, dgamma, M, TRAINING), dtype)
+    tl.store(dh_ptr + offs_m[:, None] * N + offs_n[None, :], dh, mask=mask)
+    db = tl.sum(tl.where(mask, dh.to(tl.float32), 0.0), axis=0)
+    tl.store(db_ptr + offs_n, round_to(db, dtype), mask=n_ok)
+
+
+@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
+                 prune_configs_by=runtime.PRUNE)
+@triton.jit
+def _bwd_reduce_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pdbeta_ptr,
+                       pdgamma_ptr, seed_ptr, offset_ptr, M, N, stride_gm, stride_gn, slope, p,
+                       scale, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Multi-tile pass 1: per (row tile, column) sums of dz and dz * xhat."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_n, mask=n_ok, other=0.0)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
+    dz, xhat = _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean,
+                          rstd, gamma, beta, seed_ptr, offset_ptr, slope, p, scale, ACT,
+                          HAS_DROPOUT)
+    tl.store(pdbeta_ptr + pid_m * N + offs_n, tl.sum(dz, axis=0), mask=n_ok)
+    tl.store(pdgamma_ptr + pid_m * N + offs_n, tl.sum(dz * xhat, axis=0), mask=n_ok)
+
+
+@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
+                 prune_configs_by=runtime.PRUNE)
+@triton.jit
+def _bwd_apply_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pdbeta_ptr,
+                      pdgamma_ptr, dh_ptr, pdb_ptr, dgamma_ptr, dbeta_ptr, seed_ptr, offset_ptr,
+                      M, N, R, stride_gm, stride_gn, slope, p, scale, TRAINING: tl.constexpr,
+                      ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """Multi-tile pass 2: combine the partials into dgamma / dbeta (stored by
+    row tile 0), recompute dz, write dh and per-tile partial sums of db."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    mask = (offs_m[:, None] < M) & n_ok[None, :]
+    dbeta = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dgamma = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in range(0, R):
+        dbeta += tl.load(pdbeta_ptr + r * N + offs_n, mask=n_ok, other=0.0)
+        dgamma += tl.load(pdgamma_ptr + r * N + offs_n, mask=n_ok, other=0.0)
+    if pid_m == 0:
+        tl.store(dbeta_ptr + offs_n, dbeta, mask=n_ok)
+        tl.store(dgamma_ptr + offs_n, dgamma, mask=n_ok)
+    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_n, mask=n_ok, other=0.0)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
+    dz, xhat = _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean,
+                          rstd, gamma, beta, seed_ptr, offset_ptr, slope, p, scale, ACT,
+                          HAS_DROPOUT)
+    dtype = dh_ptr.dtype.element_ty
+    dh = round_to(_bn_bwd_dh(dz, xhat, rstd, gamma, dbeta, dgamma, M, TRAINING), dtype)
+    tl.store(dh_ptr + offs_m[:, None] * N + offs_n[None, :], dh, mask=mask)
+    tl.store(pdb_ptr + pid_m * N + offs_n, tl.sum(tl.where(mask, dh.to(tl.float32), 0.0), axis=0),
+             mask=n_ok)
+
+
+# ---------------------------------------------------------------- launchers
+def _validate_bn_params(x, n, tensors):
+    for t, name in tensors:
+        runtime.check_like(t, name, (n,), torch.float32, x.device)
+        if t.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous")
+
+
+def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+            training, momentum, eps, activation, negative_slope, p, seed, offset):
+    from fastgan import _checks
+    runtime.check_linear(x, weight, bias)
+    runtime.check_rng(seed, offset, x.device)
+    _checks.linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                          num_batches_tracked, training, momentum, eps, activation,
+                          negative_slope, p, seed, offset)
+    b, k = x.shape
+    n = weight.shape[0]
+    _validate_bn_params(x, n, ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
+                               (running_mean, "running_mean"), (running_var, "running_var")))
+    dev = x.device
+    y = torch.empty((b, n), dtype=x.dtype, device=dev)
+    h = torch.empty((b, n), dtype=x.dtype, device=dev)
+    mean = torch.empty(n, dtype=torch.float32, device=dev)
+    rstd = torch.empty(n, dtype=torch.float32, device=dev)
+    bias_arg = weight if bias is None else bias  # never read when HAS_BIAS is False
+    scale = dropout_scale(p) if p > 0 else 1.0
+    common = dict(ACT=ACTIVATIONS[activation], HAS_DROPOUT=p > 0)
+    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+    if b == 0 or n == 0:  # eval on an empty batch: nothing to compute
+        mean.copy_(running_mean)
+        rstd.copy_(torch.rsqrt(running_var + eps))
+        return y, h, mean, rstd
+    if not training:
+        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        runtime.launch("linear_bn_act_fwd_eval", _fwd_eval_kernel, grid, x, weight, bias_arg,
+                       bn_weight, bn_bias, running_mean, running_var, y, h, mean, rstd, seed,
+                       offset, b, n, k, *strides, float(eps), float(negative_slope), float(p),
+                       scale, HAS_BIAS=bias is not None, **common)
+        return y, h, mean, rstd
+    cumulative = momentum is None
+    stats = dict(momentum=0.0 if cumulative else float(momentum), unbias=b / (b - 1),
+                 eps=float(eps), slope=float(negative_slope), p=float(p), scale=scale,
+                 CUMULATIVE=cumulative)
+    if b <= runtime.MAX_SINGLE_TILE_B:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        runtime.launch("linear_bn_act_fwd_single", _fwd_single_kernel, grid, x, weight, bias_arg,
+                       bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, y, h,
+                       mean, rstd, seed, offset, b, n, k, *strides, HAS_BIAS=bias is not None,
+                       BLOCK_M=runtime.single_tile_block_m(b), **stats, **common)
+    else:
+        block_m = runtime.STATS_BLOCK_M
+        tiles_m = triton.cdiv(b, block_m)
+        psum = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
+        pm2 = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
+        grid = lambda meta: (tiles_m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        runtime.launch("linear_bn_act_fwd_stats", _fwd_stats_kernel, grid, x, weight, bias_arg,
+                       h, psum, pm2, b, n, k, *strides, HAS_BIAS=bias is not None,
+                       BLOCK_M=block_m)
+        runtime.launch("linear_bn_act_fwd_apply", _fwd_apply_kernel, grid, h, psum, pm2,
+                       bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, y,
+                       mean, rstd, seed, offset, b, n, tiles_m, block_m, BLOCK_M=block_m,
+                       **stats, **common)
+    # After the kernels, which read the old count (see the module docstring).
+    num_batches_tracked.add_(1)
+    return y, h, mean, rstd
+
+
+def backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, activation,
+             negative_slope, p, seed, offset, compute_dx):
+    runtime.check_linear(x, weight, None)
+    runtime.check_rng(seed, offset, x.device)
+    runtime.check_hyper(activation, negative_slope, p)
+    b, n = x.shape[0], weight.shape[0]
+    runtime.check_batch_numel(b, n)
+    runtime.check_like(grad_y, "grad_y", (b, n), x.dtype, x.device)
+    runtime.check_like(h, "h", (b, n), x.dtype, x.device)
+    if not h.is_contiguous():
+        raise ValueError("h must be contiguous (it is the forward's own output)")
+    _validate_bn_params(x, n, ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"), (mean, "mean"),
+                               (rstd, "rstd")))
+    dev = x.device
+    dh = torch.empty((b, n), dtype=x.dtype, device=dev)
+    db = torch.empty(n, dtype=x.dtype, device=dev)
+    dgamma = torch.empty(n, dtype=torch.float32, device=dev)
+    dbeta = torch.empty(n, dtype=torch.float32, device=dev)
+    scalars = (float(negative_slope), float(p), dropout_scale(p) if p > 0 else 1.0)
+    common = dict(ACT=ACTIVATIONS[activation], HAS_DROPOUT=p > 0)
+    if b == 0 or n == 0:
+        for t in (db, dgamma, dbeta):
+            t.zero_()
+    elif b <= runtime.MAX_SINGLE_TILE_B:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        runtime.launch("linear_bn_act_bwd_single", _bwd_single_kernel, grid, grad_y, h, mean,
+                       rstd, bn_weight, bn_bias, dh, db, dgamma, dbeta, seed, offset, b, n,
+                       grad_y.stride(0), grad_y.stride(1), *scalars, TRAINING=bool(training),
+                       BLOCK_M=runtime.single_tile_block_m(b), **common)
+    else:
+        block_m = runtime.STATS_BLOCK_M
+        tiles_m = triton.cdiv(b, block_m)
+        pdbeta = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
+        pdgamma = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
+        pdb = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
+        grid = lambda meta: (tiles_m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        runtime.launch("linear_bn_act_bwd_reduce", _bwd_reduce_kernel, grid, grad_y, h, mean,
+                       rstd, bn_weight, bn_bias, pdbeta, pdgamma, seed, offset, b, n,
+                       grad_y.stride(0), grad_y.stride(1), *scalars, BLOCK_M=block_m, **common)
+        runtime.launch("linear_bn_act_bwd_apply", _bwd_apply_kernel, grid, grad_y, h, mean,
+                       rstd, bn_weight, bn_bias, pdbeta, pdgamma, dh, pdb, dgamma, dbeta, seed,
+                       offset, b, n, tiles_m, grad_y.stride(0), grad_y.stride(1), *scalars,
+                       TRAINING=bool(training), BLOCK_M=block_m, **common)
+        db = col_sum(pdb, x.dtype)
+    dx = matmul(dh, weight) if compute_dx else x.new_empty(0)
+    dw = matmul(dh.t(), x)
+    return dx, dw, db, dgamma, dbeta

@@ -189,7 +189,10 @@ class _Interrupt:
 
     def __init__(self):
         self.requested = False
-        self._old = signal.signal(signal.SIGINT, self._handle)
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a library): no handler
+            self._old = None
 
     def _handle(self, signum, frame):
         if self.requested:
@@ -197,7 +200,8 @@ class _Interrupt:
         self.requested = True
 
     def restore(self):
-        signal.signal(signal.SIGINT, self._old)
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def run(args) -> int:
@@ -321,14 +325,13 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch) -> int:
             epoch_end = trainer.steps % spe == 0
             crossed = trainer.steps // args.log_every != (trainer.steps - k) // args.log_every
             if epoch_end or crossed or trainer.steps == total:
-                extra = {}
+                png = out / "samples" / f"epoch_{trainer.steps // spe:04d}.png"
+                # Log first, so the rates do not include writing the grid and checkpoint.
+                rec = log("epoch", sample=str(png)) if epoch_end else log("log")
                 if epoch_end:
-                    png = out / "samples" / f"epoch_{trainer.steps // spe:04d}.png"
                     if trainer.is_main:
                         save_grid(trainer.sample(z), png)
                     save_checkpoint()
-                    extra["sample"] = str(png)
-                rec = log("epoch" if epoch_end else "log", **extra)
                 bar.set_postfix_str(
                     f"ep {trainer.steps / spe:.1f} | {rec['images_per_s']:.0f} img/s | "
                     f"D {rec['d_loss']:.3f} G {rec['g_loss']:.3f} | "

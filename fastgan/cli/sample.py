@@ -1,4 +1,4 @@
-"""``fastgan sample``: a grid of digits from a training checkpoint.
+"""fastgan sample: a grid of digits from a training checkpoint.
 
     fastgan sample --checkpoint runs/fastgan/checkpoint.pt --n 64 --out grid.png
 """

@@ -68,7 +68,8 @@ GRAPH_WARMUP = 11   # eager DDP iterations before a CUDA graph capture (rule 2 a
 # ----------------------------------------------------------------------------- process group
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """Where this process stands in the run."""
+    """Where this process stands in the run. Batch sizes stay per process: N
+    ranks with ``--batch-size B`` train on N * B images per step."""
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -132,7 +133,10 @@ def init(device=None, timeout: Optional[datetime.timedelta] = None) -> Context:
         return Context(device=want if want is not None else torch.device(default))
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if dist.is_initialized():  # the caller joined a group already
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     use_cuda = torch.cuda.is_available() and (want is None or want.type == "cuda")
     if want is not None and want.type == "cuda" and not torch.cuda.is_available():

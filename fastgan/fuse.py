@@ -93,9 +93,18 @@ def _join(prefix: str, name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- checks
+def _hooked(m: nn.Module) -> bool:
+    # The fused layer reads its children's tensors without calling their
+    # forward, so a hook (nn.utils.spectral_norm recomputes the weight in one)
+    # would silently stop running.
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def _linear_problem(lin: nn.Module) -> str | None:
     if type(lin) is not nn.Linear:
         return f"{type(lin).__name__} is not a plain nn.Linear"
+    if _hooked(lin):
+        return "the Linear has forward hooks (e.g. nn.utils.spectral_norm)"
     if not lin.weight.is_floating_point():
         return f"Linear weight has dtype {lin.weight.dtype}"
     return None
@@ -104,6 +113,8 @@ def _linear_problem(lin: nn.Module) -> str | None:
 def _bn_problem(lin: nn.Linear, bn: nn.Module) -> str | None:
     if type(bn) is not nn.BatchNorm1d:
         return f"{type(bn).__name__} is not nn.BatchNorm1d"
+    if _hooked(bn):
+        return "the BatchNorm1d has forward hooks"
     if not bn.affine:
         return "BatchNorm1d(affine=False) is not supported by the fused kernels"
     if not bn.track_running_stats:
@@ -130,13 +141,16 @@ def _act_problem(act: nn.Module) -> str | None:
         name, slope = activation_of(act)
     except ValueError:
         return f"{type(act).__name__} is not a fusable activation"
+    if _hooked(act):
+        return f"the {type(act).__name__} has forward hooks"
     if name == "leaky_relu" and not (math.isfinite(slope) and slope >= 0):
         return f"LeakyReLU negative_slope={slope} < 0 is not supported by the fused kernels"
     return None
 
 
 def _dropout_ok(drop: nn.Module, ref: nn.Module) -> bool:
-    return type(drop) is nn.Dropout and 0.0 <= drop.p < 1.0 and drop.training == ref.training
+    return (type(drop) is nn.Dropout and 0.0 <= drop.p < 1.0 and drop.training == ref.training
+            and not _hooked(drop))
 
 
 def _detail(children) -> str:

@@ -217,6 +217,18 @@ def test_shared_and_already_fused_left_alone():
     assert not report.fused and "already a fused layer" in report.left_alone[0].reason
 
 
+def test_spectral_norm_linears_left_alone():
+    """GAN discriminators often use spectral norm; both its forms must stay unfused
+    (the old one recomputes the weight in a forward pre-hook)."""
+    sn_old = nn.utils.spectral_norm(nn.Linear(4, 5))
+    sn_new = nn.utils.parametrizations.spectral_norm(nn.Linear(5, 3))
+    orig = nn.Sequential(sn_old, nn.LeakyReLU(0.2), sn_new, nn.LeakyReLU(0.2))
+    model, report = fuse(orig)
+    assert not fused_layers(model)
+    assert "spectral_norm" in report.left_alone[0].reason
+    assert "not a plain nn.Linear" in report.left_alone[1].reason
+
+
 def test_bf16_batchnorm_left_alone():
     model, report = fuse(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU()).bfloat16())
     assert not fused_layers(model) and "statistics in torch.float32" in str(report)

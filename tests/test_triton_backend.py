@@ -276,3 +276,18 @@ def test_rejects_cpu_tensors_without_the_interpreter(K, monkeypatch):
     s, o = rng()
     with pytest.raises(ValueError, match="CUDA"):
         K.linear_act_forward(torch.zeros(2, 3), torch.zeros(4, 3), None, "relu", 0.0, 0.0, s, o)
+
+
+# ------------------------------------------------------------------ GPU compile, no GPU
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_and_sm80():
+    """Ahead-of-time compile (PTX + ptxas) of every kernel for Hopper and Ampere:
+    catches what the interpreter cannot (compiled-language typing, lowering)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "fastgan.kernels.aot", "--arch", "90", "80",
+                        "--dtype", "bf16"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("kernels compiled") == 2, r.stdout

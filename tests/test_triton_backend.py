@@ -291,3 +291,20 @@ def test_kernels_compile_for_sm90_and_sm80():
                         "--dtype", "bf16"], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("kernels compiled") == 2, r.stdout
+
+
+def test_bench_script_parses_its_arguments(tmp_path, capsys):
+    """bench/bench_triton_ops.py runs on a GPU; here: its plan and its errors."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_triton_ops.py")
+    spec = importlib.util.spec_from_file_location("bench_triton_ops", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = str(tmp_path / "r.json")
+    assert bench.main([out, "--dry-run", "--batch", "64", "8192", "--dtype", "bf16"]) == 0
+    assert "30 measurements" in capsys.readouterr().out  # 3 ops x 2 batches x 5 contenders
+    with pytest.raises(SystemExit):
+        bench.parse_args([out, "--batch", "1"])
+    if not torch.cuda.is_available():
+        assert bench.main([out]) == 2 and not os.path.exists(out)

@@ -417,7 +417,7 @@ def emu_act(E, inputs, dtype, p, activation):
     return dict(y=y, dx=dx, dw=dw, db=db)
 
 
-EMU_SHAPES = [(5, 7, 3), (3, 33, 65), (17, 20, 40)]
+EMU_SHAPES = [(5, 7, 3), (1, 33, 65), (2, 33, 65), (3, 33, 65), (17, 20, 40)]
 EMU_MODES = [(True, 0.1, 0.0), (True, None, 0.5), (False, 0.1, 0.2)]
 
 
@@ -427,6 +427,8 @@ EMU_MODES = [(True, 0.1, 0.0), (True, None, 0.5), (False, 0.1, 0.2)]
 @pytest.mark.parametrize("mode", EMU_MODES, ids=["train-m0.1", "train-mNone-p0.5", "eval-p0.2"])
 @pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_linear_bn_act(emu, shape, mode, dtype):
+    if shape[0] == 1 and mode[0]:
+        pytest.skip("batch 1 cannot train BN (test_emulated_rejects_bad_input checks the error)")
     inputs = make_bn_inputs(*shape, seed=5)
     for activation in ("leaky_relu", "tanh") if dtype == torch.float32 else ("relu",):
         args = mode + (activation,)

@@ -149,8 +149,8 @@ def act(z: Tensor, activation: str, negative_slope: float) -> Tensor:
 
 
 def act_grad(z: Tensor, activation: str, negative_slope: float) -> Tensor:
-    if activation == "leaky_relu":
-        return torch.where(z > 0, 1.0, negative_slope)
+    if activation == "leaky_relu":  # the slope kept in z's dtype (fp64 for gradcheck)
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
     if activation == "relu":
         return (z > 0).to(z.dtype)
     if activation == "tanh":
@@ -161,7 +161,7 @@ def act_grad(z: Tensor, activation: str, negative_slope: float) -> Tensor:
 
 def act_grad_from_output(a: Tensor, activation: str, negative_slope: float) -> Tensor:
     if activation == "leaky_relu":
-        return torch.where(a > 0, 1.0, negative_slope)
+        return torch.where(a > 0, torch.ones_like(a), torch.full_like(a, negative_slope))
     if activation == "relu":
         return (a > 0).to(a.dtype)
     if activation == "tanh":

@@ -66,8 +66,9 @@ def forward(logits_a, logits_b, target_a, target_b):
         runtime.check_device(t, name)
         runtime.check_dtype(t, name)
         runtime.check_span(t, name)
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+    # the kernel walks the logits as flat vectors
+    logits_a = logits_a.contiguous()
+    logits_b = None if logits_b is None else logits_b.contiguous()
     a = logits_a
     dev = a.device
     loss, prob_a, prob_b = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))

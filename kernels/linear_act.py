@@ -94,6 +94,7 @@ def forward(x, weight, bias, activation, negative_slope, p, seed, offset):
     _validate(x, weight, bias, activation, negative_slope, p, seed, offset)
     b, k = x.shape
     n = weight.shape[0]
+    bias = None if bias is None else bias.contiguous()  # indexed densely by the kernel
     y = torch.empty((b, n), dtype=x.dtype, device=x.device)
     if b == 0 or n == 0:
         return y

@@ -338,10 +338,12 @@ def _bwd_apply_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pdb
 
 # ---------------------------------------------------------------- launchers
 def _validate_bn_params(x, n, tensors):
+    """(N,) fp32 vectors on x's device. The kernels index them densely, so the
+    ones updated in place must be contiguous; callers copy the others."""
     for t, name in tensors:
         runtime.check_like(t, name, (n,), torch.float32, x.device)
-        if t.stride(0) != 1:
-            raise ValueError(f"{name} must be contiguous")
+        if name.startswith("running") and t.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous (it is updated in place)")
 
 
 def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
@@ -356,6 +358,8 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
     n = weight.shape[0]
     _validate_bn_params(x, n, ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
                                (running_mean, "running_mean"), (running_var, "running_var")))
+    bias = None if bias is None else bias.contiguous()
+    bn_weight, bn_bias = bn_weight.contiguous(), bn_bias.contiguous()
     dev = x.device
     y = torch.empty((b, n), dtype=x.dtype, device=dev)
     h = torch.empty((b, n), dtype=x.dtype, device=dev)
@@ -417,6 +421,8 @@ def backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, act
         raise ValueError("h must be contiguous (it is the forward's own output)")
     _validate_bn_params(x, n, ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"), (mean, "mean"),
                                (rstd, "rstd")))
+    bn_weight, bn_bias = bn_weight.contiguous(), bn_bias.contiguous()
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     dev = x.device
     dh = torch.empty((b, n), dtype=x.dtype, device=dev)
     db = torch.empty(n, dtype=x.dtype, device=dev)

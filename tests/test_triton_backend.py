@@ -308,3 +308,30 @@ def test_bench_script_parses_its_arguments(tmp_path, capsys):
         bench.parse_args([out, "--batch", "1"])
     if not torch.cuda.is_available():
         assert bench.main([out]) == 2 and not os.path.exists(out)
+
+
+def test_strided_parameter_vectors(K):
+    """Strided bias / BN vectors / logits are read correctly (the kernels index
+    densely, so the launchers copy them); running statistics, updated in place,
+    must be contiguous."""
+    t = bn_case(6, 10, 12)
+    strided = lambda v: torch.stack([v, torch.full_like(v, 1e6)], 1)[:, 0]  # noqa: E731
+    for k in ("bias", "bn_weight", "bn_bias"):
+        t2 = dict(t, **{k: strided(t[k])})
+        assert not t2[k].is_contiguous()
+        got, ref = bn_both(K, t2), bn_both(R, t)
+        assert_close_dict(got, ref, torch.float32, skip=("db",))
+    s, o = rng()
+    y = K.linear_act_forward(t["x"], t["weight"], strided(t["bias"]), "relu", 0.0, 0.0, s, o)
+    torch.testing.assert_close(y, R.linear_act_forward(t["x"], t["weight"], t["bias"], "relu",
+                                                       0.0, 0.0, s, o))
+    logits = torch.randn(6, 2, device=DEVICE)
+    got = K.gan_bce_forward(logits[:, :1], logits[:, 1:], 1.0, 0.0)
+    ref = R.gan_bce_forward(logits[:, :1], logits[:, 1:], 1.0, 0.0)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
+    nbt = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="running_mean must be contiguous"):
+        K.linear_bn_act_forward(t["x"], t["weight"], None, t["bn_weight"], t["bn_bias"],
+                                strided(t["running_mean"]), t["running_var"], nbt, True, 0.1,
+                                1e-5, "relu", 0.0, 0.0, s, o)

@@ -324,7 +324,9 @@ def evaluate_generator(G: nn.Module, judge: Judge, n: int = 2000, seed: int = 0,
 
 
 # ------------------------------------------------------------------ time to quality
-DEFAULT_FD_THRESHOLD = 10.0   # see bench/results/*quality*.md for where it sits
+# The seed GAN passes it after about 1,000 steps of batch 64 on the 5,000-digit
+# subset (FD 110 at step 1,092 in one run; the real-vs-real floor is 0.64).
+DEFAULT_FD_THRESHOLD = 150.0
 
 
 def train_curve(reference: bool, images: Tensor, judge: Judge, seed: int = 0,

@@ -142,3 +142,11 @@ def dropout_keep(seed, offset, idx, p):
 def element_index(offs_m, offs_n, N):
     """Row-major element index ``i * N + j`` in int64 (below 2**32 by validation)."""
     return offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+
+
+@triton.jit
+def div_ieee(x, y):
+    """x / y rounded to nearest (IEEE), as torch divides: a GPU's fp32 "/" is an
+    approximation. Scalars and blocks broadcast to each other."""
+    zero = tl.zeros_like(x + y)
+    return tl.div_rn(x + zero, y + zero)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .common import round_to
+from .common import div_ieee, round_to
 
 
 @triton.jit
@@ -28,6 +28,7 @@ def _log1p(e):
 @triton.jit
 def _bce_pass(z_ptr, grad_ptr, n, target, BLOCK: tl.constexpr):
     """(mean loss, mean sigmoid) of logits z against ``target``; stores the gradient."""
+    nf = n.to(tl.float32)  # IEEE divisions (a GPU's "/" is approximate), as the reference
     loss = tl.zeros((BLOCK,), dtype=tl.float32)
     prob = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, n, BLOCK):
@@ -39,8 +40,9 @@ def _bce_pass(z_ptr, grad_ptr, n, target, BLOCK: tl.constexpr):
         sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         loss += tl.where(ok, term, 0.0)
         prob += tl.where(ok, sig, 0.0)
-        tl.store(grad_ptr + offs, round_to((sig - target) / n, grad_ptr.dtype.element_ty), mask=ok)
-    return tl.sum(loss, axis=0) / n, tl.sum(prob, axis=0) / n
+        grad = div_ieee(sig - target, nf)
+        tl.store(grad_ptr + offs, round_to(grad, grad_ptr.dtype.element_ty), mask=ok)
+    return div_ieee(tl.sum(loss, axis=0), nf), div_ieee(tl.sum(prob, axis=0), nf)
 
 
 @triton.jit

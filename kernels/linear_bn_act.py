@@ -35,7 +35,7 @@ from fastgan.reference import dropout_scale
 from fastgan.spec import ACTIVATIONS
 
 from . import runtime
-from .common import (act, act_grad, dropout_keep, element_index, matmul_tile,
+from .common import (act, act_grad, div_ieee, dropout_keep, element_index, matmul_tile,
                      round_to)
 from .matmul import col_sum, matmul
 
@@ -62,7 +62,7 @@ def _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, 
     """running = factor * batch + (1 - factor) * running, as nn.BatchNorm1d.
     momentum=None: factor = 1 / num_batches_tracked after this step's increment."""
     if CUMULATIVE:
-        factor = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float32)
+        factor = div_ieee(1.0, (tl.load(nbt_ptr) + 1).to(tl.float32))
     else:
         factor = momentum
     rm = tl.load(rm_ptr + offs_n, mask=n_ok, other=0.0)
@@ -109,8 +109,8 @@ def _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean
 def _bn_bwd_dh(dz, xhat, rstd, gamma, sum_dz, sum_dz_xhat, M, TRAINING: tl.constexpr):
     dxhat = dz * gamma[None, :]
     if TRAINING:
-        mean_dxhat = gamma * sum_dz / M
-        mean_dxhat_xhat = gamma * sum_dz_xhat / M
+        mean_dxhat = div_ieee(gamma * sum_dz, M.to(tl.float32))
+        mean_dxhat_xhat = div_ieee(gamma * sum_dz_xhat, M.to(tl.float32))
         return rstd[None, :] * (dxhat - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :])
     else:
         return dxhat * rstd[None, :]
@@ -133,10 +133,10 @@ def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
     m_ok = offs_m < M
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                    stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-    mean = tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0) / M
+    mean = div_ieee(tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0), M.to(tl.float32))
     d = tl.where(m_ok[:, None], hf - mean[None, :], 0.0)
-    var = tl.sum(d * d, axis=0) / M
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    var = div_ieee(tl.sum(d * d, axis=0), M.to(tl.float32))
+    rstd = div_ieee(1.0, tl.sqrt_rn(var + eps))
     tl.store(mean_ptr + offs_n, mean, mask=n_ok)
     tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
     _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, unbias,
@@ -167,7 +167,7 @@ def _fwd_stats_kernel(x_ptr, w_ptr, b_ptr, h_ptr, psum_ptr, pm2_ptr, M, N, K,
                    stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     tile_sum = tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0)
-    d = tl.where(m_ok[:, None], hf - (tile_sum / count)[None, :], 0.0)
+    d = tl.where(m_ok[:, None], hf - div_ieee(tile_sum, count)[None, :], 0.0)
     tl.store(psum_ptr + pid_m * N + offs_n, tile_sum, mask=n_ok)
     tl.store(pm2_ptr + pid_m * N + offs_n, tl.sum(d * d, axis=0), mask=n_ok)
 
@@ -190,15 +190,15 @@ def _fwd_apply_kernel(h_ptr, psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r in range(0, R):
         total += tl.load(psum_ptr + r * N + offs_n, mask=n_ok, other=0.0)
-    mean = total / M
+    mean = div_ieee(total, M.to(tl.float32))
     m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r in range(0, R):
         count = tl.minimum(M - r * STATS_M, STATS_M).to(tl.float32)
         s = tl.load(psum_ptr + r * N + offs_n, mask=n_ok, other=0.0)
-        d = s / count - mean
+        d = div_ieee(s, count) - mean
         m2 += tl.load(pm2_ptr + r * N + offs_n, mask=n_ok, other=0.0) + count * d * d
-    var = m2 / M
-    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    var = div_ieee(m2, M.to(tl.float32))
+    rstd = div_ieee(1.0, tl.sqrt_rn(var + eps))
     if pid_m == 0:
         tl.store(mean_ptr + offs_n, mean, mask=n_ok)
         tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
@@ -231,7 +231,8 @@ def _fwd_eval_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, y
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                    stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     mean = tl.load(rm_ptr + offs_n, mask=n_ok, other=0.0)
-    rstd = 1.0 / tl.sqrt_rn(tl.load(rv_ptr + offs_n, mask=n_ok, other=1.0) + eps)
+    rv = tl.load(rv_ptr + offs_n, mask=n_ok, other=1.0)
+    rstd = div_ieee(1.0, tl.sqrt_rn(rv + eps))
     if pid_m == 0:
         tl.store(mean_ptr + offs_n, mean, mask=n_ok)
         tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)

@@ -276,7 +276,12 @@ def _compile(module: nn.Module, c: Contender):
     if c.compile_mode is None:
         return module
     mode = None if c.compile_mode == "default" else c.compile_mode
-    return torch.compile(module, mode=mode)
+    # A fresh start and static shapes for every (contender, batch, dtype): the
+    # models share forward code objects, so otherwise a second batch size would
+    # get a dynamic-shape recompile, and many would hit the recompile limit and
+    # silently fall back to eager.
+    torch._dynamo.reset()
+    return torch.compile(module, mode=mode, dynamic=False)
 
 
 def _ref_loss_d(real_logits, fake_logits):

@@ -16,6 +16,16 @@ from fastgan.models import Discriminator, Generator
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny shapes gain nothing from threads, and on a loaded shared machine two
+    # threads that wait on each other are many times slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_step_flops_closed_form():
     g = 100 * 256 + 256 * 512 + 512 * 1024 + 1024 * 784
     d = 784 * 1024 + 1024 * 512 + 512 * 256 + 256 * 1
@@ -126,7 +136,7 @@ def test_failed_contender_is_recorded_not_fatal():
 
 def test_bench_cli_quick(tmp_path, capsys):
     out = tmp_path / "res" / "b"
-    rc = main(["bench", "--quick", "--contenders", "eager,fastgan", "--batch-sizes", "4",
+    rc = main(["bench", "--quick", "--threads", "1", "--contenders", "eager,fastgan", "--batch-sizes", "4",
                "--ops", "linear_bn_act,gan_bce", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out

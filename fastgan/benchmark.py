@@ -323,7 +323,12 @@ def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp3
         engine = ReferenceStep(_compile(G, c), _compile(D, c), opt_g, opt_d, **kw)
     real = torch.rand(batch, 784, device=device) * 2 - 1
 
+    # torch.compile's CUDA-graph modes need to be told where a step begins.
+    mark = (c.compile_mode in ("reduce-overhead", "max-autotune") and device.type == "cuda")
+
     def step():
+        if mark:
+            torch.compiler.cudagraph_mark_step_begin()
         with _backend_ctx(c), precision(dtype, device):
             return engine(real)
 

@@ -1,29 +1,135 @@
-// The Philox loop of the CPU kernels. It is the hottest scalar code of a
-// dropout layer (10 rounds of two 32x32->64 multiplies per element), so it is
-// compiled once per x86-64 ISA level and picked at load time (GCC/Clang
-// target_clones): 16 lanes with AVX-512, 8 with AVX2, 4 on baseline SSE2.
-// The loop has no dependence between elements, so -O3 vectorizes each clone.
+// The Philox loop of the CPU kernels: the uniforms of a run of consecutive
+// element indices. It is the costliest part of a dropout layer (10 rounds of
+// two 32x32->64 bit multiplies per element, drawn in forward and again in
+// backward), so on x86-64 it is written with AVX-512 / AVX2 intrinsics, 16 or
+// 8 counters at a time, picked once at load time from what the CPU supports.
+// Compilers auto-vectorize the scalar loop poorly (they widen every product
+// to 64-bit lanes); here one vpmuludq on the even and one on the odd 32-bit
+// lanes give both halves of all products, recombined with a blend.
+// Bit-exact with philox_first_word / uint_to_uniform_float (csrc/philox.h).
+#include <cstdlib>
+#include <string>
+
 #include "cpu_common.h"
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTGAN_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTGAN_ISA_CLONES
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTGAN_X86_SIMD 1
 #endif
 
 namespace fastgan {
 namespace cpu {
+namespace {
 
-FASTGAN_ISA_CLONES
-static void philox_uniform_row_impl(uint32_t k0, uint32_t k1, uint32_t c1, uint32_t c2,
-                                    uint32_t idx0, int64_t n, float* __restrict__ u) {
-  for (int64_t k = 0; k < n; ++k) {
-    u[k] = uint_to_uniform_float(philox_first_word(idx0 + static_cast<uint32_t>(k), c1, c2, k0, k1));
-  }
+constexpr int kRounds = 10;
+
+void philox_scalar(const DropoutKey& key, uint32_t idx0, int64_t n, float* __restrict__ u) {
+  for (int64_t k = 0; k < n; ++k) u[k] = key.uniform(idx0 + static_cast<uint32_t>(k));
 }
 
+#ifdef FASTGAN_X86_SIMD
+// uint_to_uniform_float on lanes: int32 x -> (x < 0 ? -x - 1 : x) == x ^ (x >> 31).
+
+__attribute__((target("avx512f"))) void philox_avx512(const DropoutKey& key, uint32_t idx0,
+                                                      int64_t n, float* __restrict__ u) {
+  __m512i k0[kRounds], k1[kRounds];
+  for (int r = 0; r < kRounds; ++r) {
+    k0[r] = _mm512_set1_epi32(static_cast<int>(key.k0 + r * kPhiloxKeyA));
+    k1[r] = _mm512_set1_epi32(static_cast<int>(key.k1 + r * kPhiloxKeyB));
+  }
+  const __m512i ra = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m512i rb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 scale = _mm512_set1_ps(kUintToFloatScale);
+  constexpr __mmask16 kOdd = 0xAAAA;
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(idx0 + k)), lane);
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(key.c1));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(key.c2));
+    __m512i c3 = _mm512_setzero_si512();
+#pragma GCC unroll 10
+    for (int r = 0; r < kRounds; ++r) {
+      const __m512i eb = _mm512_mul_epu32(c2, rb);                         // even lanes
+      const __m512i ob = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), rb);  // odd lanes
+      const __m512i ea = _mm512_mul_epu32(c0, ra);
+      const __m512i oa = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), ra);
+      const __m512i hi_b = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(eb, 32), ob);
+      const __m512i hi_a = _mm512_mask_blend_epi32(kOdd, _mm512_srli_epi64(ea, 32), oa);
+      const __m512i lo_b = _mm512_mask_blend_epi32(kOdd, eb, _mm512_slli_epi64(ob, 32));
+      const __m512i lo_a = _mm512_mask_blend_epi32(kOdd, ea, _mm512_slli_epi64(oa, 32));
+      c0 = _mm512_ternarylogic_epi32(hi_b, c1, k0[r], 0x96);  // three-way xor
+      c2 = _mm512_ternarylogic_epi32(hi_a, c3, k1[r], 0x96);
+      c1 = lo_b;
+      c3 = lo_a;
+    }
+    const __m512i x = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));
+    _mm512_storeu_ps(u + k, _mm512_mul_ps(_mm512_cvtepi32_ps(x), scale));
+  }
+  philox_scalar(key, idx0 + static_cast<uint32_t>(k), n - k, u + k);
+}
+
+__attribute__((target("avx2"))) void philox_avx2(const DropoutKey& key, uint32_t idx0, int64_t n,
+                                                 float* __restrict__ u) {
+  __m256i k0[kRounds], k1[kRounds];
+  for (int r = 0; r < kRounds; ++r) {
+    k0[r] = _mm256_set1_epi32(static_cast<int>(key.k0 + r * kPhiloxKeyA));
+    k1[r] = _mm256_set1_epi32(static_cast<int>(key.k1 + r * kPhiloxKeyB));
+  }
+  const __m256i ra = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i rb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 scale = _mm256_set1_ps(kUintToFloatScale);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(idx0 + k)), lane);
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(key.c1));
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(key.c2));
+    __m256i c3 = _mm256_setzero_si256();
+#pragma GCC unroll 10
+    for (int r = 0; r < kRounds; ++r) {
+      const __m256i eb = _mm256_mul_epu32(c2, rb);
+      const __m256i ob = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), rb);
+      const __m256i ea = _mm256_mul_epu32(c0, ra);
+      const __m256i oa = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), ra);
+      const __m256i hi_b = _mm256_blend_epi32(_mm256_srli_epi64(eb, 32), ob, 0xAA);
+      const __m256i hi_a = _mm256_blend_epi32(_mm256_srli_epi64(ea, 32), oa, 0xAA);
+      const __m256i lo_b = _mm256_blend_epi32(eb, _mm256_slli_epi64(ob, 32), 0xAA);
+      const __m256i lo_a = _mm256_blend_epi32(ea, _mm256_slli_epi64(oa, 32), 0xAA);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), k0[r]);
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), k1[r]);
+      c1 = lo_b;
+      c3 = lo_a;
+    }
+    const __m256i x = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));
+    _mm256_storeu_ps(u + k, _mm256_mul_ps(_mm256_cvtepi32_ps(x), scale));
+  }
+  philox_scalar(key, idx0 + static_cast<uint32_t>(k), n - k, u + k);
+}
+#endif  // FASTGAN_X86_SIMD
+
+using PhiloxFn = void (*)(const DropoutKey&, uint32_t, int64_t, float*);
+
+// The widest path the CPU runs. FASTGAN_CPU_PHILOX=avx2|scalar picks a
+// narrower one, so the tests can check every path bit for bit on one machine.
+PhiloxFn pick_philox() {
+  const char* env = std::getenv("FASTGAN_CPU_PHILOX");
+  const std::string want = env ? env : "";
+  if (want == "scalar") return philox_scalar;
+#ifdef FASTGAN_X86_SIMD
+  __builtin_cpu_init();
+  if (want != "avx2" && __builtin_cpu_supports("avx512f")) return philox_avx512;
+  if (__builtin_cpu_supports("avx2")) return philox_avx2;
+#endif
+  return philox_scalar;
+}
+
+const PhiloxFn philox_best = pick_philox();
+
+}  // namespace
+
 void philox_uniform_row(const DropoutKey& key, uint32_t idx0, int64_t n, float* u) {
-  philox_uniform_row_impl(key.k0, key.k1, key.c1, key.c2, idx0, n, u);
+  philox_best(key, idx0, n, u);
 }
 
 }  // namespace cpu

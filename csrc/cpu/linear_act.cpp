@@ -20,6 +20,40 @@ namespace {
 constexpr const char* kForward = "linear_act_forward";
 constexpr const char* kBackward = "linear_act_backward";
 
+// ---- tile loops (see FASTGAN_ISA_CLONES)
+
+// y = dropout(act(y)) in place over n elements of a row.
+template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+FASTGAN_ISA_CLONES void act_tile(scalar_t* __restrict__ y, int64_t n, acc_t slope,
+                                 const float* __restrict__ u, float p, acc_t scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t a = act_forward<A>(static_cast<acc_t>(y[j]), slope);
+    if constexpr (kDrop) a = u[j] >= p ? a * scale : acc_t(0);
+    y[j] = static_cast<scalar_t>(a);
+  }
+}
+
+// dz = dropout(grad_y) * act'(a) over n elements of a row, with a = y (/ scale
+// under dropout: kept elements recover act(z), dropped ones get no gradient
+// anyway); accumulates sum(dz) per column.
+template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+FASTGAN_ISA_CLONES void act_grad_tile(const scalar_t* __restrict__ gy,
+                                      const scalar_t* __restrict__ y, int64_t n, acc_t slope,
+                                      const float* __restrict__ u, float p, acc_t scale,
+                                      scalar_t* __restrict__ dz, double* __restrict__ sdz) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t g = static_cast<acc_t>(gy[j]);
+    acc_t a = static_cast<acc_t>(y[j]);
+    if constexpr (kDrop) {
+      g = u[j] >= p ? g * scale : acc_t(0);
+      a = a / scale;
+    }
+    const scalar_t d = static_cast<scalar_t>(g * act_grad_from_output<A>(a, slope));
+    dz[j] = d;
+    sdz[j] += static_cast<double>(static_cast<acc_t>(d));
+  }
+}
+
 at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, int64_t activation,
                               double negative_slope, double p, const at::Tensor& seed,
@@ -44,18 +78,12 @@ at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
         float u[kTile];
         for (int64_t i = r0; i < r1; ++i) {
           for (int64_t t0 = 0; t0 < N; t0 += kTile) {
-            const int64_t tw = std::min(kTile, N - t0);
-            scalar_t* yr = yp + i * N + t0;
+            const int64_t tw = std::min(kTile, N - t0), at = i * N + t0;
             if (drop.on) {
-              philox_uniform_row(drop.key, static_cast<uint32_t>(i * N + t0), tw, u);
-              for (int64_t j = 0; j < tw; ++j) {
-                const acc_t a = act_forward<A>(static_cast<acc_t>(yr[j]), slope);
-                yr[j] = static_cast<scalar_t>(u[j] >= drop.p ? a * scale : acc_t(0));
-              }
+              philox_uniform_row(drop.key, static_cast<uint32_t>(at), tw, u);
+              act_tile<A, true>(yp + at, tw, slope, u, drop.p, scale);
             } else {
-              for (int64_t j = 0; j < tw; ++j) {
-                yr[j] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(yr[j]), slope));
-              }
+              act_tile<A, false>(yp + at, tw, slope, u, drop.p, scale);
             }
           }
         }
@@ -87,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
     scalar_t* dbp = db.data_ptr<scalar_t>();
-    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const acc_t slope = grad_slope<acc_t>(negative_slope);
     const acc_t scale = static_cast<acc_t>(drop.scale);
     dispatch_activation(activation, [&](auto act_code) {
       constexpr int64_t A = decltype(act_code)::value;
@@ -96,28 +124,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
         float u[kTile];
         for (int64_t i = 0; i < B; ++i) {
           for (int64_t t0 = c0; t0 < c1; t0 += kTile) {
-            const int64_t tw = std::min(kTile, c1 - t0);
-            const int64_t base = i * N + t0;
+            const int64_t tw = std::min(kTile, c1 - t0), at = i * N + t0;
             double* s = sdz.data() + (t0 - c0);
             if (drop.on) {
-              // kept elements: a = y / scale recovers act(z); dropped: zero gradient
-              philox_uniform_row(drop.key, static_cast<uint32_t>(base), tw, u);
-              for (int64_t j = 0; j < tw; ++j) {
-                const acc_t g = u[j] >= drop.p ? static_cast<acc_t>(gyp[base + j]) * scale
-                                               : acc_t(0);
-                const acc_t a = static_cast<acc_t>(yp[base + j]) / scale;
-                const scalar_t d = static_cast<scalar_t>(g * act_grad_from_output<A>(a, slope));
-                dzp[base + j] = d;
-                s[j] += static_cast<double>(static_cast<acc_t>(d));
-              }
+              philox_uniform_row(drop.key, static_cast<uint32_t>(at), tw, u);
+              act_grad_tile<A, true>(gyp + at, yp + at, tw, slope, u, drop.p, scale, dzp + at, s);
             } else {
-              for (int64_t j = 0; j < tw; ++j) {
-                const acc_t g = static_cast<acc_t>(gyp[base + j]);
-                const acc_t a = static_cast<acc_t>(yp[base + j]);
-                const scalar_t d = static_cast<scalar_t>(g * act_grad_from_output<A>(a, slope));
-                dzp[base + j] = d;
-                s[j] += static_cast<double>(static_cast<acc_t>(d));
-              }
+              act_grad_tile<A, false>(gyp + at, yp + at, tw, slope, u, drop.p, scale, dzp + at, s);
             }
           }
         }

@@ -25,6 +25,83 @@ namespace {
 constexpr const char* kForward = "linear_bn_act_forward";
 constexpr const char* kBackward = "linear_bn_act_backward";
 
+// ---- tile loops (see FASTGAN_ISA_CLONES): pointers start at the tile's first column
+
+// Column sums of d = h - shift and d^2 over B rows of w columns (row stride N).
+template <typename scalar_t>
+FASTGAN_ISA_CLONES void shifted_column_sums(const scalar_t* __restrict__ h, int64_t B, int64_t N,
+                                            int64_t w, const double* __restrict__ shift,
+                                            double* __restrict__ s, double* __restrict__ ss) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < B; ++i) {
+    const scalar_t* __restrict__ row = h + i * N;
+    for (int64_t j = 0; j < w; ++j) {
+      const double d = static_cast<double>(static_cast<acc_t>(row[j])) - shift[j];
+      s[j] += d;
+      ss[j] += d * d;
+    }
+  }
+}
+
+// y = dropout(act(((h - mean) * rstd) * gamma + beta)) over n elements of a row.
+template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+FASTGAN_ISA_CLONES void bn_act_tile(const scalar_t* __restrict__ h, scalar_t* __restrict__ y,
+                                    const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+                                    const acc_t* __restrict__ gamma,
+                                    const acc_t* __restrict__ beta, int64_t n, acc_t slope,
+                                    const float* __restrict__ u, float p, acc_t scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t z = ((static_cast<acc_t>(h[j]) - mean[j]) * rstd[j]) * gamma[j] + beta[j];
+    acc_t a = act_forward<A>(z, slope);
+    if constexpr (kDrop) a = u[j] >= p ? a * scale : acc_t(0);
+    y[j] = static_cast<scalar_t>(a);
+  }
+}
+
+// Backward step (1) over n elements of a row: dz = dropout(grad_y) * act'(z)
+// with z recomputed from h; accumulates sum(dz) and sum(dz * xhat) per column.
+template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+FASTGAN_ISA_CLONES void bn_dz_tile(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ h,
+                                   const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+                                   const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                                   int64_t n, acc_t slope, const float* __restrict__ u, float p,
+                                   acc_t scale, acc_t* __restrict__ dz, double* __restrict__ sdz,
+                                   double* __restrict__ sdzx) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t xhat = (static_cast<acc_t>(h[j]) - mean[j]) * rstd[j];
+    const acc_t z = xhat * gamma[j] + beta[j];
+    acc_t g = static_cast<acc_t>(gy[j]);
+    if constexpr (kDrop) g = u[j] >= p ? g * scale : acc_t(0);
+    const acc_t d = g * act_grad<A>(z, slope);
+    dz[j] = d;
+    sdz[j] += static_cast<double>(d);
+    sdzx[j] += static_cast<double>(d * xhat);
+  }
+}
+
+// Backward step (2) over n elements of a row: dh from dz (m1, m2 = batch means
+// of dxhat and dxhat * xhat), accumulating sum(dh) per column. When scalar_t
+// is the accumulation dtype, dh is written over dz in place (`dh` unused).
+template <bool kTraining, typename scalar_t, typename acc_t>
+FASTGAN_ISA_CLONES void bn_dh_tile(acc_t* __restrict__ dz, scalar_t* __restrict__ dh,
+                                   const scalar_t* __restrict__ h, const acc_t* __restrict__ mean,
+                                   const acc_t* __restrict__ rstd, const acc_t* __restrict__ gamma,
+                                   const acc_t* __restrict__ m1, const acc_t* __restrict__ m2,
+                                   int64_t n, double* __restrict__ sdh) {
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t xhat = (static_cast<acc_t>(h[j]) - mean[j]) * rstd[j];
+    const acc_t dxhat = dz[j] * gamma[j];
+    const acc_t d = kTraining ? rstd[j] * ((dxhat - m1[j]) - xhat * m2[j]) : dxhat * rstd[j];
+    const scalar_t ds = static_cast<scalar_t>(d);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      dz[j] = ds;
+    } else {
+      dh[j] = ds;
+    }
+    sdh[j] += static_cast<double>(static_cast<acc_t>(ds));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& running_mean,
@@ -76,23 +153,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward
     const acc_t unbias = static_cast<acc_t>(static_cast<double>(B) / static_cast<double>(B - 1));
     const acc_t eps_a = static_cast<acc_t>(eps);
     const acc_t slope = static_cast<acc_t>(negative_slope);
+    const acc_t scale = static_cast<acc_t>(drop.scale);
 
     dispatch_activation(activation, [&](auto act_code) {
       constexpr int64_t A = decltype(act_code)::value;
       at::parallel_for(0, N, column_grain(B), [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
-        // (1) + (2): statistics of columns [c0, c1)
+        // (1) + (2): statistics of columns [c0, c1), shifted by the first row
         if (training) {
           std::vector<double> shift(w), s(w, 0.0), ss(w, 0.0);
           for (int64_t j = 0; j < w; ++j) shift[j] = static_cast<acc_t>(hp[c0 + j]);
-          for (int64_t i = 0; i < B; ++i) {
-            const scalar_t* row = hp + i * N + c0;
-            for (int64_t j = 0; j < w; ++j) {
-              const double d = static_cast<double>(static_cast<acc_t>(row[j])) - shift[j];
-              s[j] += d;
-              ss[j] += d * d;
-            }
-          }
+          shifted_column_sums<scalar_t>(hp + c0, B, N, w, shift.data(), s.data(), ss.data());
           for (int64_t j = 0; j < w; ++j) {
             const double m = s[j] / B;
             const acc_t var = static_cast<acc_t>(std::max(ss[j] / B - m * m, 0.0));
@@ -109,27 +180,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward
             rstdp[c] = acc_t(1) / std::sqrt(rv[c * rvs] + eps_a);
           }
         }
-        // (3): y = dropout(act(((h - mean) * rstd) * gamma + beta))
+        // (3): y = dropout(act(BN(h))), a row tile at a time
         float u[kTile];
-        const acc_t scale = static_cast<acc_t>(drop.scale);
         for (int64_t i = 0; i < B; ++i) {
           for (int64_t t0 = c0; t0 < c1; t0 += kTile) {
-            const int64_t tw = std::min(kTile, c1 - t0);
-            const scalar_t* hr = hp + i * N + t0;
-            scalar_t* yr = yp + i * N + t0;
-            const acc_t *mr = meanp + t0, *rr = rstdp + t0, *gr = gp + t0, *br = bp + t0;
+            const int64_t tw = std::min(kTile, c1 - t0), at = i * N + t0;
             if (drop.on) {
-              philox_uniform_row(drop.key, static_cast<uint32_t>(i * N + t0), tw, u);
-              for (int64_t j = 0; j < tw; ++j) {
-                const acc_t z = ((static_cast<acc_t>(hr[j]) - mr[j]) * rr[j]) * gr[j] + br[j];
-                const acc_t a = act_forward<A>(z, slope);
-                yr[j] = static_cast<scalar_t>(u[j] >= drop.p ? a * scale : acc_t(0));
-              }
+              philox_uniform_row(drop.key, static_cast<uint32_t>(at), tw, u);
+              bn_act_tile<A, true>(hp + at, yp + at, meanp + t0, rstdp + t0, gp + t0, bp + t0,
+                                   tw, slope, u, drop.p, scale);
             } else {
-              for (int64_t j = 0; j < tw; ++j) {
-                const acc_t z = ((static_cast<acc_t>(hr[j]) - mr[j]) * rr[j]) * gr[j] + br[j];
-                yr[j] = static_cast<scalar_t>(act_forward<A>(z, slope));
-              }
+              bn_act_tile<A, false>(hp + at, yp + at, meanp + t0, rstdp + t0, gp + t0, bp + t0,
+                                    tw, slope, u, drop.p, scale);
             }
           }
         }
@@ -178,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const acc_t *gp = gamma.data_ptr<acc_t>(), *bp = beta.data_ptr<acc_t>();
     const acc_t *mp = mu.data_ptr<acc_t>(), *rp = rs.data_ptr<acc_t>();
     acc_t *dgp = dgamma.data_ptr<acc_t>(), *dbtp = dbeta.data_ptr<acc_t>();
-    const acc_t slope = static_cast<acc_t>(negative_slope);
+    const acc_t slope = grad_slope<acc_t>(negative_slope);
     const acc_t scale = static_cast<acc_t>(drop.scale);
 
     dispatch_activation(activation, [&](auto act_code) {
@@ -191,21 +253,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
         // (1) dz and its column sums
         for (int64_t i = 0; i < B; ++i) {
           for (int64_t t0 = c0; t0 < c1; t0 += kTile) {
-            const int64_t tw = std::min(kTile, c1 - t0);
-            const int64_t base = i * N + t0;
-            if (drop.on) philox_uniform_row(drop.key, static_cast<uint32_t>(base), tw, u);
-            double* s1 = sdz.data() + (t0 - c0);
-            double* s2 = sdzx.data() + (t0 - c0);
-            for (int64_t j = 0; j < tw; ++j) {
-              const int64_t c = t0 + j;
-              const acc_t xhat = (static_cast<acc_t>(hp[base + j]) - mp[c]) * rp[c];
-              const acc_t z = xhat * gp[c] + bp[c];
-              acc_t g = static_cast<acc_t>(gyp[base + j]);
-              if (drop.on) g = u[j] >= drop.p ? g * scale : acc_t(0);
-              const acc_t dz = g * act_grad<A>(z, slope);
-              dzp[base + j] = dz;
-              s1[j] += static_cast<double>(dz);
-              s2[j] += static_cast<double>(dz * xhat);
+            const int64_t tw = std::min(kTile, c1 - t0), at = i * N + t0;
+            double *s1 = sdz.data() + (t0 - c0), *s2 = sdzx.data() + (t0 - c0);
+            if (drop.on) {
+              philox_uniform_row(drop.key, static_cast<uint32_t>(at), tw, u);
+              bn_dz_tile<A, true>(gyp + at, hp + at, mp + t0, rp + t0, gp + t0, bp + t0, tw,
+                                  slope, u, drop.p, scale, dzp + at, s1, s2);
+            } else {
+              bn_dz_tile<A, false>(gyp + at, hp + at, mp + t0, rp + t0, gp + t0, bp + t0, tw,
+                                   slope, u, drop.p, scale, dzp + at, s1, s2);
             }
           }
         }
@@ -213,24 +269,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
           const int64_t c = c0 + j;
           dbtp[c] = static_cast<acc_t>(sdz[j]);
           dgp[c] = static_cast<acc_t>(sdzx[j]);
-          // means over the batch of dxhat = dz * gamma and of dxhat * xhat
+          // batch means of dxhat = dz * gamma and of dxhat * xhat
           m1[j] = static_cast<acc_t>(static_cast<double>(gp[c]) * sdz[j] / B);
           m2[j] = static_cast<acc_t>(static_cast<double>(gp[c]) * sdzx[j] / B);
         }
         // (2) dh and its column sums (db)
         for (int64_t i = 0; i < B; ++i) {
-          const int64_t base = i * N + c0;
-          for (int64_t j = 0; j < w; ++j) {
-            const int64_t c = c0 + j;
-            const acc_t xhat = (static_cast<acc_t>(hp[base + j]) - mp[c]) * rp[c];
-            const acc_t dxhat = dzp[base + j] * gp[c];
-            const acc_t d = training ? rp[c] * ((dxhat - m1[j]) - xhat * m2[j]) : dxhat * rp[c];
-            const scalar_t ds = static_cast<scalar_t>(d);
-            dhp[base + j] = ds;
-            sdh[j] += static_cast<double>(static_cast<acc_t>(ds));
+          const int64_t at = i * N + c0;
+          if (training) {
+            bn_dh_tile<true>(dzp + at, dhp + at, hp + at, mp + c0, rp + c0, gp + c0, m1.data(),
+                             m2.data(), w, sdh.data());
+          } else {
+            bn_dh_tile<false>(dzp + at, dhp + at, hp + at, mp + c0, rp + c0, gp + c0, m1.data(),
+                              m2.data(), w, sdh.data());
           }
         }
-        for (int64_t j = 0; j < w; ++j) dbp[c0 + j] = static_cast<scalar_t>(static_cast<acc_t>(sdh[j]));
+        for (int64_t j = 0; j < w; ++j) {
+          dbp[c0 + j] = static_cast<scalar_t>(static_cast<acc_t>(sdh[j]));
+        }
       });
     });
   });

@@ -1,0 +1,346 @@
+"""What is specific to the C++ CPU kernels (csrc/cpu, backend ``cpu``).
+
+The shared, backend-parametrized comparisons with the reference live in
+tests/test_<op>.py; here: float64 gradcheck through the cpu backend, the
+argument checks at the C++ entry (torch.ops.fastgan_C.* called directly),
+non-contiguous inputs reaching the kernels, the dropout mask bit for bit
+against the reference Philox, and results independent of the thread count.
+"""
+import pytest
+import torch
+
+import fastgan
+from fastgan import backend, reference
+from fastgan import functional as FG
+from fastgan.spec import ACTIVATIONS
+
+if "cpu" not in fastgan.backends():
+    pytest.skip(f"cpu backend unavailable: {backend.unavailable().get('cpu')}",
+                allow_module_level=True)
+
+C = torch.ops.fastgan_C
+LEAKY = ACTIVATIONS["leaky_relu"]
+
+
+def _key(seed, offset):
+    return torch.tensor([seed], dtype=torch.int64), torch.tensor([offset], dtype=torch.int64)
+
+
+class ran_cpu:
+    """use_backend("cpu") that asserts the named functions were dispatched to it."""
+
+    def __init__(self, *functions):
+        self.functions = functions
+
+    def __enter__(self):
+        self.before = {f: backend.calls[("cpu", f)] for f in self.functions}
+        self.ctx = fastgan.use_backend("cpu")
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        if exc[0] is None:
+            for f in self.functions:
+                assert backend.calls[("cpu", f)] > self.before[f], f"cpu did not run {f}"
+
+
+# ------------------------------------------------------------------ gradcheck (float64)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation,p", [("leaky_relu", 0.0), ("tanh", 0.3), ("relu", 0.5),
+                                          ("identity", 0.2)])
+def test_gradcheck_linear_bn_act(training, activation, p):
+    g = torch.Generator().manual_seed(1)
+    d = dict(dtype=torch.float64)
+    x = torch.randn(5, 4, generator=g, **d).requires_grad_()
+    w = torch.randn(3, 4, generator=g, **d).requires_grad_()
+    b = torch.randn(3, generator=g, **d).requires_grad_()
+    gamma = (1 + 0.3 * torch.randn(3, generator=g, **d)).requires_grad_()
+    beta = (0.3 * torch.randn(3, generator=g, **d)).requires_grad_()
+    rm, rv = 0.1 * torch.randn(3, **d), 0.5 + torch.rand(3, **d)
+    nbt = torch.zeros(1, dtype=torch.int64)
+    seed, offset = _key(2**40 + 3, 11)
+
+    def f(x, w, b, gamma, beta):
+        # running stats are updated on every call; in training they do not feed y
+        return FG.linear_bn_act(x, w, b, gamma, beta, rm, rv, nbt, training, 0.1, 1e-5,
+                                activation, 0.2, p, seed, offset)
+
+    with ran_cpu("linear_bn_act_forward", "linear_bn_act_backward"):
+        assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
+
+
+@pytest.mark.parametrize("activation,p", [("leaky_relu", 0.0), ("tanh", 0.3), ("relu", 0.2),
+                                          ("identity", 0.0)])
+def test_gradcheck_linear_act(activation, p):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    seed, offset = _key(-7, 2**33)
+
+    def f(x, w, b):
+        return FG.linear_act(x, w, b, activation, 0.2, p, True, seed, offset)
+
+    with ran_cpu("linear_act_forward", "linear_act_backward"):
+        assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+def test_gradcheck_gan_bce():
+    g = torch.Generator().manual_seed(3)
+    real = (3 * torch.randn(6, 1, generator=g, dtype=torch.float64)).requires_grad_()
+    fake = (3 * torch.randn(4, 1, generator=g, dtype=torch.float64)).requires_grad_()
+    with ran_cpu("gan_bce_forward"):
+        assert torch.autograd.gradcheck(lambda r, f: FG.gan_bce_d(r, f, smoothing=0.1).loss,
+                                        (real, fake))
+        assert torch.autograd.gradcheck(lambda f: FG.gan_bce_g(f).loss, (fake,))
+
+
+# ------------------------------------------------------------------ C++ entry checks
+def _bn_args(b=4, k=3, n=5, dtype=torch.float32):
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    seed, offset = _key(1, 2)
+    return dict(x=torch.randn(b, k, dtype=dtype), weight=torch.randn(n, k, dtype=dtype),
+                bias=torch.randn(n, dtype=dtype), bn_weight=torch.ones(n, dtype=stat),
+                bn_bias=torch.zeros(n, dtype=stat), running_mean=torch.zeros(n, dtype=stat),
+                running_var=torch.ones(n, dtype=stat),
+                num_batches_tracked=torch.zeros(1, dtype=torch.int64), training=True,
+                momentum=0.1, eps=1e-5, activation=LEAKY, negative_slope=0.2, p=0.1,
+                seed=seed, offset=offset)
+
+
+BN_FORWARD_BAD = [
+    ("x", torch.randn(4), "x must be 2-D"),
+    ("x", torch.randint(0, 3, (4, 3)), "x must be float32"),
+    ("weight", torch.randn(5, 3, dtype=torch.float64), "weight must have dtype Float"),
+    ("weight", torch.randn(5, 4), "K mismatch"),
+    ("bias", torch.randn(6), "bias must have 5 elements"),
+    ("bn_weight", torch.ones(4), "bn_weight must have 5 elements"),
+    ("bn_bias", torch.zeros(5, dtype=torch.float16), "bn_bias must have dtype Float"),
+    ("running_mean", torch.zeros(5, 1), "running_mean must be 1-D"),
+    ("running_var", torch.ones(5, dtype=torch.float64), "running_var must have dtype Float"),
+    ("num_batches_tracked", torch.zeros(2, dtype=torch.int64), "num_batches_tracked must have exactly 1"),
+    ("seed", torch.tensor([1], dtype=torch.int32), "seed must have dtype int64"),
+    ("offset", torch.zeros(0, dtype=torch.int64), "offset must have exactly 1"),
+    ("p", 1.0, "dropout p"),
+    ("p", -0.1, "dropout p"),
+    ("activation", 7, "activation must be"),
+    ("negative_slope", float("nan"), "negative_slope"),
+    ("eps", 0.0, "eps must be"),
+    ("momentum", 1.5, "momentum must be"),
+    ("x", torch.randn(1, 3), "Expected more than 1 value per channel"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", BN_FORWARD_BAD,
+                         ids=[f"{n}-{m[:20]}" for n, _, m in BN_FORWARD_BAD])
+def test_linear_bn_act_forward_rejects(name, value, message):
+    args = _bn_args()
+    args[name] = value
+    rm_before = args["running_mean"].clone()
+    with pytest.raises(RuntimeError, match=message):
+        C.linear_bn_act_forward(*args.values())
+    assert torch.equal(args["running_mean"], rm_before) if name != "running_mean" else True
+    assert int(args["num_batches_tracked"].sum()) == 0 or name == "num_batches_tracked"
+
+
+def _bn_backward_args(b=4, k=3, n=5):
+    a = _bn_args(b, k, n)
+    y, h, mean, rstd = C.linear_bn_act_forward(*a.values())
+    return dict(grad_y=torch.randn_like(y), x=a["x"], weight=a["weight"], bn_weight=a["bn_weight"],
+                bn_bias=a["bn_bias"], h=h, mean=mean, rstd=rstd, training=True,
+                activation=LEAKY, negative_slope=0.2, p=0.1, seed=a["seed"], offset=a["offset"],
+                compute_dx=True)
+
+
+BN_BACKWARD_BAD = [
+    ("grad_y", torch.randn(4, 6), "grad_y must have shape \\[4, 5\\]"),
+    ("grad_y", torch.randn(4, 5, dtype=torch.float64), "grad_y must have dtype Float"),
+    ("h", torch.randn(3, 5), "h must have shape"),
+    ("mean", torch.zeros(5, dtype=torch.float16), "mean must have dtype Float"),
+    ("rstd", torch.ones(4), "rstd must have 5 elements"),
+    ("bn_weight", torch.ones(5, 5), "bn_weight must be 1-D"),
+    ("weight", torch.randn(5, 2), "K mismatch"),
+    ("seed", torch.tensor([1.0]), "seed must have dtype int64"),
+    ("p", 2.0, "dropout p"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", BN_BACKWARD_BAD,
+                         ids=[f"{n}-{m[:20]}" for n, _, m in BN_BACKWARD_BAD])
+def test_linear_bn_act_backward_rejects(name, value, message):
+    args = _bn_backward_args()
+    args[name] = value
+    with pytest.raises(RuntimeError, match=message):
+        C.linear_bn_act_backward(*args.values())
+
+
+def test_linear_act_rejects():
+    x, w, b = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
+    seed, offset = _key(1, 2)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        C.linear_act_forward(x[0], w, b, LEAKY, 0.2, 0.0, seed, offset)
+    with pytest.raises(RuntimeError, match="bias must have dtype"):
+        C.linear_act_forward(x, w, b.half(), LEAKY, 0.2, 0.0, seed, offset)
+    with pytest.raises(RuntimeError, match="seed must have exactly 1"):
+        C.linear_act_forward(x, w, b, LEAKY, 0.2, 0.0, torch.zeros(2, dtype=torch.int64), offset)
+    with pytest.raises(RuntimeError, match="activation must be"):
+        C.linear_act_forward(x, w, b, -1, 0.2, 0.0, seed, offset)
+    y = C.linear_act_forward(x, w, b, LEAKY, 0.2, 0.0, seed, offset)
+    with pytest.raises(RuntimeError, match="y must have shape \\[4, 5\\]"):
+        C.linear_act_backward(y, x, w, y[:3], LEAKY, 0.2, 0.0, seed, offset, True)
+    with pytest.raises(RuntimeError, match="grad_y must have dtype"):
+        C.linear_act_backward(y.double(), x, w, y, LEAKY, 0.2, 0.0, seed, offset, True)
+
+
+def test_gan_bce_rejects():
+    a = torch.randn(4, 1)
+    with pytest.raises(RuntimeError, match="logits_a must be float32"):
+        C.gan_bce_forward(torch.ones(4, dtype=torch.int64), None, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="logits_a must not be empty"):
+        C.gan_bce_forward(torch.zeros(0), None, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="logits_b must have the dtype of logits_a"):
+        C.gan_bce_forward(a, a.double(), 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="logits_b must not be empty"):
+        C.gan_bce_forward(a, torch.zeros(0), 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="target_a"):
+        C.gan_bce_forward(a, None, 1.5, 0.0)
+    with pytest.raises(RuntimeError, match="target_b"):
+        C.gan_bce_forward(a, a, 1.0, float("nan"))
+
+
+# ------------------------------------------------------------------ non-contiguous inputs
+def _close(a, b, tol=1e-5):
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_linear_bn_act_non_contiguous(training):
+    """Strided views go straight to the C++ kernels (no .contiguous() in Python)."""
+    g = torch.Generator().manual_seed(4)
+    b, k, n = 6, 9, 300
+    x = torch.randn(k, b, generator=g).t()                       # transposed
+    w = torch.randn(n, 2 * k, generator=g)[:, ::2]               # every other column
+    bias = torch.randn(2 * n, generator=g)[::2]
+    gamma = (1 + 0.2 * torch.randn(2 * n, generator=g))[1::2]
+    beta = (0.2 * torch.randn(n, 2, generator=g))[:, 0]
+    stats = torch.stack([0.1 * torch.randn(n, generator=g), 0.5 + torch.rand(n, generator=g)], 1)
+    gy = torch.randn(n, b, generator=g).t()
+    seed, offset = _key(99, 5)
+    assert not any(t.is_contiguous() for t in (x, w, bias, gamma, beta, stats[:, 0], gy))
+    outs = []
+    for fn in (reference.linear_bn_act_forward, C.linear_bn_act_forward):
+        st = stats.clone()  # running_mean/var as strided views, updated in place
+        nbt = torch.zeros(1, dtype=torch.int64)
+        act = "leaky_relu" if fn is reference.linear_bn_act_forward else LEAKY
+        y, h, mean, rstd = fn(x, w, bias, gamma, beta, st[:, 0], st[:, 1], nbt, training, None,
+                              1e-5, act, 0.2, 0.25, seed, offset)
+        bwd = (reference.linear_bn_act_backward if fn is reference.linear_bn_act_forward
+               else C.linear_bn_act_backward)
+        grads = bwd(gy, x, w, gamma, beta, h.t().contiguous().t(), mean, rstd, training, act,
+                    0.2, 0.25, seed, offset, True)
+        outs.append((y, h, mean, rstd, st, nbt) + tuple(grads))
+    for r, c in zip(*outs):
+        _close(c, r)
+
+
+def test_linear_act_and_gan_bce_non_contiguous():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3, generator=g).t()
+    w = torch.randn(20, 14, generator=g)[:, ::2]
+    bias = torch.randn(40, generator=g)[::2]
+    gy = torch.randn(20, 3, generator=g).t()
+    seed, offset = _key(3, 4)
+    y_ref = reference.linear_act_forward(x, w, bias, "tanh", 0.2, 0.3, seed, offset)
+    y = C.linear_act_forward(x, w, bias, ACTIVATIONS["tanh"], 0.2, 0.3, seed, offset)
+    _close(y, y_ref)
+    ref = reference.linear_act_backward(gy, x, w, y_ref, "tanh", 0.2, 0.3, seed, offset, True)
+    got = C.linear_act_backward(gy, x, w, y_ref.t().contiguous().t(), ACTIVATIONS["tanh"], 0.2,
+                                0.3, seed, offset, True)
+    for r, c in zip(ref, got):
+        _close(c, r)
+    logits = torch.randn(4, 6, generator=g).t()[:, :3]
+    for r, c in zip(reference.gan_bce_forward(logits, logits.t(), 0.9, 0.0),
+                    C.gan_bce_forward(logits, logits.t(), 0.9, 0.0)):
+        _close(c, r)
+
+
+# ------------------------------------------------------------------ dropout mask, bit for bit
+SEEDS_OFFSETS = [(0, 0), (1234, 7), (2**32 - 1, 1), (2**32 + 5, 2**32), (2**62 + 11, 3),
+                 (-1, 0), (-(2**40) - 3, 2**33 + 3), (987654321, -5), (-2**63, 2**63 - 1)]
+
+
+@pytest.mark.parametrize("seed,offset", SEEDS_OFFSETS)
+@pytest.mark.parametrize("shape", [(3, 1000), (70, 1030)])  # tiles of 256; 2+ threads
+def test_dropout_mask_bit_exact(seed, offset, shape):
+    b, n = shape
+    p = 0.3
+    s, o = _key(seed, offset)
+    keep = reference.dropout_keep_mask(s, o, shape, p)
+    scale = reference.dropout_scale(p)
+    # identity activation of z == 1 (zero weight, unit bias): y is the scaled mask itself
+    x = torch.randn(b, 4)
+    w, bias = torch.zeros(n, 4), torch.ones(n)
+    y = C.linear_act_forward(x, w, bias, ACTIVATIONS["identity"], 0.0, p, s, o)
+    assert torch.equal(y != 0, keep)
+    assert torch.equal(y[keep], torch.full_like(y[keep], scale))
+    # backward draws the same mask: dz = scale * grad_y where kept, 0 elsewhere
+    _, _, db = C.linear_act_backward(torch.ones(b, n), x, w, y, ACTIVATIONS["identity"], 0.0, p,
+                                     s, o, False)
+    assert torch.equal(db, keep.sum(0).to(torch.float32) * scale)
+    # linear_bn_act: BN output of a constant column is beta; with beta = 1 y is the mask again
+    n_ = torch.zeros(1, dtype=torch.int64)
+    y2, *_ = C.linear_bn_act_forward(x, w, bias, torch.ones(n), torch.ones(n), torch.zeros(n),
+                                     torch.ones(n), n_, True, 0.1, 1e-5,
+                                     ACTIVATIONS["identity"], 0.0, p, s, o)
+    assert torch.equal(y2 != 0, keep)
+
+
+# ------------------------------------------------------------------ threads
+def test_results_do_not_depend_on_thread_count():
+    g = torch.Generator().manual_seed(6)
+    a = _bn_args(b=96, k=40, n=700)
+    a["x"] = torch.randn(96, 40, generator=g)
+    gy = torch.randn(96, 700, generator=g)
+    prev = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            args = dict(a, running_mean=a["running_mean"].clone(),
+                        running_var=a["running_var"].clone(),
+                        num_batches_tracked=a["num_batches_tracked"].clone())
+            y, h, mean, rstd = C.linear_bn_act_forward(*args.values())
+            grads = C.linear_bn_act_backward(gy, args["x"], args["weight"], args["bn_weight"],
+                                             args["bn_bias"], h, mean, rstd, True, LEAKY, 0.2,
+                                             args["p"], args["seed"], args["offset"], True)
+            bce = C.gan_bce_forward(torch.randn(40000, generator=torch.Generator().manual_seed(0)),
+                                    None, 1.0, 0.0)
+            results.append((y, mean, rstd, args["running_var"]) + tuple(grads[2:]) + bce[:2])
+    finally:
+        torch.set_num_threads(prev)
+    for other in results[1:]:
+        for r, c in zip(results[0], other):
+            assert torch.equal(r, c)
+
+
+@pytest.mark.parametrize("path", ["avx2", "scalar"])
+def test_dropout_mask_bit_exact_on_narrower_philox_paths(path):
+    """The widest Philox path the CPU has runs above; FASTGAN_CPU_PHILOX selects the
+    AVX2 and scalar ones (csrc/cpu/dropout.cpp) in a fresh process."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, fastgan._C\n"
+        "from fastgan import reference as R\n"
+        "C = torch.ops.fastgan_C\n"
+        "for seed, offset in [(0, 0), (2**32 + 5, 2**32), (-(2**40) - 3, -5)]:\n"
+        "    s, o = torch.tensor([seed]), torch.tensor([offset])\n"
+        "    y = C.linear_act_forward(torch.randn(5, 2), torch.zeros(333, 2), torch.ones(333),\n"
+        "                             0, 0.0, 0.4, s, o)\n"
+        "    assert torch.equal(y != 0, R.dropout_keep_mask(s, o, (5, 333), 0.4)), (seed, offset)\n"
+        "print('ok')\n")
+    env = dict(__import__("os").environ, FASTGAN_CPU_PHILOX=path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

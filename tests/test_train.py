@@ -283,7 +283,6 @@ def test_cuda_graph_equals_eager():
     """Graph replay vs the same step run eagerly, dropout on: same losses and
     parameters (fp32 tolerance), identical BN counters and dropout counters, so
     the warm-up left no trace and replays drew fresh noise and masks."""
-    torch.backends.cuda.matmul.allow_tf32 = False
     cfg = TrainConfig(**SMALL, dropout=0.2)
     data = _data()
     g, e = _gpu_pair(cfg, data, True, False)

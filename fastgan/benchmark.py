@@ -13,9 +13,11 @@ Contenders
 ``fastgan-<backend>-graph``  the fused train step captured in a CUDA graph (GPU only)
 
 Timing: the first call (which includes any compilation) and the rest of the
-warm-up are timed separately from the measured steps; each measured sample is
+warm-up are timed separately from the measured steps. Then the contenders of
+one (workload, batch, dtype) are sampled round-robin, one sample each per
+round, so a change in the machine's load hits all of them alike. A sample is
 one call on the CPU, and ``repeat`` calls between two CUDA events on a GPU (so
-launch latency of the timer itself is not counted). Reported: median and
+the timer's own launch latency is not counted). Reported: median and
 20th/80th percentile per call.
 
 FLOPs are those of the GEMMs only: ``2*B*K*N`` per Linear per forward pass, three
@@ -154,12 +156,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 20,
-            min_time_s: float = 0.0, repeat: int = 1) -> Timing:
-    """Time ``fn``: first call, warm-up, then ``iters`` samples (at least ``min_time_s``).
-
-    On CUDA each sample is ``repeat`` back-to-back calls between two events.
-    """
+def warm(fn: Callable[[], object], device: torch.device, warmup: int = 3) -> Timing:
+    """First call (compilation, capture, lazy init) and warm-up, timed apart."""
     t = Timing()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -173,25 +171,53 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, ite
         fn()
     _sync(device)
     t.warmup_s = time.perf_counter() - t0
-    start = time.perf_counter()
-    while len(t.samples_ms) < iters or time.perf_counter() - start < min_time_s:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(repeat):
-                fn()
-            b.record()
-            b.synchronize()
-            t.samples_ms.append(a.elapsed_time(b) / repeat)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t.samples_ms.append((time.perf_counter() - t0) * 1e3)
-        if len(t.samples_ms) >= 50 * max(iters, 1):
-            break
     if device.type == "cuda":
+        # peak of the warm-up calls: what one contender needs (later samples
+        # interleave contenders, so their peak would mix them)
         t.peak_mem_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return t
+
+
+def sample(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> float:
+    """Milliseconds per call: one call on the CPU, ``repeat`` calls between two
+    CUDA events on a GPU."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(repeat):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / repeat
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_many(fns: dict, device: torch.device, warmup: int = 3, iters: int = 20,
+                 min_time_s: float = 0.0, repeat: int = 1) -> dict:
+    """Time several callables side by side: each is warmed up, then samples are
+    taken round-robin (one per callable per round) until each has ``iters`` and
+    ``min_time_s`` per callable has passed. Interleaving keeps the ratios fair
+    when the machine's load drifts (a shared CPU). Returns {key: Timing}."""
+    timings = {k: (warm(fn, device, warmup) if warmup else Timing()) for k, fn in fns.items()}
+    if not fns:
+        return timings
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < iters or time.perf_counter() - start < min_time_s * len(fns):
+        for k, fn in fns.items():
+            timings[k].samples_ms.append(sample(fn, device, repeat))
+        rounds += 1
+        if rounds >= 50 * max(iters, 1):
+            break
+    return timings
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 20,
+            min_time_s: float = 0.0, repeat: int = 1) -> Timing:
+    """Time ``fn`` alone (see ``measure_many``)."""
+    return measure_many({0: fn}, device, warmup, iters, min_time_s, repeat)[0]
 
 
 # ---------------------------------------------------------------------------- contenders
@@ -424,6 +450,11 @@ def _seed_gan():
     return _SEED_GAN
 
 
+def _error(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
 def _backend_calls(name: Optional[str]) -> int:
     return sum(n for (b, _), n in _backend.calls.items() if b == name)
 
@@ -498,30 +529,45 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
     for kind, op, pass_ in work:
         for dtype in cfg.dtypes:
             for batch in cfg.batches:
-                for c in cs:
-                    if kind == "op" and c.cuda_graph:
-                        continue
-                    if kind == "step":
-                        flops = step_flops(*_seed_gan(), batch)
-                    else:
-                        flops = op_flops(op, pass_, batch)
+                group = [c for c in cs if not (kind == "op" and c.cuda_graph)]
+                flops = (step_flops(*_seed_gan(), batch) if kind == "step"
+                         else op_flops(op, pass_, batch))
+                fns, notes, timings = {}, {}, {}
+                for c in group:  # build and warm up each; a failure is recorded, not fatal
                     try:
                         if kind == "step":
                             fn = build_step(c, batch, device, dtype, cfg.seed)[0]
                         else:
                             fn = build_op(c, op, pass_, batch, device, dtype, cfg.seed)
                         before = _backend_calls(c.backend)
-                        t = measure(fn, device, cfg.warmup, cfg.iters, cfg.min_time_s,
-                                    cfg.repeat)
-                        note = ""
+                        timings[c.name] = warm(fn, device, cfg.warmup)
+                        fns[c.name] = fn
                         if (c.backend and _backend_calls(c.backend) == before
                                 and (op, pass_) != ("gan_bce", "backward")):
-                            note = f"backend {c.backend} never ran"  # proves the label is true
-                    except Exception as e:  # recorded, not fatal: one broken path must not hide the rest
-                        t, note = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                    emit(_record(kind, op, pass_, c, batch, dtype, t, flops, note))
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                            notes[c.name] = f"backend {c.backend} never ran"  # the label must be true
+                    except Exception as e:
+                        notes[c.name] = _error(e)
+                try:
+                    sampled = measure_many(fns, device, 0, cfg.iters, cfg.min_time_s, cfg.repeat)
+                except Exception as e:
+                    sampled = {}
+                    for name in fns:
+                        notes[name] = _error(e)
+                group_records = []
+                for c in group:
+                    t = timings.get(c.name)
+                    if c.name in sampled and sampled[c.name].samples_ms:
+                        t.samples_ms = sampled[c.name].samples_ms
+                    else:
+                        t = None
+                    group_records.append(_record(kind, op, pass_, c, batch, dtype, t, flops,
+                                                 notes.get(c.name, "")))
+                add_speedups(group_records)
+                for r in group_records:
+                    emit(r)
+                del fns
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return add_speedups(records)
 
 

@@ -36,16 +36,18 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 # Build in place and make kernels/ importable as fastgan.kernels (editable install, no deps, no index).
-stage build 240 env FASTGAN_BUILD_CUDA=1 MAX_JOBS=16 $PY -m pip install -q --no-deps --no-index \
+stage build 150 env FASTGAN_BUILD_CUDA=1 MAX_JOBS=16 $PY -m pip install -q --no-deps --no-index \
   --no-build-isolation -e .
 $PY -c "import fastgan; print('backends:', fastgan.backends()); print('unavailable:', fastgan.unavailable())"
 
-stage gpu-tests 150 $PY -m pytest -m gpu -q -x --timeout 120 --junitxml="$OUTDIR/gpu_tests.xml" tests
-stage memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+stage gpu-tests 120 $PY -m pytest -m gpu -q --timeout 60 --junitxml="$OUTDIR/gpu_tests.xml" tests
+stage memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 9 \
   $PY -m pytest -q -m gpu tests/test_cuda_backend.py -k "graph_replay or dropout_mask" --timeout 50
-stage bench-cuda-ops 60 $PY bench/bench_cuda_ops.py "$OUTDIR/cuda_ops.json" --samples 7 --iters 10
-stage bench-triton-ops 60 $PY bench/bench_triton_ops.py "$OUTDIR/triton_ops.json" --samples 7 --iters 10
-stage bench-step 90 $PY -m fastgan bench --device cuda --no-ops --batch-sizes 64,1024,16384 \
+stage bench-cuda-ops 45 $PY bench/bench_cuda_ops.py "$OUTDIR/cuda_ops.json" --samples 7 --iters 10 \
+  --dtype bf16 --contenders eager triton cuda
+stage bench-triton-ops 45 $PY bench/bench_triton_ops.py "$OUTDIR/triton_ops.json" --samples 7 --iters 10 \
+  --dtype bf16
+stage bench-step 60 $PY -m fastgan bench --device cuda --no-ops --batch-sizes 64,1024,16384 \
   --iters 20 --warmup 5 --min-time 0.2 --no-plot --out "$OUTDIR/step"
 ls -la "$OUTDIR"
 echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"

@@ -49,6 +49,8 @@ stage bench-triton-ops 45 $PY bench/bench_triton_ops.py "$OUTDIR/triton_ops.json
   --dtype bf16
 stage bench-step 60 $PY -m fastgan bench --device cuda --no-ops --batch-sizes 64,1024,16384 \
   --iters 20 --warmup 5 --min-time 0.2 --no-plot --out "$OUTDIR/step"
+stage train-graph 60 $PY -m fastgan train --device cuda --data synthetic --steps 600 \
+  --steps-per-graph 6 --no-progress --out "$OUTDIR/train_graph"
 ls -la "$OUTDIR"
 echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
 exit $status

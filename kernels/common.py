@@ -33,12 +33,10 @@ def matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_b
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if _INTERPRET:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         b_ptrs_t = b_ptr + offs_n[:, None] * stride_bn + offs_k[None, :] * stride_bk
         n_ok_t = offs_n[:, None] < N
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=m_ok & k_ok[None, :], other=0.0)
@@ -47,16 +45,17 @@ def matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_b
             # with dtype=...). A broadcast product summed over its last axis is
             # several times faster, and numpy sums a contiguous last axis
             # pairwise, as accurately as a blocked BLAS: so gather B already
-            # transposed, (BLOCK_N, BLOCK_K), rather than tl.trans a view.
+            # transposed, (BLOCK_N, BLOCK_K), rather than tl.trans a view. The sum
+            # stays fp32 like the GPU's tl.dot, so the tests see fp32 round-off.
             bt = tl.load(b_ptrs_t, mask=n_ok_t & k_ok[None, :], other=0.0)
-            acc += tl.sum(a.to(tl.float64)[:, None, :] * bt.to(tl.float64)[None, :, :], axis=2)
+            acc += tl.sum(a.to(tl.float32)[:, None, :] * bt.to(tl.float32)[None, :, :], axis=2)
             b_ptrs_t += BLOCK_K * stride_bk
         else:
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
             acc = tl.dot(a, b, acc, input_precision="ieee")
             b_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
-    return acc.to(tl.float32)
+    return acc
 
 
 @triton.jit

@@ -59,6 +59,24 @@ def run(case, backend, device, dtype, training=True, p=0.0, momentum=0.1, seed=1
     return out
 
 
+def conditioning_floor(case, dtype, training=True, **_):
+    """Round-off any correct fp32 kernel may show on top of the reference's.
+
+    A GEMM's error in h (about u * sqrt(K) * |h|, its summation order is the
+    kernel's own) is amplified by BN's 1/std: with B = 2 or 3 a column whose
+    values nearly coincide has a tiny std, so two correct GEMMs can differ
+    several-fold after BN. The bound scales with that amplification."""
+    if dtype != torch.float32:
+        return 0.0
+    x, w = case["x"].double(), case["weight"].double()
+    h = x @ w.t()
+    if case["bias"] is not None:
+        h = h + case["bias"].double()
+    var = h.var(0, unbiased=False) if training else case["running_var"].double()
+    amp = float(((var + 1e-5).rsqrt() * h.abs().amax(0)).max())
+    return 2 * 2.0**-24 * x.shape[1] ** 0.5 * amp
+
+
 def check(backend, device, dtype, shape, **kw):
     require(backend, device)
     case = make_case(*shape)
@@ -67,7 +85,7 @@ def check(backend, device, dtype, shape, **kw):
     gold = run(case, "reference", "cpu", torch.float64, **kw)
     assert torch.equal(got["nbt"].cpu(), gold["nbt"].cpu())
     keys = [k for k in gold if k != "nbt" and not (k == "b_grad" and kw.get("training", True))]
-    assert_matches(backend, got, ref, gold, dtype, keys)
+    assert_matches(backend, got, ref, gold, dtype, keys, conditioning_floor(case, dtype, **kw))
     if kw.get("training", True) and "b_grad" in got:
         # BN cancels the Linear bias: its gradient is zero up to round-off, so
         # compare absolute errors, on the scale of the weight gradient.

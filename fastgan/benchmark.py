@@ -247,8 +247,11 @@ def contenders(device: torch.device, names: Optional[Iterable[str]] = None) -> l
             out.append(Contender(f"fastgan-{b}", fused=True, backend=b))
             if device.type == "cuda" and b != "reference":
                 out.append(Contender(f"fastgan-{b}-graph", fused=True, backend=b, cuda_graph=True))
+    # Triton on CPU tensors is the interpreter: a correctness tool, far too slow
+    # to time. It runs only when named exactly.
+    interp = {"fastgan-triton"} if device.type == "cpu" else set()
     if names is None:
-        return out
+        return [c for c in out if c.name not in interp]
     wanted = set(names)
     unknown = wanted - {c.name for c in out} - {"eager", "compile", "fastgan", "graph"}
     if unknown:
@@ -257,7 +260,8 @@ def contenders(device: torch.device, names: Optional[Iterable[str]] = None) -> l
 
     def keep(c: Contender) -> bool:
         return (c.name in wanted or ("compile" in wanted and c.compile_mode is not None)
-                or ("fastgan" in wanted and c.fused and not c.cuda_graph)
+                or ("fastgan" in wanted and c.fused and not c.cuda_graph
+                    and c.name not in interp)
                 or ("graph" in wanted and c.cuda_graph))
     return [c for c in out if keep(c)]
 

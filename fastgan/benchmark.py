@@ -18,7 +18,9 @@ one (workload, batch, dtype) are sampled round-robin, one sample each per
 round, so a change in the machine's load hits all of them alike. A sample is
 one call on the CPU, and ``repeat`` calls between two CUDA events on a GPU (so
 the timer's own launch latency is not counted). Reported: median and
-20th/80th percentile per call.
+20th/80th percentile per call. Peak memory is measured on a GPU only
+(``torch.cuda.max_memory_allocated`` over the warm-up, above what was allocated
+before); on the CPU it is left empty.
 
 FLOPs are those of the GEMMs only: ``2*B*K*N`` per Linear per forward pass, three
 times that when the pass is also differentiated (dX and dW). One train step

@@ -214,8 +214,7 @@ def run(args) -> int:
     _save(doc, args)
     if args.profile:
         path = args.out + "-profile.txt"
-        batch = cfg.batches[1] if len(cfg.batches) > 1 and 64 in cfg.batches else cfg.batches[0]
-        batch = 64 if 64 in cfg.batches else batch
+        batch = 64 if 64 in cfg.batches else cfg.batches[0]
         with open(path, "w") as f:
             for c in B.contenders(cfg.device, cfg.contenders):
                 if c.compile_mode is None and not c.cuda_graph:

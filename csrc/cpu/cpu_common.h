@@ -168,7 +168,7 @@ inline void dispatch_activation(int64_t act, const F& f) {
 }
 
 // ------------------------------------------------------------------ vectorization
-// The elementwise tile loops and the Philox loop are compiled once per x86-64
+// The elementwise tile loops are compiled once per x86-64
 // ISA level and picked at load time (GCC/Clang target_clones, an ifunc): 16
 // float lanes with AVX-512, 8 with AVX2, 4 on baseline SSE2. Each tile loop
 // is a function of __restrict__ pointers and by-value scalars, so -O3 sees
@@ -181,8 +181,8 @@ inline void dispatch_activation(int64_t act, const F& f) {
 
 // ------------------------------------------------------------------ dropout
 // Uniforms u[k] = philox(seed, offset, idx0 + k) for k < n. Defined in
-// dropout.cpp, compiled once per ISA level (target_clones) so the 10 Philox
-// rounds run 8 or 16 lanes wide; this is the only Philox loop of the kernels.
+// dropout.cpp with AVX-512 / AVX2 intrinsics (16 or 8 counters at a time),
+// picked at load time; this is the only Philox loop of the kernels.
 void philox_uniform_row(const DropoutKey& key, uint32_t idx0, int64_t n, float* u);
 
 // What a kernel needs to apply the mask of reference._apply_dropout:

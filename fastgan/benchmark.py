@@ -577,11 +577,11 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
     return add_speedups(records)
 
 
-def result(cfg: Config, records: list[dict]) -> dict:
+def result(cfg: Config, records: list[dict], machine: Optional[dict] = None) -> dict:
     """The JSON document of one run."""
     return {
         "schema": SCHEMA,
-        "machine": machine_info(cfg.device),
+        "machine": machine if machine is not None else machine_info(cfg.device),
         "config": {"batches": list(cfg.batches), "dtypes": list(cfg.dtypes),
                    "contenders": [c.name for c in contenders(cfg.device, cfg.contenders)],
                    "ops": list(cfg.ops), "passes": list(cfg.passes), "steps": cfg.steps,

@@ -146,6 +146,7 @@ def test_bench_cli_quick(tmp_path, capsys):
     assert "train step" in text and "xeager" in text
     doc = json.loads(out.with_suffix(".json").read_text())
     B.validate(doc)
+    assert doc["complete"] is True
     assert {r["pass"] for r in doc["records"] if r["kind"] == "op"} == {"both"}
     assert {r["dtype"] for r in doc["records"]} == {"fp32"}
     with open(out.with_suffix(".csv")) as f:

@@ -206,8 +206,19 @@ def run(args) -> int:
           f"contenders: {', '.join(c.name for c in B.contenders(cfg.device, cfg.contenders))}",
           flush=True)
     print(HEADER, flush=True)
-    records = B.run(cfg, on_record=lambda r: print(format_row(r), flush=True))
-    doc = B.result(cfg, records)
+    machine = B.machine_info(cfg.device)
+    _prepare(args.out)
+    done = []
+
+    def on_record(r):
+        # Rewrite PREFIX.json after every measurement ("complete": false), so a
+        # run killed by a time limit still leaves what it measured.
+        print(format_row(r), flush=True)
+        done.append(r)
+        _write_json(dict(B.result(cfg, done, machine), complete=False), args.out + ".json")
+
+    records = B.run(cfg, on_record=on_record)
+    doc = dict(B.result(cfg, records, machine), complete=True)
     print("\nwith speed-ups (xeager: over the eager reference; xcomp: over the best "
           "torch.compile mode; first s: first call incl. compile, not in the step time):")
     print(table(records))
@@ -227,12 +238,21 @@ def run(args) -> int:
     return 0
 
 
-def _save(doc, args) -> None:
-    d = os.path.dirname(args.out)
+def _prepare(prefix: str) -> None:
+    d = os.path.dirname(prefix)
     if d:
         os.makedirs(d, exist_ok=True)
-    with open(args.out + ".json", "w") as f:
+
+
+def _write_json(doc: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _save(doc, args) -> None:
+    _write_json(doc, args.out + ".json")
     write_csv(doc["records"], args.out + ".csv")
     written = [args.out + ".json", args.out + ".csv"]
     if not args.no_plot:

@@ -47,7 +47,8 @@ stage bench-cuda-ops 45 $PY bench/bench_cuda_ops.py "$OUTDIR/cuda_ops.json" --sa
   --dtype bf16 --contenders eager triton cuda
 stage bench-triton-ops 45 $PY bench/bench_triton_ops.py "$OUTDIR/triton_ops.json" --samples 7 --iters 10 \
   --dtype bf16
-stage bench-step 60 $PY -m fastgan bench --device cuda --no-ops --batch-sizes 64,1024,16384 \
+stage bench-step 75 $PY -m fastgan bench --device cuda --no-ops --batch-sizes 64,1024,16384 \
+  --dtypes bf16 --tf32 --contenders eager,compile-reduce-overhead,fastgan,graph \
   --iters 20 --warmup 5 --min-time 0.2 --no-plot --out "$OUTDIR/step"
 stage train-graph 60 $PY -m fastgan train --device cuda --data synthetic --steps 600 \
   --steps-per-graph 6 --no-progress --out "$OUTDIR/train_graph"

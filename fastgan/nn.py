@@ -59,8 +59,9 @@ def _new_rng_state(device=None) -> Tensor:
 
 
 def _next_key(state: Tensor) -> tuple[Tensor, Tensor]:
-    seed = state[:1]
-    offset = state[1:].clone()
+    # Copies, not views: autograd saves them for backward, and a later forward's
+    # in-place advance of the buffer must not invalidate an earlier graph.
+    seed, offset = state[:1].clone(), state[1:].clone()
     state[1:].add_(1)
     return seed, offset
 
@@ -118,7 +119,7 @@ class _Fused(nn.Sequential):
     def _key(self, p: float):
         if p > 0:
             return _next_key(self.dropout_rng)
-        return self.dropout_rng[:1], self.dropout_rng[1:]
+        return self.dropout_rng[:1].clone(), self.dropout_rng[1:].clone()  # unused by the kernels
 
     def seed_dropout(self, seed: int) -> None:
         """Restart this layer's dropout stream at ``seed``."""

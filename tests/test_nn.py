@@ -152,3 +152,17 @@ def test_fused_gan_trains_like_the_reference_gan(name):
     for m, r in ((g, g_ref), (d, d_ref)):
         for (k, v), (_, w) in zip(m.state_dict().items(), r.state_dict().items()):
             torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fused_layer_called_twice_before_backward():
+    """The seed's loop runs D on real and on fake, then backward: the dropout
+    counter advancing between the two calls must not break the first graph."""
+    d = Discriminator(in_dim=12, hidden=(8, 6))
+    real, fake = torch.randn(4, 12), torch.randn(4, 12)
+    loss = d(real).sum() + d(fake).sum()
+    d.eval()
+    loss = loss + d(real).sum()
+    d.train()
+    loss = loss + d(fake).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in d.parameters())

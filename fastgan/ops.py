@@ -29,6 +29,20 @@ def _impl(function: str, x: Tensor):
     return backend.get(function, x.device)
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """Whether an autograd.Function may call the op's body directly.
+
+    The custom-op round trip (Python -> dispatcher -> Python) costs tens of
+    microseconds per call, as much as the fused kernels of a small layer on
+    the CPU. In plain eager code on plain tensors the body (same checks, same
+    backend) runs directly; under torch.compile, or on fake, meta or subclass
+    tensors, the registered op is called.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is Tensor and t.device.type != "meta" for t in tensors)
+
+
 # ------------------------------------------------------------------ linear_bn_act
 @custom_op("fastgan::linear_bn_act",
            mutates_args=("running_mean", "running_var", "num_batches_tracked"))
@@ -38,10 +52,14 @@ def linear_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
                   eps: float, activation: str, negative_slope: float, p: float, seed: Tensor,
                   offset: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y = dropout(act(BN(x @ W.T + b))); returns (y, h, mean, rstd), see reference."""
-    args = (x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-            training, momentum, eps, activation, negative_slope, p, seed, offset)
+    return _linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                          num_batches_tracked, training, momentum, eps, activation,
+                          negative_slope, p, seed, offset)
+
+
+def _linear_bn_act(*args):
     _checks.linear_bn_act(*args)
-    return _impl("linear_bn_act_forward", x)(*args)
+    return _impl("linear_bn_act_forward", args[0])(*args)
 
 
 @register_fake("fastgan::linear_bn_act")
@@ -62,10 +80,14 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
                            seed: Tensor, offset: Tensor, compute_dx: bool
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db, dgamma, dbeta); dx is empty unless compute_dx."""
-    grad_y = grad_y.contiguous()  # autograd may hand us an expanded/strided gradient
-    return _impl("linear_bn_act_backward", x)(
-        grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, activation,
-        negative_slope, p, seed, offset, compute_dx)
+    return _linear_bn_act_backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd,
+                                   training, activation, negative_slope, p, seed, offset,
+                                   compute_dx)
+
+
+def _linear_bn_act_backward(grad_y, *args):
+    # autograd may hand us an expanded or strided gradient
+    return _impl("linear_bn_act_backward", args[0])(grad_y.contiguous(), *args)
 
 
 @register_fake("fastgan::linear_bn_act_backward")
@@ -84,9 +106,10 @@ class LinearBNActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                 num_batches_tracked, training, momentum, eps, activation, negative_slope, p,
                 seed, offset):
-        y, h, mean, rstd = torch.ops.fastgan.linear_bn_act(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-            training, momentum, eps, activation, negative_slope, p, seed, offset)
+        fwd = _linear_bn_act if _eager(x, weight) else torch.ops.fastgan.linear_bn_act
+        y, h, mean, rstd = fwd(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                               num_batches_tracked, training, momentum, eps, activation,
+                               negative_slope, p, seed, offset)
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, h, mean, rstd, seed, offset)
         ctx.hyper = (training, activation, negative_slope, p)
         ctx.has_bias = bias is not None
@@ -96,9 +119,11 @@ class LinearBNActFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bn_weight, bn_bias, h, mean, rstd, seed, offset = ctx.saved_tensors
         training, activation, negative_slope, p = ctx.hyper
-        dx, dw, db, dgamma, dbeta = torch.ops.fastgan.linear_bn_act_backward(
-            grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, activation,
-            negative_slope, p, seed, offset, ctx.needs_input_grad[0])
+        bwd = (_linear_bn_act_backward if _eager(grad_y, x)
+               else torch.ops.fastgan.linear_bn_act_backward)
+        dx, dw, db, dgamma, dbeta = bwd(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd,
+                                        training, activation, negative_slope, p, seed, offset,
+                                        ctx.needs_input_grad[0])
         return ((dx if ctx.needs_input_grad[0] else None), dw, (db if ctx.has_bias else None),
                 dgamma, dbeta) + (None,) * 11
 

@@ -38,8 +38,9 @@ CONTENDERS = ("eager", "compile", "triton", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None, contenders=CONTENDERS, description=None) -> argparse.Namespace:
+    """Arguments shared by the op benchmarks (bench_triton_ops.py passes its contenders)."""
+    ap = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     ap.add_argument("json", help="write the results (JSON) to this path")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 1024, 8192])
     ap.add_argument("--k", type=int, default=1024, help="in_features (the seed D's widest layer)")
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    ap.add_argument("--contenders", nargs="+", default=list(contenders), choices=contenders)
     ap.add_argument("--iters", type=int, default=20, help="steps per timed sample")
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (compiles)")

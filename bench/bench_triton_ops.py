@@ -40,28 +40,7 @@ DTYPES = common.DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="write the results (JSON) to this path")
-    ap.add_argument("--batch", type=int, nargs="+", default=[64, 1024, 8192])
-    ap.add_argument("--k", type=int, default=1024, help="in_features")
-    ap.add_argument("--n", type=int, default=1024, help="out_features")
-    ap.add_argument("--dropout", type=float, default=0.2)
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    ap.add_argument("--iters", type=int, default=20, help="steps per timed sample")
-    ap.add_argument("--samples", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="validate the arguments and print the plan; needs no GPU")
-    args = ap.parse_args(argv)
-    if any(b < 2 for b in args.batch):
-        ap.error("--batch values must be >= 2 (BatchNorm needs 2 rows in training)")
-    if not 0.0 <= args.dropout < 1.0:
-        ap.error("--dropout must be in [0, 1)")
-    if min(args.k, args.n, args.iters, args.samples) < 1 or args.warmup < 0:
-        ap.error("--k, --n, --iters, --samples must be >= 1 and --warmup >= 0")
-    return args
+    return common.parse_args(argv, CONTENDERS, __doc__.splitlines()[0])
 
 
 def _kernel_step(op: str, batch: int, k: int, n: int, p: float,

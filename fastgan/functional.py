@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.fastgan.*)
+from . import ops  # registers torch.ops.fastgan.*
 from .ops import LinearBNActFunction
 
 
@@ -54,8 +54,10 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """dropout(act(linear(x))) in one fused op; dropout only in training."""
     p = float(dropout) if training else 0.0
     seed, offset = _rng(x, seed, offset, p)
-    return torch.ops.fastgan.linear_act(x, weight, bias, activation, float(negative_slope), p,
-                                        seed, offset)
+    args = (x, weight, bias, activation, float(negative_slope), p, seed, offset)
+    if ops._eager(x, weight):
+        return ops.LinearActFunction.apply(*args)
+    return torch.ops.fastgan.linear_act(*args)
 
 
 class DLoss(NamedTuple):

@@ -133,6 +133,10 @@ class LinearBNActFunction(torch.autograd.Function):
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                negative_slope: float, p: float, seed: Tensor, offset: Tensor) -> Tensor:
     """y = dropout(act(x @ W.T + b))."""
+    return _linear_act(x, weight, bias, activation, negative_slope, p, seed, offset)
+
+
+def _linear_act(x, weight, bias, activation, negative_slope, p, seed, offset):
     _checks.linear(x, weight, bias, seed, offset)
     _checks.hyper(activation, negative_slope, p)
     return _impl("linear_act_forward", x)(x, weight, bias, activation, negative_slope, p,
@@ -151,8 +155,12 @@ def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, ac
                         negative_slope: float, p: float, seed: Tensor, offset: Tensor,
                         compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db); dx is empty unless compute_dx."""
-    return _impl("linear_act_backward", x)(grad_y.contiguous(), x, weight, y, activation,
-                                           negative_slope, p, seed, offset, compute_dx)
+    return _linear_act_backward_body(grad_y, x, weight, y, activation, negative_slope, p, seed,
+                                     offset, compute_dx)
+
+
+def _linear_act_backward_body(grad_y, *args):
+    return _impl("linear_act_backward", args[0])(grad_y.contiguous(), *args)
 
 
 @register_fake("fastgan::linear_act_backward")
@@ -171,7 +179,9 @@ def _linear_act_setup(ctx, inputs, output):
 def _linear_act_backward(ctx, grad_y):
     x, weight, y, seed, offset = ctx.saved_tensors
     activation, negative_slope, p = ctx.hyper
-    dx, dw, db = torch.ops.fastgan.linear_act_backward(
+    bwd = (_linear_act_backward_body if _eager(grad_y, x)
+           else torch.ops.fastgan.linear_act_backward)
+    dx, dw, db = bwd(
         grad_y, x, weight, y, activation, negative_slope, p, seed, offset,
         ctx.needs_input_grad[0])
     return ((dx if ctx.needs_input_grad[0] else None), dw, (db if ctx.has_bias else None),
@@ -179,6 +189,19 @@ def _linear_act_backward(ctx, grad_y):
 
 
 linear_act.register_autograd(_linear_act_backward, setup_context=_linear_act_setup)
+
+
+class LinearActFunction(torch.autograd.Function):
+    """The eager fast path of ``linear_act`` (see ``_eager``): the same body,
+    setup and backward as the registered op, without the dispatcher round trip."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y = _linear_act(*inputs)
+        _linear_act_setup(ctx, inputs, y)
+        return y
+
+    backward = staticmethod(_linear_act_backward)
 
 
 # ------------------------------------------------------------------ gan_bce

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 from torch import nn
@@ -27,17 +26,7 @@ from torch.utils import benchmark
 
 import fastgan
 from fastgan import nn as fnn
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from fastgan.benchmark import cpu_model
 
 
 def _step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, backend: str | None):
@@ -123,7 +112,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if "cpu" not in fastgan.backends():
         raise SystemExit(f"the cpu backend is unavailable: {fastgan.backend.unavailable()['cpu']}")
-    print(f"# {_cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
+    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}, "
           f"K={args.k} N={args.n} dropout={args.dropout}, training forward+backward")
     print(f"{'op':<14} {'B':>5} {'contender':<10} {'median ms':>10} {'IQR ms':>8} {'vs eager':>9}")
     rows = []
@@ -136,7 +125,7 @@ def main(argv=None):
                       f"{r['iqr_ms']:>8.3f} {r['speedup_vs_eager']:>8.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(cpu=_cpu_name(), threads=args.threads, torch=torch.__version__,
+            json.dump(dict(cpu=cpu_model(), threads=args.threads, torch=torch.__version__,
                            rows=rows), f, indent=1)
 
 

@@ -150,8 +150,9 @@ def time_step(step: Callable[[], None], warmup: int, iters: int, samples: int) -
     return dict(median_ms=statistics.median(per_step), p20_ms=q[0], p80_ms=q[-1])
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def plan_or_exit(args, script: str):
+    """The (op, batch, dtype, contender) measurements, or an exit code: 0 after
+    printing the plan for --dry-run, 2 when there is no GPU to run it on."""
     plan = [(op, b, dt, c) for op in args.ops for b in args.batch for dt in args.dtype
             for c in args.contenders]
     if args.dry_run:
@@ -160,9 +161,17 @@ def main(argv=None) -> int:
             print("  op={} batch={} dtype={} contender={}".format(*row))
         return 0
     if not torch.cuda.is_available():
-        print("bench_cuda_ops.py needs a CUDA GPU (use --dry-run to check the arguments)",
+        print(f"{script} needs a CUDA GPU (use --dry-run to check the arguments)",
               file=sys.stderr)
         return 2
+    return plan
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    plan = plan_or_exit(args, "bench_cuda_ops.py")
+    if isinstance(plan, int):
+        return plan
 
     import fastgan
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -103,17 +103,9 @@ def build_step(op, contender, batch, args, dtype):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    plan = [(op, b, dt, c) for op in args.ops for b in args.batch for dt in args.dtype
-            for c in args.contenders]
-    if args.dry_run:
-        print(f"{len(plan)} measurements -> {args.json}")
-        for row in plan:
-            print("  op={} batch={} dtype={} contender={}".format(*row))
-        return 0
-    if not torch.cuda.is_available():
-        print("bench_triton_ops.py needs a CUDA GPU (use --dry-run to check the arguments)",
-              file=sys.stderr)
-        return 2
+    plan = common.plan_or_exit(args, "bench_triton_ops.py")
+    if isinstance(plan, int):
+        return plan
 
     import fastgan
     from fastgan import kernels as K

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _kernel_step(op: str, batch: int, k: int, n: int, p: float,
                  dtype: torch.dtype) -> Callable[[], None]:
     """The backend functions of fastgan.kernels, forward then backward."""
-    from fastgan import kernels as K
+    from fastgan.impl import triton as K
 
     dev = dict(device="cuda")
     seed = torch.zeros(1, dtype=torch.int64, **dev)
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         return plan
 
     import fastgan
-    from fastgan import kernels as K
+    from fastgan.impl import triton as K
     torch.backends.cuda.matmul.allow_tf32 = False
     if "triton" not in fastgan.backends():
         print(f"triton backend unavailable: {fastgan.unavailable().get('triton')}", file=sys.stderr)

@@ -1,68 +1,11 @@
-"""The ``triton`` backend of fastgan (shipped as ``fastgan.kernels``).
+"""fastgan's Triton kernels (the ``triton`` backend, adapted by ``fastgan.impl.triton``).
 
 One file per fused op (``linear_bn_act.py``, ``linear_act.py``, ``gan_bce.py``),
 shared ``@triton.jit`` helpers in ``common.py``, the backward GEMMs in
-``matmul.py`` and launch machinery (launch counter, autotune configs, input
-checks) in ``runtime.py``. This module is the backend adapter that
-``fastgan.backend`` loads: the five functions of ``fastgan.spec`` with the
-signatures and return values of ``fastgan.reference``.
-
-Runs on CUDA tensors, and on CPU tensors through the Triton interpreter when
-``TRITON_INTERPRET=1`` was set before this package was imported.
+``matmul.py`` and launch machinery (launch counter, autotune configs) in
+``runtime.py``. ``warmup()`` compiles and tunes every kernel for given shapes;
+``python -m fastgan.kernels.aot`` compiles them for sm_90/sm_80 without a GPU.
+Nothing here imports more of fastgan than ``fastgan.ops.spec``.
 """
-from __future__ import annotations
-
-import torch
-
-from . import gan_bce as _gan_bce
-from . import linear_act as _linear_act
-from . import linear_bn_act as _linear_bn_act
 from .runtime import INTERPRET, launches  # noqa: F401  (tests read ``launches``)
-
-name = "triton"
-
-
-def available() -> tuple[bool, str]:
-    import triton
-    if INTERPRET:
-        return True, f"Triton {triton.__version__} kernels (TRITON_INTERPRET=1: interpreter on CPU tensors)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (set TRITON_INTERPRET=1 before import to interpret on CPU)"
-    return True, f"Triton {triton.__version__} kernels on CUDA"
-
-
-def supports(device) -> bool:
-    device = torch.device(device)
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
-
-
-def linear_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          num_batches_tracked, training, momentum, eps, activation,
-                          negative_slope, p, seed, offset):
-    return _linear_bn_act.forward(x, weight, bias, bn_weight, bn_bias, running_mean,
-                                  running_var, num_batches_tracked, training, momentum, eps,
-                                  activation, negative_slope, p, seed, offset)
-
-
-def linear_bn_act_backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training,
-                           activation, negative_slope, p, seed, offset, compute_dx):
-    return _linear_bn_act.backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd,
-                                   training, activation, negative_slope, p, seed, offset,
-                                   compute_dx)
-
-
-def linear_act_forward(x, weight, bias, activation, negative_slope, p, seed, offset):
-    return _linear_act.forward(x, weight, bias, activation, negative_slope, p, seed, offset)
-
-
-def linear_act_backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset,
-                        compute_dx):
-    return _linear_act.backward(grad_y, x, weight, y, activation, negative_slope, p, seed,
-                                offset, compute_dx)
-
-
-def gan_bce_forward(logits_a, logits_b, target_a, target_b):
-    return _gan_bce.forward(logits_a, logits_b, target_a, target_b)
-
-
-from .warmup import warmup  # noqa: E402,F401
+from .warmup import warmup  # noqa: F401

@@ -59,7 +59,7 @@ def _gan_bce_kernel(a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, loss_ptr, prob_a_ptr, 
 
 
 def forward(logits_a, logits_b, target_a, target_b):
-    from fastgan import _checks
+    from fastgan.ops import checks as _checks
     _checks.gan_bce(logits_a, logits_b, target_a, target_b)
     for t, name in ((logits_a, "real_logits" if logits_b is not None else "fake_logits"),
                     (logits_b, "fake_logits")):

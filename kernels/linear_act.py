@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgan.reference import dropout_scale
-from fastgan.spec import ACTIVATIONS
+from fastgan.ops.spec import ACTIVATIONS, dropout_scale
 
 from . import runtime
 from .common import act, act_grad_from_output, dropout_keep, element_index, matmul_tile, round_to

@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgan.reference import dropout_scale
-from fastgan.spec import ACTIVATIONS
+from fastgan.ops.spec import ACTIVATIONS, dropout_scale
 
 from . import runtime
 from .common import (act, act_grad, div_ieee, dropout_keep, element_index, matmul_tile,
@@ -349,7 +348,7 @@ def _validate_bn_params(x, n, tensors):
 
 def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
             training, momentum, eps, activation, negative_slope, p, seed, offset):
-    from fastgan import _checks
+    from fastgan.ops import checks as _checks
     runtime.check_linear(x, weight, bias)
     runtime.check_rng(seed, offset, x.device)
     _checks.linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

@@ -178,7 +178,7 @@ def check_rng(seed, offset, device) -> None:
 
 
 def check_hyper(activation: str, negative_slope: float, p: float) -> None:
-    from fastgan import _checks
+    from fastgan.ops import checks as _checks
     _checks.hyper(activation, negative_slope, p)
 
 

@@ -26,7 +26,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 def K():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from fastgan import kernels
+    from fastgan.impl import triton as kernels
     ok, why = kernels.available()
     if not ok:
         pytest.skip(why)

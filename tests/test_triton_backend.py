@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(scope="module")
 def K():
     require("triton", DEVICE)
-    from fastgan import kernels
+    from fastgan.impl import triton as kernels
     return kernels
 
 

@@ -23,8 +23,8 @@ class CLIError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ..checkpoint import CheckpointError
-    from ..data import DataError
+    from ..train.checkpoint import CheckpointError
+    from ..train.data import DataError
     from ..train import ConfigError, GraphCaptureError
     return CLIError, CheckpointError, DataError, ConfigError, GraphCaptureError
 

@@ -83,7 +83,7 @@ def _names(s):
 
 
 def config_from_args(args):
-    from .. import benchmark as B
+    from ..tools import benchmark as B
     from . import CLIError
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -146,7 +146,7 @@ def table(records) -> str:
 
 
 def write_csv(records, path):
-    from ..benchmark import RECORD_FIELDS
+    from ..tools.benchmark import RECORD_FIELDS
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
         w.writeheader()
@@ -199,7 +199,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.quality:
         return _run_quality(args)
-    from .. import benchmark as B
+    from ..tools import benchmark as B
 
     cfg = config_from_args(args)
     print(f"fastgan bench on {cfg.device} ({B.machine_info(cfg.device)['gpu'] or B.cpu_model()}); "
@@ -262,7 +262,7 @@ def _save(doc, args) -> None:
 
 
 def _run_quality(args) -> int:
-    from .. import quality as Q
+    from ..tools import quality as Q
     from . import CLIError
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -42,7 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def load_generator(path: str):
     """A Generator from a training checkpoint or a bare generator state_dict."""
-    from .. import checkpoint, quality
+    from ..tools import quality
+    from ..train import checkpoint
     from . import CLIError
 
     try:
@@ -81,8 +82,8 @@ def format_scores(gen: dict, floor: dict, info: dict) -> str:
 
 
 def run(args) -> int:
-    from .. import quality
-    from ..data import load_mnist
+    from ..tools import quality
+    from ..train.data import load_mnist
     from . import CLIError
 
     if args.n < 2:

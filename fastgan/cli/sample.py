@@ -60,7 +60,8 @@ def save_grid(images, path, nrow: int | None = None) -> Path:
 def run(args) -> int:
     import torch
 
-    from .. import backends, checkpoint
+    from .. import backends
+    from ..train import checkpoint
     from ..train import ConfigError, TrainConfig, build_models
     from . import CLIError
     from .train import resolve_device

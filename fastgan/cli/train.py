@@ -126,7 +126,7 @@ def resolve_device(name):
 
 def _check_backend(name, device) -> str:
     """The backend that will run the fused ops on ``device`` (warns if it is the slow one)."""
-    from .. import backend
+    from ..ops import dispatch as backend
     from . import CLIError
     try:
         if name is None:
@@ -177,7 +177,7 @@ def _config(args, saved=None):
 
 
 def _load_data(args):
-    from .. import data
+    from ..train import data
     if args.data == "synthetic":
         return data.synthetic()
     return data.load_mnist(args.data, download=args.download, verify=not args.no_verify)
@@ -208,12 +208,12 @@ def run(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .. import checkpoint
+    from ..train import checkpoint
     from ..train import Trainer
     from . import CLIError
     from .sample import save_grid
 
-    from .. import distributed
+    from ..train import distributed
     ctx = None
     if distributed.launched():  # torchrun: NCCL on cuda:LOCAL_RANK, or gloo on CPUs
         try:

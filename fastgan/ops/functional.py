@@ -12,8 +12,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import ops  # registers torch.ops.fastgan.*
-from .ops import LinearBNActFunction
+from . import registry as ops  # registers torch.ops.fastgan.*
+from .registry import LinearBNActFunction
 
 
 def _rng(x: Tensor, seed: Optional[Tensor], offset: Optional[Tensor], p: float):

@@ -281,7 +281,7 @@ def generator_from_state(state: dict):
 
     Accepts a generator ``state_dict`` or a training checkpoint (a dict with a
     ``generator`` entry, as ``fastgan.train.Trainer.state_dict`` writes)."""
-    from .models import Generator
+    from ..nn.models import Generator
 
     if "generator" in state and isinstance(state["generator"], dict):
         state = state["generator"]
@@ -338,8 +338,8 @@ def train_curve(reference: bool, images: Tensor, judge: Judge, seed: int = 0,
     every ``eval_every`` steps. Wall-clock counts training steps only (evaluation
     time is excluded); returns the curve and the time the FD first reached
     ``threshold``."""
-    from . import backend as _backend
-    from .train import TrainConfig, Trainer
+    from ..ops import dispatch as _backend
+    from ..train import TrainConfig, Trainer
 
     cfg = TrainConfig(batch_size=batch, seed=seed, reference=reference)
     trainer = Trainer(cfg, images, device=device, graphs=None if not reference else False)
@@ -381,7 +381,7 @@ def time_to_quality_run(device="cpu", seeds=(0,), batch: int = 64, max_steps: in
     """fastgan vs the eager reference, same hyper-parameters, each seed: the
     wall-clock to reach the FD threshold and the final scores. A JSON-able dict."""
     from .benchmark import machine_info
-    from .data import load_mnist
+    from ..train.data import load_mnist
 
     ds = load_mnist(data)
     judge = load_judge(ds.images, ds.labels, cache_dir=cache_dir, source=ds.source, log=log)

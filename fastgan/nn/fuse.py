@@ -41,7 +41,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import LinearAct, LinearBNAct, _Fused, activation_of
+from .layers import LinearAct, LinearBNAct, _Fused, activation_of
 
 __all__ = ["fuse", "unfuse", "FuseReport", "FusedRun", "LeftAlone"]
 

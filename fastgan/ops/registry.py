@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, register_fake
 
-from . import _checks, backend
+from . import checks as _checks
+from . import dispatch as backend
 
 
 def _impl(function: str, x: Tensor):

@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backend as _backend
-from . import functional as FG
-from .models import Discriminator, Generator
-from .nn import linear_act_sequential, linear_bn_act_sequential, LinearAct, LinearBNAct
+from ..nn.models import Discriminator, Generator
+from ..ops import dispatch as _backend
+from ..ops import functional as FG
+from ..nn.layers import linear_act_sequential, linear_bn_act_sequential, LinearAct, LinearBNAct
 
 SCHEMA = "fastgan-bench/1"
 GPU_BATCHES = (32, 64, 256, 1024, 4096, 16384)
@@ -335,7 +335,7 @@ def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp3
     timed); noise is drawn on the device inside the step.
     Returns ``(step, G, D)``.
     """
-    from .train import GANStep, ReferenceStep, make_adam
+    from ..train import GANStep, ReferenceStep, make_adam
 
     torch.manual_seed(seed)
     G = Generator(latent_dim=latent_dim, fused=c.fused).to(device).train()

@@ -58,9 +58,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks
-from . import reference as R
-from .nn import LinearBNAct, _autocast, activation_of
+from ..impl import reference as R
+from ..ops import checks as _checks
+from ..nn.layers import LinearBNAct, _autocast, activation_of
 
 GRAPH_WARMUP = 11   # eager DDP iterations before a CUDA graph capture (rule 2 above)
 

@@ -1,7 +1,9 @@
 """Which backend runs an op: availability, automatic choice, overrides.
 
-A backend is a module that defines the functions named in ``spec.BACKEND_FUNCTIONS``
-plus ``name``, ``available() -> (bool, reason)`` and ``supports(device)``.
+A backend is the module ``fastgan.impl.<name>``: it defines the functions named
+in ``spec.BACKEND_FUNCTIONS`` plus ``name``, ``available() -> (bool, reason)``
+and ``supports(device)``. It is imported on first use, by name: a backend whose
+dependency is missing (an unbuilt extension, no Triton) is reported, not fatal.
 
 Choice, first match wins:
 1. ``use_backend(name)`` (a context manager) or the ``FASTGAN_BACKEND`` env var:
@@ -24,12 +26,7 @@ import warnings
 import torch
 
 NAMES = ("reference", "cpu", "triton", "cuda")
-_MODULES = {
-    "reference": "fastgan.reference",
-    "cpu": "fastgan.cext",
-    "cuda": "fastgan.cext_cuda",
-    "triton": "fastgan.kernels",
-}
+_MODULES = {name: f"fastgan.impl.{name}" for name in NAMES}
 _PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 calls: collections.Counter = collections.Counter()

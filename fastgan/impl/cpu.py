@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (ImportError here = extension not built; backend.py reports it)
-from .spec import ACTIVATIONS
+from .. import _C  # noqa: F401  (ImportError here = extension not built; backend.py reports it)
+from ..ops.spec import ACTIVATIONS
 
 name = "cpu"
 _DEVICE_KEY = "CPU"

@@ -18,7 +18,7 @@ import itertools
 import torch
 from torch import Tensor, nn
 
-from . import functional as FG
+from ..ops import functional as FG
 
 _ACT_MODULES = {
     "leaky_relu": lambda slope: nn.LeakyReLU(slope),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .nn import LinearAct, LinearBNAct, linear_act_sequential, linear_bn_act_sequential
+from .layers import LinearAct, LinearBNAct, linear_act_sequential, linear_bn_act_sequential
 
 
 class Generator(nn.Module):

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+# What ``Trainer.state_dict`` writes and ``load`` accepts.
+CHECKPOINT_FORMAT = "fastgan-checkpoint"
+CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):

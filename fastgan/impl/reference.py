@@ -21,14 +21,13 @@ Numerics shared by all backends
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import ACTIVATIONS
+from ..ops.spec import ACTIVATIONS, dropout_scale
 
 name = "reference"
 
@@ -111,11 +110,6 @@ def philox_uniform(seed: Tensor, offset: Tensor, numel: int) -> Tensor:
     r, _, _, _ = philox4x32(idx, zero + (o & _M32), zero + ((o >> 32) & _M32), zero,
                             s & _M32, (s >> 32) & _M32)
     return uint32_to_uniform(r)
-
-
-def dropout_scale(p: float) -> float:
-    """The float32 factor kept values are multiplied by."""
-    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
 
 
 def dropout_keep_mask(seed: Tensor, offset: Tensor, shape: tuple[int, int], p: float) -> Tensor:

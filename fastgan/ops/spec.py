@@ -2,6 +2,8 @@
 C++/CUDA and Triton kernels switch on. Add an activation here first, then to
 ``reference.act`` / ``act_grad`` and to every kernel."""
 
+import torch
+
 ACTIVATIONS = {
     "identity": 0,
     "relu": 1,
@@ -16,3 +18,8 @@ OPS = {
     "gan_bce": ("gan_bce_forward",),
 }
 BACKEND_FUNCTIONS = tuple(f for fns in OPS.values() for f in fns)
+
+
+def dropout_scale(p: float) -> float:
+    """The float32 factor kept values are multiplied by (inverted dropout)."""
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .cext import (gan_bce_forward, linear_act_backward, linear_act_forward,  # noqa: F401
+from .cpu import (gan_bce_forward, linear_act_backward, linear_act_forward,  # noqa: F401
                    linear_bn_act_backward, linear_bn_act_forward, registered)
 
 name = "cuda"

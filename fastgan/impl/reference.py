@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.spec import ACTIVATIONS, dropout_scale
+from ..ops import spec
+from ..ops.spec import acc_dtype, dropout_scale
 
 name = "reference"
 
@@ -38,11 +39,6 @@ def available() -> tuple[bool, str]:
 
 def supports(device: torch.device) -> bool:
     return True
-
-
-def acc_dtype(x: Tensor) -> torch.dtype:
-    """Dtype of statistics and epilogue math: fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------
@@ -126,41 +122,20 @@ def _apply_dropout(a: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------
-# Activations (fp32 in, fp32 out). ``act_grad`` is the derivative evaluated
-# from the pre-activation ``z``; ``act_grad_from_output`` recovers it from the
-# activation output ``a`` (valid for negative_slope >= 0).
+# Activations: rows of ``fastgan.ops.spec.ACTIVATION_TABLE`` (fp32 in, fp32 out).
+# ``act_grad`` is the derivative from the pre-activation ``z``;
+# ``act_grad_from_output`` recovers it from the output ``a`` (slope >= 0).
 # --------------------------------------------------------------------------
 def act(z: Tensor, activation: str, negative_slope: float) -> Tensor:
-    if activation == "leaky_relu":
-        return F.leaky_relu(z, negative_slope)
-    if activation == "relu":
-        return torch.relu(z)
-    if activation == "tanh":
-        return torch.tanh(z)
-    if activation == "identity":
-        return z
-    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return spec.activation(activation).fn(z, negative_slope)
 
 
 def act_grad(z: Tensor, activation: str, negative_slope: float) -> Tensor:
-    if activation == "leaky_relu":  # the slope kept in z's dtype (fp64 for gradcheck)
-        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, negative_slope))
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    if activation == "tanh":
-        t = torch.tanh(z)
-        return 1.0 - t * t
-    return torch.ones_like(z)
+    return spec.activation(activation).grad(z, negative_slope)
 
 
 def act_grad_from_output(a: Tensor, activation: str, negative_slope: float) -> Tensor:
-    if activation == "leaky_relu":
-        return torch.where(a > 0, torch.ones_like(a), torch.full_like(a, negative_slope))
-    if activation == "relu":
-        return (a > 0).to(a.dtype)
-    if activation == "tanh":
-        return 1.0 - a * a
-    return torch.ones_like(a)
+    return spec.activation(activation).grad_from_output(a, negative_slope)
 
 
 # --------------------------------------------------------------------------

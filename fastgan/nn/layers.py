@@ -19,33 +19,22 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import functional as FG
+from ..ops import spec
 
-_ACT_MODULES = {
-    "leaky_relu": lambda slope: nn.LeakyReLU(slope),
-    "relu": lambda slope: nn.ReLU(),
-    "tanh": lambda slope: nn.Tanh(),
-    "identity": lambda slope: nn.Identity(),
-}
 _instances = itertools.count()
 
 
 def activation_module(activation: str, negative_slope: float = 0.2) -> nn.Module:
-    if activation not in _ACT_MODULES:
-        raise ValueError(f"activation must be one of {sorted(_ACT_MODULES)}, got {activation!r}")
-    return _ACT_MODULES[activation](negative_slope)
+    """The ``nn`` module of an activation of ``fastgan.ops.spec.ACTIVATION_TABLE``."""
+    return spec.activation(activation).make_module(negative_slope)
 
 
 def activation_of(module: nn.Module) -> tuple[str, float]:
     """(name, negative_slope) of an activation module; ValueError if not fusable."""
-    if type(module) is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if type(module) is nn.ReLU:
-        return "relu", 0.0
-    if type(module) is nn.Tanh:
-        return "tanh", 0.0
-    if type(module) is nn.Identity:
-        return "identity", 0.0
-    raise ValueError(f"{type(module).__name__} is not a fusable activation")
+    row = spec.activation_of_module(module)
+    if row is None:
+        raise ValueError(f"{type(module).__name__} is not a fusable activation")
+    return row.name, row.slope_of(module)
 
 
 def _new_rng_state(device=None) -> Tensor:

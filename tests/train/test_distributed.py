@@ -16,7 +16,7 @@ import fastgan
 from fastgan import distributed as fdist
 from fastgan.nn import LinearAct, LinearBNAct, seed_dropout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b in fastgan.backends()]
 B, STEPS = 5, 5            # per-rank batch (odd on purpose) and optimizer steps
 SPAWN_TIMEOUT_S = 90

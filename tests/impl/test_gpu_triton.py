@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastgan import reference as R
-from backends import FLOOR, rel_err
+from helpers import FLOOR, rel_err
 
 pytestmark = pytest.mark.gpu
 

@@ -1,11 +1,12 @@
-"""Which (backend, device) pairs the op tests run, and helpers to compare them
-with the reference.
+"""Shared test helpers: which (backend, device) pairs the op tests run
+(``CASES``), proof that a backend ran (``ran``), and comparison with the
+reference (``rel_err``, ``assert_matches``).
 
 Every op test is parametrized over ``CASES``: each backend on the device it
 runs on here (Triton on CPU tensors through the interpreter when there is no
 GPU). A backend that cannot run on this machine is skipped with its reason;
-``test_expected_backends`` turns "skipped" into "failed" where a backend is
-expected (CI sets FASTGAN_EXPECT_BACKENDS).
+``tests/ops/test_dispatch.py::test_expected_backends`` turns "skipped" into
+"failed" where a backend is expected (CI sets FASTGAN_EXPECT_BACKENDS).
 """
 from __future__ import annotations
 
@@ -92,10 +93,3 @@ def assert_matches(name: str, got: dict, ref: dict, gold: dict, dtype: torch.dty
         e_ref = rel_err(ref[k], gold[k])
         assert e_got <= 2 * e_ref + floor, \
             f"{name}: {k} error {e_got:.3g} > 2 x reference error {e_ref:.3g} + {floor:.3g}"
-
-
-def test_expected_backends():
-    """CI lists the backends that must be available (so they cannot silently skip)."""
-    expected = [b for b in os.environ.get("FASTGAN_EXPECT_BACKENDS", "").split(",") if b]
-    missing = {b: fastgan.unavailable().get(b) for b in expected if b not in fastgan.backends()}
-    assert not missing, f"expected backends unavailable: {missing}"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastgan import functional as FG
-from backends import CASES, FLOOR, assert_matches, ran, require
+from helpers import CASES, FLOOR, assert_matches, ran, require
 
 SHAPES = [(2, 100, 256), (3, 784, 1024), (64, 1024, 784), (5, 7, 3), (2, 1, 1), (3, 33, 65)]
 FWD, BWD = "linear_bn_act_forward", "linear_bn_act_backward"

@@ -37,7 +37,7 @@ from fastgan import functional as FG
 from fastgan import reference as R
 from fastgan.spec import ACTIVATIONS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fastgan import functional as FG
-from backends import CASES, assert_matches, ran, require
+from helpers import CASES, assert_matches, ran, require
 
 SHAPES = [(2, 100, 256), (3, 784, 1024), (64, 1024, 784), (5, 7, 3), (1, 7, 3), (3, 33, 65),
           (4, 256, 1)]

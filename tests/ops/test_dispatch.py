@@ -1,10 +1,11 @@
 """Backend selection: availability, forcing, errors, fallback warning."""
+import os
+
 import pytest
 import torch
 
 import fastgan
 from fastgan import backend
-from backends import test_expected_backends  # noqa: F401  (collected here)
 
 
 def test_reference_always_available():
@@ -43,3 +44,10 @@ def test_cpu_default_is_cpu_backend_when_available():
     chosen = backend.select(torch.device("cpu")) if backend.forced() is None else None
     if "cpu" in fastgan.backends() and chosen is not None:
         assert chosen == "cpu"
+
+
+def test_expected_backends():
+    """CI lists the backends that must be available (so they cannot silently skip)."""
+    expected = [b for b in os.environ.get("FASTGAN_EXPECT_BACKENDS", "").split(",") if b]
+    missing = {b: fastgan.unavailable().get(b) for b in expected if b not in fastgan.backends()}
+    assert not missing, f"expected backends unavailable: {missing}"

@@ -8,7 +8,7 @@ from torch.library import opcheck
 import fastgan
 from fastgan import functional as FG
 from fastgan import nn as fnn
-from backends import CASES, ran, require
+from helpers import CASES, ran, require
 
 ALL = [pytest.param(("reference", "cpu"), id="reference")] + CASES
 

@@ -13,7 +13,7 @@ import torch
 
 import fastgan
 from fastgan import reference as R
-from backends import require
+from helpers import require
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -297,7 +297,7 @@ def test_bench_script_parses_its_arguments(tmp_path, capsys):
     """bench/bench_triton_ops.py runs on a GPU; here: its plan and its errors."""
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_triton_ops.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_triton_ops.py")
     spec = importlib.util.spec_from_file_location("bench_triton_ops", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -6,7 +6,7 @@ from torch import nn
 
 from fastgan import functional as FG
 from fastgan import reference as R
-from backends import ran
+from helpers import ran
 
 
 def _u32(*vals):

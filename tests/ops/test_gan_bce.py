@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgan import functional as FG
-from backends import CASES, assert_matches, ran, require
+from helpers import CASES, assert_matches, ran, require
 
 
 def logits(b, seed, scale=3.0):

@@ -7,6 +7,6 @@ before the package was split; each name lives in one module below.
 from .batches import ResidentBatches  # noqa: F401
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION  # noqa: F401
 from .config import ConfigError, TrainConfig, mix_seed  # noqa: F401
-from .step import (STAT_NAMES, GANStep, GraphCaptureError, ReferenceStep,  # noqa: F401
-                   StepStats, make_adam)
+from .graphs import GraphCaptureError  # noqa: F401
+from .step import STAT_NAMES, GANStep, ReferenceStep, StepStats, make_adam  # noqa: F401
 from .trainer import Trainer, build_models  # noqa: F401

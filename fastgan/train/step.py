@@ -5,15 +5,16 @@ backward, Adam; G loss through D (``gan_bce_g``), backward, Adam. It returns the
 losses and mean D(x), D(G(z)) as device tensors and never syncs the host.
 
 * On CUDA (``graphs=None`` or ``True``) the step is warmed up on a side stream,
-  captured once in a CUDA graph and replayed. Everything it reads is static:
-  the real batch comes from ``ResidentBatches`` (the dataset on the GPU, batch
-  indices gathered through a device-side cursor) or from a static buffer;
-  noise is drawn from a ``torch.Generator`` registered with the graph, so each
-  replay draws fresh noise and a run is reproducible from its seed; fused
-  dropout layers advance their device counters; Adam must be
-  ``capturable=True``. Warm-up changes state (BN running stats, Adam moments,
-  counters, the noise generator), so the engine snapshots every parameter,
-  buffer, optimizer state, RNG and cursor before it and restores them after:
+  captured once in a CUDA graph (``fastgan.train.graphs.capture``) and
+  replayed. Everything it reads is static: the real batch comes from
+  ``ResidentBatches`` (the dataset on the GPU, batch indices gathered through
+  a device-side cursor) or from a static buffer; noise is drawn from a
+  ``torch.Generator`` registered with the graph, so each replay draws fresh
+  noise and a run is reproducible from its seed; fused dropout layers advance
+  their device counters; Adam must be ``capturable=True``. Warm-up changes
+  state (BN running stats, Adam moments, counters, the noise generator), so
+  the engine snapshots every parameter, buffer, optimizer state, RNG and
+  cursor before it and restores them after (``capture``'s ``after_warmup``):
   the first replay starts from exactly the state an eager run would.
 * Elsewhere the same step runs eagerly.
 
@@ -38,11 +39,9 @@ from ..ops import functional as FG
 from . import distributed as fdist
 from .batches import ResidentBatches
 from .config import ConfigError, mix_seed
+from .graphs import Graphed, GraphCaptureError, capture
 
 STAT_NAMES = ("d_loss", "g_loss", "d_real", "d_fake")
-
-class GraphCaptureError(RuntimeError):
-    """The step could not be captured in a CUDA graph (an op that is not capturable)."""
 
 
 class StepStats(NamedTuple):
@@ -194,9 +193,8 @@ class GANStep(_Step):
             raise ConfigError(f"steps_per_call={steps_per_call}: must be >= 1, and > 1 only "
                               "with ResidentBatches (each step needs its own batch)")
         self.warmup, self.steps_per_call = warmup, steps_per_call
-        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._graph: Optional[Graphed] = None
         self._static_real: Optional[Tensor] = None
-        self._out: Optional[StepStats] = None
 
     # ---------------------------------------------------------------- eager step
     def _step(self, real: Tensor) -> StepStats:
@@ -230,15 +228,15 @@ class GANStep(_Step):
             self._capture(real)
         if real is not None:
             self._static_real.copy_(self._real(real))
-        self._graph.replay()
+        out = self._graph.replay()
         self.count += self.steps_per_call
-        return self._out
+        return out
 
     # ---------------------------------------------------------------- CUDA graph
     def reset_graph(self) -> None:
         """Drop the captured graph (e.g. after loading new optimizer state); the
         next call captures again."""
-        self._graph = self._out = self._static_real = None
+        self._graph = self._static_real = None
 
     def _state_tensors(self) -> list[Tensor]:
         """Every tensor a step mutates, except optimizer state and the noise RNG."""
@@ -280,27 +278,18 @@ class GANStep(_Step):
     def _capture(self, real: Optional[Tensor]) -> None:
         if real is not None:
             self._static_real = self._real(real).clone()
-        body = self._body
         snap = self._snapshot()
-        # Warm-up on a side stream (the documented recipe): lazy initialisation
-        # (optimizer state, autotuning, workspaces) happens outside the capture.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self._restore(snap)
-        # Gradients must be allocated inside the graph's private memory pool.
-        self.g_opt.zero_grad(set_to_none=True)
-        self.d_opt.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.noise)
+
+        def after_warmup():
+            self._restore(snap)
+            # Gradients must be allocated inside the graph's private memory pool.
+            self.g_opt.zero_grad(set_to_none=True)
+            self.d_opt.zero_grad(set_to_none=True)
+
         try:
-            with torch.cuda.graph(graph):
-                out = body()
-        except RuntimeError as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GraphCaptureError(f"capturing the train step in a CUDA graph failed ({reason}); "
-                                    "run it eagerly with graphs=False (--no-graphs)") from e
-        self._graph, self._out = graph, out
+            self._graph = capture(self._body, warmup=self.warmup, generators=(self.noise,),
+                                  after_warmup=after_warmup, device=self.device)
+        except GraphCaptureError as e:
+            raise GraphCaptureError(f"capturing the train step in a CUDA graph failed "
+                                    f"({e.reason}); run it eagerly with graphs=False "
+                                    "(--no-graphs)", e.reason) from e.__cause__

@@ -182,19 +182,21 @@ class _FakeGraph:
     replay, leaves its results in the captured output tensors."""
     step = None
 
+    def __init__(self):
+        self.generators = []
+
     def register_generator_state(self, gen):
-        self.generator = gen
+        self.generators.append(gen)
 
     def replay(self):
-        for static, new in zip(_FakeGraph.step._out, _FakeGraph.step._body()):
+        for static, new in zip(_FakeGraph.step._graph.outputs, _FakeGraph.step._body()):
             static.copy_(new)
 
 
-@pytest.mark.parametrize("host_batches", [False, True], ids=["resident", "host"])
-def test_graph_code_path_on_cpu(monkeypatch, host_batches):
-    """GANStep's capture path (warm-up, restore, capture, replay) with the CUDA
-    calls replaced by CPU stand-ins: after n calls it has run n + 1 steps (the
-    stand-in capture executes once), bit-identical to an eager run of n + 1."""
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA calls of fastgan.train.graphs.capture replaced by CPU stand-ins
+    (streams that do nothing, a capture that just runs its body)."""
     import contextlib
     from types import SimpleNamespace
     stream = SimpleNamespace(wait_stream=lambda other: None)
@@ -203,6 +205,43 @@ def test_graph_code_path_on_cpu(monkeypatch, host_batches):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+
+
+def test_capture_order_and_errors(fake_cuda):
+    """capture: warm-up calls, then after_warmup, then the captured call; the
+    generators are registered; a failed capture is one GraphCaptureError."""
+    import fastgan.train.step
+    from fastgan.train.graphs import GraphCaptureError, capture
+    assert fastgan.train.GraphCaptureError is GraphCaptureError
+    assert fastgan.train.step.GraphCaptureError is GraphCaptureError
+    log, gen = [], torch.Generator()
+
+    def fn():
+        log.append("call")
+        return torch.ones(1)
+
+    g = capture(fn, warmup=2, generators=(gen,), after_warmup=lambda: log.append("restore"),
+                device="cpu")
+    assert log == ["call", "call", "restore", "call"]
+    assert g.graph.generators == [gen] and torch.equal(g.outputs, torch.ones(1))
+
+    calls = []
+
+    def not_capturable():
+        calls.append(1)
+        if len(calls) > 1:  # fails in the capture, not in the warm-up
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    with pytest.raises(GraphCaptureError, match="not_capturable.*not permitted") as e:
+        capture(not_capturable, warmup=1, device="cpu")
+    assert "\n" not in str(e.value) and isinstance(e.value, RuntimeError)
+
+
+@pytest.mark.parametrize("host_batches", [False, True], ids=["resident", "host"])
+def test_graph_code_path_on_cpu(fake_cuda, host_batches):
+    """GANStep's capture path (warm-up, restore, capture, replay) with the CUDA
+    calls replaced by CPU stand-ins: after n calls it has run n + 1 steps (the
+    stand-in capture executes once), bit-identical to an eager run of n + 1."""
     cfg = TrainConfig(**SMALL, dropout=0.2)
     data = _data(n=160)
     graphed, eager = Trainer(cfg, data), Trainer(cfg, data)
@@ -217,7 +256,8 @@ def test_graph_code_path_on_cpu(monkeypatch, host_batches):
             eager.step(real)
         ref = eager.step(real)
         assert torch.equal(torch.stack(out), torch.stack(ref))
-    assert graphed.step.count == 4 and isinstance(graphed.step._graph, _FakeGraph)
+    assert graphed.step.count == 4 and isinstance(graphed.step._graph.graph, _FakeGraph)
+    assert graphed.step._graph.graph.generators == [graphed.step.noise]
     assert_states_equal(graphed.state_dict(), eager.state_dict())
     with pytest.raises(ValueError, match="on every call or on none"):
         graphed.step(None if host_batches else data[:16])
@@ -357,3 +397,25 @@ def test_cuda_graph_with_host_batches():
     for i in range(4):
         real = data[16 * i: 16 * (i + 1)]
         torch.testing.assert_close(torch.stack(g(real)), torch.stack(e(real)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_capture_on_the_gpu_draws_fresh_noise():
+    """fastgan.train.graphs.capture on a real GPU: replays rerun the captured
+    call into the same output tensor, with fresh draws from the registered
+    generator."""
+    from fastgan.train.graphs import capture
+    gen = torch.Generator("cuda").manual_seed(0)
+    acc = torch.zeros(4, device="cuda")
+
+    def fn():
+        acc.add_(1)
+        return torch.randn(4, generator=gen, device="cuda") + acc
+
+    g = capture(fn, warmup=2, generators=(gen,), after_warmup=acc.zero_)
+    assert acc.sum().item() == 0  # reset after the warm-up; a capture only records
+    first = g.replay().clone()
+    second = g.replay()
+    assert second is g.outputs and acc.tolist() == [2.0] * 4
+    assert not torch.allclose(first - 1, second - 2)  # fresh noise each replay

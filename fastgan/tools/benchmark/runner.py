@@ -1,0 +1,130 @@
+"""The driver: a ``Config`` names the workloads, batches, dtypes and
+contenders; ``run`` builds, warms up and samples each group of contenders side
+by side and returns their records; ``profile_step`` tables where a step's time
+goes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ...ops import dispatch as _backend
+from .contenders import Contender, contenders
+from .records import add_speedups, record
+from .timing import measure_many, sync, warm
+from .workloads import OPS, PASSES, build_op, build_step, op_flops, seed_gan, step_flops
+
+GPU_BATCHES = (32, 64, 256, 1024, 4096, 16384)
+CPU_BATCHES = (32, 64, 256)
+DTYPES = ("fp32", "bf16")          # "tf32" is an opt-in label: fp32 with TF32 matmuls
+
+
+def _error(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _backend_calls(name: Optional[str]) -> int:
+    return sum(n for (b, _), n in _backend.calls.items() if b == name)
+
+
+@dataclass
+class Config:
+    device: torch.device
+    batches: tuple = CPU_BATCHES
+    dtypes: tuple = ("fp32",)
+    contenders: Optional[tuple] = None   # names; None = all available
+    steps: bool = True                   # whole train step
+    ops: tuple = OPS
+    passes: tuple = PASSES
+    warmup: int = 3
+    iters: int = 20
+    min_time_s: float = 0.5
+    repeat: int = 1                      # calls per sample on a GPU (the CPU takes one)
+    seed: int = 0
+
+
+def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Run every (contender, workload, batch, dtype) of ``cfg``; returns records.
+
+    A contender that fails (e.g. torch.compile without a C++ compiler) gets a
+    record with no timing and the error in ``note`` instead of stopping the run.
+    """
+    device = cfg.device
+    cs = contenders(device, cfg.contenders)
+    # A sample is ``repeat`` calls between two CUDA events, which hides the
+    # events' own launch latency; the host clock has none to hide.
+    repeat = cfg.repeat if device.type == "cuda" else 1
+    records = []
+
+    def emit(r):
+        records.append(r)
+        if on_record is not None:
+            on_record(r)
+
+    work = []
+    if cfg.steps:
+        work.append(("step", "gan_step", "both"))
+    work += [("op", op, p) for op in cfg.ops for p in cfg.passes]
+    for kind, op, pass_ in work:
+        for dtype in cfg.dtypes:
+            for batch in cfg.batches:
+                group = [c for c in cs if not (kind == "op" and c.cuda_graph)]
+                flops = (step_flops(*seed_gan(), batch) if kind == "step"
+                         else op_flops(op, pass_, batch))
+                fns, notes, timings = {}, {}, {}
+                for c in group:  # build and warm up each; a failure is recorded, not fatal
+                    try:
+                        if kind == "step":
+                            fn = build_step(c, batch, device, dtype, cfg.seed)[0]
+                        else:
+                            fn = build_op(c, op, pass_, batch, device, dtype, cfg.seed)
+                        before = _backend_calls(c.backend)
+                        timings[c.name] = warm(fn, device, cfg.warmup)
+                        fns[c.name] = fn
+                        if (c.backend and _backend_calls(c.backend) == before
+                                and (op, pass_) != ("gan_bce", "backward")):
+                            notes[c.name] = f"backend {c.backend} never ran"  # the label must be true
+                    except Exception as e:
+                        notes[c.name] = _error(e)
+                try:
+                    sampled = measure_many(fns, device, 0, cfg.iters, cfg.min_time_s, repeat)
+                except Exception as e:
+                    sampled = {}
+                    for name in fns:
+                        notes[name] = _error(e)
+                group_records = []
+                for c in group:
+                    t = timings.get(c.name)
+                    if c.name in sampled and sampled[c.name].samples_ms:
+                        t.samples_ms = sampled[c.name].samples_ms
+                    else:
+                        t = None
+                    group_records.append(record(kind, op, pass_, c, batch, dtype, t, flops,
+                                                notes.get(c.name, "")))
+                add_speedups(group_records)
+                for r in group_records:
+                    emit(r)
+                del fns
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return add_speedups(records)
+
+
+# ---------------------------------------------------------------------------- profile
+def profile_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp32",
+                 steps: int = 10, row_limit: int = 25) -> str:
+    """A torch.profiler table (self time, top ops) of ``steps`` train steps."""
+    step = build_step(c, batch, device, dtype)[0]
+    for _ in range(3):
+        step()
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=row_limit)

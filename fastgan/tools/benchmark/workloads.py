@@ -1,0 +1,170 @@
+"""What is timed: one whole GAN train step of the seed GAN, or one pass of one
+fused op, built for a contender; and the GEMM FLOPs of each (see the package
+docstring for the FLOP model)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...nn.layers import LinearAct, LinearBNAct, linear_act_sequential, linear_bn_act_sequential
+from ...nn.models import Discriminator, Generator
+from ...ops import functional as FG
+from .contenders import Contender, compiled, forced_backend, precision
+
+PASSES = ("forward", "backward", "both")
+OPS = ("linear_bn_act", "linear_act", "gan_bce")
+# The layer each op is measured on: the generator's widest BN block and the
+# discriminator's first block, with the seed's dropout and slope.
+OP_SHAPES = {"linear_bn_act": (512, 1024), "linear_act": (784, 1024), "gan_bce": (1, 1)}
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every nn.Linear of ``model``, in order."""
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def forward_flops(model: nn.Module, batch: int) -> int:
+    return sum(2 * batch * k * n for k, n in linear_shapes(model))
+
+
+def step_flops(G: nn.Module, D: nn.Module, batch: int) -> int:
+    """GEMM FLOPs of one GAN train step (see the package docstring)."""
+    return 3 * forward_flops(G, batch) + 3 * 3 * forward_flops(D, batch)
+
+
+def op_flops(op: str, pass_: str, batch: int) -> int:
+    if op == "gan_bce":
+        return 0
+    k, n = OP_SHAPES[op]
+    f = 2 * batch * k * n
+    return {"forward": f, "backward": 2 * f, "both": 3 * f}[pass_]
+
+
+_SEED_GAN: list = []
+
+
+def seed_gan() -> list:
+    """The seed GAN's G and D (plain layers), built once: its FLOPs are every step's."""
+    if not _SEED_GAN:
+        _SEED_GAN.extend([Generator(fused=False), Discriminator(fused=False)])
+    return _SEED_GAN
+
+
+# ---------------------------------------------------------------------------- train step
+def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp32",
+               seed: int = 0, latent_dim: int = 100):
+    """A zero-argument callable running one whole GAN train step for contender ``c``.
+
+    The step is the training engine's (``fastgan.train``): ``ReferenceStep`` for
+    the eager and compiled reference, ``GANStep`` for fastgan (CUDA graph on or
+    off). The real batch is a fixed tensor on ``device`` (no data loading is
+    timed); noise is drawn on the device inside the step.
+    Returns ``(step, G, D)``.
+    """
+    from ...train import GANStep, ReferenceStep, make_adam
+
+    torch.manual_seed(seed)
+    G = Generator(latent_dim=latent_dim, fused=c.fused).to(device).train()
+    D = Discriminator(fused=c.fused).to(device).train()
+    if c.compile_mode is None and not c.fused:
+        # The eager reference: Adam as a user writes it (what Trainer uses too).
+        opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    else:
+        # torch.compile gets the engine's fused Adam as well, so the comparison
+        # is about the layers and the step, not about an optimizer flag.
+        opt_g, opt_d = make_adam(G.parameters(), device=device), make_adam(D.parameters(), device=device)
+    kw = dict(batch_size=batch, latent_dim=latent_dim, seed=seed, device=device)
+    if c.fused:
+        engine = GANStep(G, D, opt_g, opt_d, graphs=c.cuda_graph, **kw)
+    else:
+        engine = ReferenceStep(compiled(G, c), compiled(D, c), opt_g, opt_d, **kw)
+    real = torch.rand(batch, 784, device=device) * 2 - 1
+
+    # torch.compile's CUDA-graph modes need to be told where a step begins.
+    mark = (c.compile_mode in ("reduce-overhead", "max-autotune") and device.type == "cuda")
+
+    def step():
+        if mark:
+            torch.compiler.cudagraph_mark_step_begin()
+        with forced_backend(c), precision(dtype, device):
+            return engine(real)
+
+    return step, G, D
+
+
+# ---------------------------------------------------------------------------- ops
+def _ref_loss_d(real_logits, fake_logits):
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def _fused_loss_d(real_logits, fake_logits):
+    return FG.gan_bce_d(real_logits, fake_logits).loss
+
+
+def _op_module(op: str, c: Contender, device: torch.device) -> nn.Module:
+    k, n = OP_SHAPES[op]
+    if op == "linear_bn_act":
+        m = LinearBNAct(k, n, dropout=0.2) if c.fused else linear_bn_act_sequential(k, n, dropout=0.2)
+    elif op == "linear_act":
+        m = LinearAct(k, n, dropout=0.2) if c.fused else linear_act_sequential(k, n, dropout=0.2)
+    else:
+        m = _GanBCE(c.fused)
+    return m.to(device).train()
+
+
+class _GanBCE(nn.Module):
+    """The D loss (real and fake logits -> loss): fused op or two BCE-with-logits."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, logits):
+        real, fake = logits.chunk(2, dim=0)
+        return _fused_loss_d(real, fake) if self.fused else _ref_loss_d(real, fake)
+
+
+def build_op(c: Contender, op: str, pass_: str, batch: int, device: torch.device,
+             dtype: str = "fp32", seed: int = 0):
+    """A zero-argument callable running ``pass_`` of ``op`` once for contender ``c``."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if pass_ not in PASSES:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+    if c.cuda_graph:
+        raise ValueError("op benchmarks have no CUDA-graph contender")
+    torch.manual_seed(seed)
+    m = compiled(_op_module(op, c, device), c)
+    k = OP_SHAPES[op][0]
+    rows = 2 * batch if op == "gan_bce" else batch
+    # x needs a gradient: inside a network every layer computes dX as well.
+    x = torch.randn(rows, k, device=device, requires_grad=True)
+    params = [x] + list(m.parameters())
+
+    def forward():
+        with forced_backend(c), precision(dtype, device):
+            return m(x)
+
+    if pass_ == "forward":
+        def run():
+            with torch.no_grad():
+                return forward()
+        return run
+    if pass_ == "both":
+        def run():
+            y = forward()
+            with forced_backend(c):
+                return torch.autograd.grad(y, params, torch.ones_like(y))
+        return run
+    # backward alone: one forward graph, differentiated again and again
+    y = forward()
+    gy = torch.ones_like(y)
+
+    def run():
+        with forced_backend(c):
+            return torch.autograd.grad(y, params, gy, retain_graph=True)
+    return run

@@ -114,7 +114,12 @@ def dropout_keep_mask(seed: Tensor, offset: Tensor, shape: tuple[int, int], p: f
     return u >= torch.tensor(p, dtype=torch.float32)
 
 
-def _apply_dropout(a: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
+def apply_dropout(a: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
+    """Inverted dropout of a ``(B, N)`` tensor with the op's mask for ``(seed, offset)``.
+
+    Backward applies the same call to the incoming gradient: the mask is
+    recomputed, never stored.
+    """
     if p == 0.0:
         return a
     keep = dropout_keep_mask(seed, offset, tuple(a.shape), p)
@@ -138,6 +143,12 @@ def act_grad_from_output(a: Tensor, activation: str, negative_slope: float) -> T
     return spec.activation(activation).grad_from_output(a, negative_slope)
 
 
+def act_backward(g: Tensor, z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """``g * act'(z)``: the gradient at the pre-activation ``z`` (in ``z``'s dtype,
+    so fp64 inputs keep an fp64 slope)."""
+    return g * act_grad(z, activation, negative_slope)
+
+
 # --------------------------------------------------------------------------
 # linear_bn_act: y = dropout(act(BN(x @ W.T + b)))
 # --------------------------------------------------------------------------
@@ -159,22 +170,13 @@ def linear_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
     if training:
         var, mean = torch.var_mean(hf, dim=0, correction=0)
         rstd = torch.rsqrt(var + eps)
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / num_batches_tracked.to(hf.dtype)
-            else:
-                factor = torch.tensor(momentum, dtype=hf.dtype, device=x.device)
-            n = hf.shape[0]
-            unbiased = var * (n / (n - 1))
-            running_mean.copy_(factor * mean + (1 - factor) * running_mean)
-            running_var.copy_(factor * unbiased + (1 - factor) * running_var)
+        update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                             hf.shape[0], momentum)
     else:
         mean = running_mean.to(hf.dtype, copy=True)
         rstd = torch.rsqrt(running_var.to(hf.dtype) + eps)
-    z = (hf - mean) * rstd * bn_weight + bn_bias
-    a = act(z, activation, negative_slope)
-    y = _apply_dropout(a, p, seed, offset)
+    y = bn_act_dropout(hf, mean, rstd, bn_weight, bn_bias, activation, negative_slope, p, seed,
+                       offset)
     return y.to(x.dtype), h, mean, rstd
 
 
@@ -189,10 +191,8 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
     and ``(seed, offset)``; nothing else is saved. ``dgamma``/``dbeta`` are
     fp32; ``dx``, ``dW`` and ``db`` are in ``x.dtype``.
     """
-    xhat = (h.to(mean.dtype) - mean) * rstd
-    z = xhat * bn_weight + bn_bias
-    g = _apply_dropout(grad_y.to(mean.dtype), p, seed, offset)
-    dz = g * act_grad(z, activation, negative_slope)
+    dz, xhat = bn_act_dropout_backward(grad_y, h, mean, rstd, bn_weight, bn_bias, activation,
+                                       negative_slope, p, seed, offset)
     dgamma = (dz * xhat).sum(0)
     dbeta = dz.sum(0)
     dxhat = dz * bn_weight
@@ -200,11 +200,62 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
         dh = rstd * (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0))
     else:
         dh = dxhat * rstd
-    dh = dh.to(x.dtype)
+    return (*linear_backward(dh.to(x.dtype), x, weight, compute_dx), dgamma, dbeta)
+
+
+# The pieces of linear_bn_act that do not depend on where the batch statistics
+# come from; fastgan.distributed's synchronized-statistics path reuses them
+# with statistics all-reduced over ranks.
+def update_running_stats(running_mean: Tensor, running_var: Tensor,
+                         num_batches_tracked: Tensor, mean: Tensor, var: Tensor, count,
+                         momentum: Optional[float]) -> None:
+    """``nn.BatchNorm1d``'s update of the running statistics, in place.
+
+    ``mean``/``var`` are the batch mean and biased variance over ``count``
+    rows; ``momentum`` None is the cumulative average. ``count`` may be a
+    tensor (a global batch size), so nothing is read on the host and the
+    update can be captured in a CUDA graph. The unbiased variance is formed in
+    ``var``'s dtype, then rounded to ``mean``'s, the dtype of the update.
+    """
+    with torch.no_grad():
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.to(mean.dtype)
+        else:
+            factor = torch.full((), momentum, dtype=mean.dtype, device=mean.device)
+        unbiased = (var * (count / (count - 1))).to(mean.dtype)
+        running_mean.copy_(factor * mean + (1 - factor) * running_mean)
+        running_var.copy_(factor * unbiased + (1 - factor) * running_var)
+
+
+def bn_act_dropout(h: Tensor, mean: Tensor, rstd: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                   activation: str, negative_slope: float, p: float, seed: Tensor,
+                   offset: Tensor) -> Tensor:
+    """``dropout(act((h - mean) * rstd * bn_weight + bn_bias))`` in ``mean``'s dtype."""
+    z = (h.to(mean.dtype) - mean) * rstd * bn_weight + bn_bias
+    return apply_dropout(act(z, activation, negative_slope), p, seed, offset)
+
+
+def bn_act_dropout_backward(grad_y: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
+                            bn_weight: Tensor, bn_bias: Tensor, activation: str,
+                            negative_slope: float, p: float, seed: Tensor,
+                            offset: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dz, xhat)``: the gradient at the BN output and the normalized ``h``,
+    both in ``mean``'s dtype, recomputed from ``h`` and ``(seed, offset)``."""
+    xhat = (h.to(mean.dtype) - mean) * rstd
+    z = xhat * bn_weight + bn_bias
+    g = apply_dropout(grad_y.to(mean.dtype), p, seed, offset)
+    return act_backward(g, z, activation, negative_slope), xhat
+
+
+def linear_backward(dh: Tensor, x: Tensor, weight: Tensor,
+                    compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dW, db)`` of ``h = x @ W.T + b`` from ``dh`` (in ``x.dtype``); ``db``
+    is summed in fp32 (fp64 for fp64 inputs); ``dx`` is empty if not ``compute_dx``."""
     dx = dh @ weight if compute_dx else x.new_empty(0)
     dw = dh.t() @ x
-    db = dh.sum(0, dtype=mean.dtype).to(x.dtype)
-    return dx, dw, db, dgamma, dbeta
+    db = dh.sum(0, dtype=acc_dtype(x)).to(x.dtype)
+    return dx, dw, db
 
 
 # --------------------------------------------------------------------------
@@ -214,7 +265,7 @@ def linear_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activa
                        negative_slope: float, p: float, seed: Tensor, offset: Tensor) -> Tensor:
     z = F.linear(x, weight, bias)
     a = act(z.to(acc_dtype(x)), activation, negative_slope)
-    return _apply_dropout(a, p, seed, offset).to(x.dtype)
+    return apply_dropout(a, p, seed, offset).to(x.dtype)
 
 
 def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str,
@@ -224,17 +275,11 @@ def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, ac
     output ``y`` (dropped elements get zero gradient anyway, kept ones are
     divided back by the dropout scale), so no pre-activation is stored."""
     a = y.to(acc_dtype(x))
-    g = grad_y.to(a.dtype)
+    g = apply_dropout(grad_y.to(a.dtype), p, seed, offset)
     if p != 0.0:
-        keep = dropout_keep_mask(seed, offset, tuple(y.shape), p)
-        scale = dropout_scale(p)
-        g = torch.where(keep, g * scale, torch.zeros_like(g))
-        a = a / scale
+        a = a / dropout_scale(p)
     dz = (g * act_grad_from_output(a, activation, negative_slope)).to(x.dtype)
-    dx = dz @ weight if compute_dx else x.new_empty(0)
-    dw = dz.t() @ x
-    db = dz.sum(0, dtype=acc_dtype(x)).to(x.dtype)
-    return dx, dw, db
+    return linear_backward(dz, x, weight, compute_dx)
 
 
 # --------------------------------------------------------------------------

@@ -14,6 +14,7 @@ device, so a CUDA graph replay draws a fresh mask with no host involvement.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -55,11 +56,27 @@ def _next_key(state: Tensor) -> tuple[Tensor, Tensor]:
     return seed, offset
 
 
-def _autocast(x: Tensor, weight: Tensor, bias):
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """``(x, weight, bias)`` in the autocast dtype while autocast is on for ``x``'s
+    device, as they are otherwise: the fused ops take one dtype for all three and
+    are not autocast-aware themselves."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         return x.to(dt), weight.to(dt), (None if bias is None else bias.to(dt))
     return x, weight, bias
+
+
+class FusedInputs(NamedTuple):
+    """What a fused layer's training or eval forward hands its op, besides the
+    BatchNorm1d's tensors (``_Fused.op_inputs``)."""
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    activation: str
+    negative_slope: float
+    p: float          # dropout probability of this forward (0 in eval)
+    seed: Tensor
+    offset: Tensor
 
 
 def linear_bn_act_sequential(in_features, out_features, bias=True, eps=1e-5, momentum=0.1,
@@ -84,6 +101,8 @@ def linear_act_sequential(in_features, out_features, bias=True, activation="leak
 
 
 class _Fused(nn.Sequential):
+    act_index = 1   # position of the activation child (after the Linear [and BatchNorm1d])
+
     def __init__(self, *layers: nn.Module):
         super().__init__(*layers)
         self.register_buffer("dropout_rng", _new_rng_state(layers[0].weight.device),
@@ -101,14 +120,30 @@ class _Fused(nn.Sequential):
         """The plain-PyTorch equivalent, sharing this layer's parameters."""
         return nn.Sequential(*self)
 
-    def _dropout_p(self) -> float:
+    def activation(self) -> tuple[str, float]:
+        """(name, negative_slope) of the activation child."""
+        return activation_of(self[self.act_index])
+
+    def dropout_p(self) -> float:
+        """The dropout probability of a forward now: the Dropout child's in training, else 0."""
         last = self[-1]
         return float(last.p) if isinstance(last, nn.Dropout) and self.training else 0.0
 
-    def _key(self, p: float):
+    def dropout_key(self, p: float) -> tuple[Tensor, Tensor]:
+        """(seed, offset) of the next dropout mask; advances the stream when ``p > 0``."""
         if p > 0:
             return _next_key(self.dropout_rng)
         return self.dropout_rng[:1].clone(), self.dropout_rng[1:].clone()  # unused by the kernels
+
+    def op_inputs(self, x: Tensor) -> FusedInputs:
+        """The arguments of this forward's op call (draws the dropout key, so call
+        it once per forward)."""
+        lin = self[0]
+        activation, slope = self.activation()
+        x, weight, bias = autocast_inputs(x, lin.weight, lin.bias)
+        p = self.dropout_p()
+        seed, offset = self.dropout_key(p)
+        return FusedInputs(x, weight, bias, activation, slope, p, seed, offset)
 
     def seed_dropout(self, seed: int) -> None:
         """Restart this layer's dropout stream at ``seed``."""
@@ -122,6 +157,8 @@ class LinearBNAct(_Fused):
     ``3`` Dropout, exactly as ``linear_bn_act_sequential`` builds them.
     """
 
+    act_index = 2
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  eps: float = 1e-5, momentum: float | None = 0.1,
                  activation: str = "leaky_relu", negative_slope: float = 0.2,
@@ -132,11 +169,11 @@ class LinearBNAct(_Fused):
         self._validate()
 
     def _validate(self):
-        lin, bn, act, drop = self  # raises ValueError if the shape of the block differs
+        lin, bn, _, drop = self  # raises ValueError if the shape of the block differs
         if not (isinstance(lin, nn.Linear) and type(bn) is nn.BatchNorm1d
                 and type(drop) is nn.Dropout):
             raise ValueError("LinearBNAct needs children (Linear, BatchNorm1d, activation, Dropout)")
-        activation_of(act)
+        self.activation()  # ValueError if the activation is not fusable
         if not (bn.affine and bn.track_running_stats):
             raise ValueError("LinearBNAct needs BatchNorm1d(affine=True, track_running_stats=True)")
 
@@ -156,14 +193,11 @@ class LinearBNAct(_Fused):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.sync_stats is not None and self.sync_stats.active():
             return self.sync_stats(self, x)
-        lin, bn, act, _ = self
-        activation, slope = activation_of(act)
-        x, weight, bias = _autocast(x, lin.weight, lin.bias)
-        p = self._dropout_p()
-        seed, offset = self._key(p)
-        return FG.linear_bn_act(x, weight, bias, bn.weight, bn.bias, bn.running_mean,
+        a, bn = self.op_inputs(x), self[1]
+        return FG.linear_bn_act(a.x, a.weight, a.bias, bn.weight, bn.bias, bn.running_mean,
                                 bn.running_var, bn.num_batches_tracked, self.training,
-                                bn.momentum, bn.eps, activation, slope, p, seed, offset)
+                                bn.momentum, bn.eps, a.activation, a.negative_slope, a.p,
+                                a.seed, a.offset)
 
 
 class LinearAct(_Fused):
@@ -180,17 +214,14 @@ class LinearAct(_Fused):
     def _validate(self):
         if len(self) not in (2, 3) or not isinstance(self[0], nn.Linear):
             raise ValueError("LinearAct needs children (Linear, activation[, Dropout])")
-        activation_of(self[1])
+        self.activation()  # ValueError if the activation is not fusable
         if len(self) == 3 and type(self[2]) is not nn.Dropout:
             raise ValueError("LinearAct's third child must be nn.Dropout")
 
     def forward(self, x: Tensor) -> Tensor:
-        lin = self[0]
-        activation, slope = activation_of(self[1])
-        x, weight, bias = _autocast(x, lin.weight, lin.bias)
-        p = self._dropout_p()
-        seed, offset = self._key(p)
-        return FG.linear_act(x, weight, bias, activation, slope, p, True, seed, offset)
+        a = self.op_inputs(x)
+        return FG.linear_act(a.x, a.weight, a.bias, a.activation, a.negative_slope, a.p, True,
+                             a.seed, a.offset)
 
 
 def seed_dropout(model: nn.Module, seed: int) -> None:

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from ..impl import reference as R
 from ..ops import checks as _checks
-from ..nn.layers import LinearBNAct, _autocast, activation_of
+from ..nn.layers import LinearBNAct
 
 GRAPH_WARMUP = 11   # eager DDP iterations before a CUDA graph capture (rule 2 above)
 
@@ -207,19 +207,14 @@ class SyncStats:
                 and dist.get_world_size(self.process_group) > 1)
 
     def __call__(self, layer: LinearBNAct, x: Tensor) -> Tensor:
-        lin, bn, act, _ = layer
-        activation, slope = activation_of(act)
-        x, weight, bias = _autocast(x, lin.weight, lin.bias)
-        p = layer._dropout_p()
-        seed, offset = layer._key(p)
-        _checks.linear_bn_act(x, weight, bias, bn.weight, bn.bias, bn.running_mean,
-                              bn.running_var, bn.num_batches_tracked, True, bn.momentum,
-                              float(bn.eps), activation, slope, p, seed, offset)
-        with torch.autocast(x.device.type, enabled=False):
-            return SyncLinearBNActFunction.apply(
-                x, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                bn.num_batches_tracked, bn.momentum, float(bn.eps), activation, slope, p, seed,
-                offset, self.process_group)
+        a, bn = layer.op_inputs(x), layer[1]
+        tensors = (a.x, a.weight, a.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                   bn.num_batches_tracked)
+        hyper = (bn.momentum, float(bn.eps), a.activation, a.negative_slope, a.p, a.seed,
+                 a.offset)
+        _checks.linear_bn_act(*tensors, True, *hyper)
+        with torch.autocast(a.x.device.type, enabled=False):
+            return SyncLinearBNActFunction.apply(*tensors, *hyper, self.process_group)
 
     def __repr__(self):
         return f"SyncStats(process_group={self.process_group!r})"
@@ -238,26 +233,6 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None,
     return model
 
 
-def _mask_grad(g: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
-    """Inverted dropout with the op's Philox mask (element i*N + j of a (B, N) output)."""
-    if p == 0.0:
-        return g
-    keep = R.dropout_keep_mask(seed, offset, tuple(g.shape), p)
-    return torch.where(keep, g * R.dropout_scale(p), torch.zeros_like(g))
-
-
-def _act_backward(g: Tensor, z: Tensor, activation: str, negative_slope: float) -> Tensor:
-    """g * act'(z), in g's dtype (the slope is not rounded to fp32 for fp64 inputs)."""
-    if activation == "leaky_relu":
-        return torch.where(z > 0, g, g * negative_slope)
-    if activation == "relu":
-        return torch.where(z > 0, g, torch.zeros_like(g))
-    if activation == "tanh":
-        t = torch.tanh(z)
-        return g * (1 - t * t)
-    return g
-
-
 class SyncLinearBNActFunction(torch.autograd.Function):
     """Training forward/backward of linear_bn_act with statistics over all ranks.
 
@@ -271,6 +246,9 @@ class SyncLinearBNActFunction(torch.autograd.Function):
                 group):
         acc = R.acc_dtype(x)
         h = F.linear(x, weight, bias)
+        # One all-reduce of per-column sum, sum of squares (fp64, so E[h^2] -
+        # E[h]^2 loses nothing) and the row count; the count stays a tensor so
+        # nothing is read on the host.
         h64 = h.to(torch.float64)
         count = torch.full((1,), h.shape[0], dtype=torch.float64, device=x.device)
         stats = torch.cat([h64.sum(0), (h64 * h64).sum(0), count])
@@ -281,17 +259,10 @@ class SyncLinearBNActFunction(torch.autograd.Function):
         var64 = (stats[n_out:2 * n_out] / n - mean64 * mean64).clamp_min(0)
         mean, var = mean64.to(acc), var64.to(acc)
         rstd = torch.rsqrt(var + eps)
-        with torch.no_grad():  # exactly nn.BatchNorm1d's update, with the global count
-            num_batches_tracked.add_(1)
-            if momentum is None:
-                factor = 1.0 / num_batches_tracked.to(acc)
-            else:
-                factor = torch.full((), momentum, dtype=acc, device=x.device)
-            unbiased = (var64 * (n / (n - 1))).to(acc)
-            running_mean.copy_(factor * mean + (1 - factor) * running_mean)
-            running_var.copy_(factor * unbiased + (1 - factor) * running_var)
-        z = (h.to(acc) - mean) * rstd * bn_weight + bn_bias
-        y = _mask_grad(R.act(z, activation, negative_slope), p, seed, offset).to(x.dtype)
+        R.update_running_stats(running_mean, running_var, num_batches_tracked, mean, var64, n,
+                               momentum)
+        y = R.bn_act_dropout(h, mean, rstd, bn_weight, bn_bias, activation, negative_slope, p,
+                             seed, offset).to(x.dtype)
         ctx.save_for_backward(x, weight, bn_weight, bn_bias, h, mean, rstd, n, seed, offset)
         ctx.hyper = (activation, negative_slope, p, group, bias is not None)
         return y
@@ -300,10 +271,8 @@ class SyncLinearBNActFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bn_weight, bn_bias, h, mean, rstd, n, seed, offset = ctx.saved_tensors
         activation, negative_slope, p, group, has_bias = ctx.hyper
-        xhat = (h.to(mean.dtype) - mean) * rstd
-        z = xhat * bn_weight + bn_bias
-        dz = _act_backward(_mask_grad(grad_y.to(mean.dtype), p, seed, offset), z, activation,
-                           negative_slope)
+        dz, xhat = R.bn_act_dropout_backward(grad_y, h, mean, rstd, bn_weight, bn_bias,
+                                             activation, negative_slope, p, seed, offset)
         dbeta = dz.sum(0)
         dgamma = (dz * xhat).sum(0)
         sums = torch.cat([dbeta, dgamma])
@@ -312,7 +281,7 @@ class SyncLinearBNActFunction(torch.autograd.Function):
         total = n.to(mean.dtype)
         mean_dz, mean_dz_xhat = sums[:n_out] / total, sums[n_out:] / total
         dh = (bn_weight * rstd * (dz - mean_dz - xhat * mean_dz_xhat)).to(x.dtype)
-        dx = dh @ weight if ctx.needs_input_grad[0] else None
-        dw = dh.t() @ x
-        db = dh.sum(0, dtype=mean.dtype).to(x.dtype) if has_bias else None
-        return (dx, dw, db, dgamma, dbeta) + (None,) * 11
+        need_dx = ctx.needs_input_grad[0]
+        dx, dw, db = R.linear_backward(dh, x, weight, need_dx)
+        return (dx if need_dx else None, dw, db if has_bias else None, dgamma,
+                dbeta) + (None,) * 11

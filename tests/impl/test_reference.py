@@ -61,7 +61,7 @@ def test_linear_bn_act_equals_eager(momentum, training, act, name):
     params = [p.detach().clone().requires_grad_() for p in (lin.weight, lin.bias, bn.weight, bn.bias)]
     stats = [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone().view(1)]
     zero = torch.zeros(1, dtype=torch.int64)
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(b, k, dtype=torch.float64)
         xr = x.clone().requires_grad_()
         xe = x.clone().requires_grad_()
@@ -119,4 +119,46 @@ def test_gradcheck_reference():
         assert torch.autograd.gradcheck(f_bn, (x, w, bias, g, beta))
         assert torch.autograd.gradcheck(f_act, (x, w, bias))
     r = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: FG.gan_bce_d(a, b, 0.1).loss, (r, r.detach().clone().requires_grad_()))
+    assert torch.autograd.gradcheck(lambda a, b: FG.gan_bce_d(a, b, 0.1).loss,
+                                    (r, r.detach().clone().requires_grad_()))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_update_running_stats_is_batchnorm1d_update(momentum):
+    """The public helper fastgan.distributed reuses: nn.BatchNorm1d's update, with the
+    row count given as an int or as a tensor (the synchronized path's global count)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(5, momentum=momentum)
+    for count_as_tensor in (False, True):
+        rm, rv, nbt = bn.running_mean.clone(), bn.running_var.clone(), torch.tensor([0])
+        bn_ref = nn.BatchNorm1d(5, momentum=momentum)
+        for _ in range(3):
+            h = torch.randn(6, 5)
+            var, mean = torch.var_mean(h, dim=0, correction=0)
+            count = torch.tensor([6.0], dtype=torch.float64) if count_as_tensor else 6
+            R.update_running_stats(rm, rv, nbt, mean, var.double() if count_as_tensor else var,
+                                   count, momentum)
+            bn_ref(h)
+        torch.testing.assert_close(rm, bn_ref.running_mean)
+        torch.testing.assert_close(rv, bn_ref.running_var)
+        assert rm.dtype == rv.dtype == torch.float32 and int(nbt) == 3
+
+
+@pytest.mark.parametrize("name", ["identity", "relu", "leaky_relu", "tanh"])
+def test_act_backward_is_autograd_in_fp64(name):
+    """g * act'(z) in z's dtype: fp64 keeps the slope in fp64 (not rounded to fp32)."""
+    z = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 7, dtype=torch.float64)
+    R.act(z, name, 0.2).backward(g)
+    got = R.act_backward(g, z.detach(), name, 0.2)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, z.grad, rtol=1e-15, atol=0)
+
+
+def test_apply_dropout_uses_the_op_mask():
+    a = torch.randn(6, 9)
+    seed, offset = torch.tensor([5]), torch.tensor([2])
+    assert R.apply_dropout(a, 0.0, seed, offset) is a
+    keep = R.dropout_keep_mask(seed, offset, (6, 9), 0.4)
+    torch.testing.assert_close(R.apply_dropout(a, 0.4, seed, offset),
+                               torch.where(keep, a * R.dropout_scale(0.4), 0.0), rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""The seed document's MLP GAN (DESIGN.md, "The system it starts from").
+"""The seed GAN: the MLP GAN of a TensorFlow tutorial this package grew from.
 
 ``fused=True`` builds it from fastgan's fused layers; ``fused=False`` builds
 the plain-PyTorch reference. Both have identical ``state_dict`` keys

@@ -42,11 +42,11 @@ $PY -c "import fastgan; print('backends:', fastgan.backends()); print('unavailab
 
 stage gpu-tests 120 $PY -m pytest -m gpu -q --timeout 60 --junitxml="$OUTDIR/gpu_tests.xml" tests
 stage memcheck 45 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  $PY -m pytest -q -m gpu tests/test_cuda_backend.py -k "graph_replay or dropout_mask" --timeout 50
-stage bench-cuda-ops 60 $PY bench/bench_cuda_ops.py "$OUTDIR/cuda_ops.json" --samples 7 --iters 10 \
-  --dtype bf16
-stage bench-triton-ops 45 $PY bench/bench_triton_ops.py "$OUTDIR/triton_ops.json" --samples 7 --iters 10 \
-  --dtype bf16
+  $PY -m pytest -q -m gpu tests/impl/test_cuda_backend.py -k "graph_replay or dropout_mask" --timeout 50
+stage bench-cuda-ops 60 $PY bench/bench_ops.py --backend cuda "$OUTDIR/cuda_ops.json" --samples 7 \
+  --iters 10 --dtype bf16
+stage bench-triton-ops 45 $PY bench/bench_ops.py --backend triton "$OUTDIR/triton_ops.json" --samples 7 \
+  --iters 10 --dtype bf16
 stage bench-step 75 $PY -m fastgan bench --device cuda --no-ops --batch-sizes 64,1024,16384 \
   --dtypes bf16 --tf32 --contenders eager,compile-reduce-overhead,fastgan,graph \
   --iters 20 --warmup 5 --min-time 0.2 --no-plot --out "$OUTDIR/step"

@@ -17,8 +17,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastgan import backend  # noqa: E402
-from fastgan import benchmark as B  # noqa: E402
+from fastgan import backend
+from fastgan import benchmark as B
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = 64

@@ -25,8 +25,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default=None,
                    help="comma-separated (default: 32,64,256 on CPU; up to 16384 on GPU)")
     p.add_argument("--dtypes", default=None,
-                   help="default fp32,bf16 (fp32 with --quick); comma-separated from fp32, bf16 (autocast), fp16 (autocast), tf32 "
-                        "(fp32 with TF32 matmuls; labelled separately)")
+                   help="default fp32,bf16 (fp32 with --quick); comma-separated from fp32, "
+                        "bf16 (autocast), fp16 (autocast), tf32 (fp32 with TF32 matmuls; "
+                        "labelled separately)")
     p.add_argument("--tf32", action="store_true", help="add the tf32 dtype label")
     p.add_argument("--contenders", default=None,
                    help="comma-separated names or families (eager, compile, fastgan, graph); "
@@ -72,7 +73,7 @@ def _ints(s: str, name: str) -> tuple:
     try:
         out = tuple(int(v) for v in s.split(",") if v.strip())
     except ValueError:
-        raise CLIError(f"{name} must be comma-separated integers, got {s!r}")
+        raise CLIError(f"{name} must be comma-separated integers, got {s!r}") from None
     if not out or min(out) < 2:
         raise CLIError(f"{name} must be integers >= 2, got {s!r}")
     return out
@@ -116,7 +117,7 @@ def config_from_args(args):
     try:
         B.contenders(device, cfg.contenders)
     except ValueError as e:
-        raise CLIError(f"--{e}")
+        raise CLIError(f"--{e}") from None
     return cfg
 
 
@@ -269,7 +270,7 @@ def _run_quality(args) -> int:
     try:
         seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
     except ValueError:
-        raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     doc = Q.time_to_quality_run(device=device, seeds=seeds, batch=args.quality_batch,
                                 max_steps=args.max_steps, eval_every=args.eval_every,
                                 threshold=args.fd_threshold, data=args.data,

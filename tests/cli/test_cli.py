@@ -1,7 +1,6 @@
 """`fastgan train` / `fastgan sample` end to end, bit-exact resume through the
 CLI (also after a real Ctrl-C), and one clean error line for each user mistake."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -126,7 +125,8 @@ def test_user_mistakes_give_one_line(npz, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert "--out" in _error(capsys, train_args(npz, blocker / "sub", "--steps", 1))
-    assert "--batch-size 128 is larger than the dataset" in _error(capsys, train_args(npz, out, "--batch-size", 128))
+    assert "--batch-size 128 is larger than the dataset" in _error(
+        capsys, train_args(npz, out, "--batch-size", 128))
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in _error(capsys, train_args(npz, out, "--device", "cuda"))
     assert "not a device" in _error(capsys, train_args(npz, out, "--device", "gpu7"))

@@ -16,16 +16,6 @@ from fastgan.models import Discriminator, Generator
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny shapes gain nothing from threads, and on a loaded shared machine two
-    # threads that wait on each other are many times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_step_flops_closed_form():
     g = 100 * 256 + 256 * 512 + 512 * 1024 + 1024 * 784
     d = 784 * 1024 + 1024 * 512 + 512 * 256 + 256 * 1

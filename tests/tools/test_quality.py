@@ -11,16 +11,6 @@ from fastgan.cli import main
 from fastgan.models import Generator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small convolutions gain nothing from threads, and on a shared machine two
-    # threads that wait on each other are many times slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ Fréchet distance
 def _rotation(d, seed):
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))

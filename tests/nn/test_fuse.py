@@ -298,6 +298,48 @@ def _roundtrip(model):
     return torch.load(buf, weights_only=False)
 
 
+def test_names_older_pickles_hold_still_resolve():
+    """Fused models pickled while fuse was one module name its functions there."""
+    import pickle
+
+    from fastgan.nn.fuse import fx_class, keys
+    for module in ("fastgan.nn.fuse", "fastgan.fuse"):
+        find = pickle.Unpickler(io.BytesIO()).find_class
+        assert find(module, "_rebuild_fx") is fx_class.rebuild_fx
+        assert find(module, "_state_dict_hook") is keys.state_dict_hook
+        assert find(module, "_load_pre_hook") is keys.load_pre_hook
+
+
+class _CallsActivation(nn.Module):
+    def __init__(self, call):
+        super().__init__()
+        self.fc, self.call = nn.Linear(5, 4), call
+
+    def forward(self, x):
+        return self.call(self.fc(x))
+
+
+def _activation_calls():
+    """Every functional target and Tensor method of the activation table."""
+    from fastgan.ops.spec import ACTIVATION_TABLE
+    for row in ACTIVATION_TABLE:
+        for fn in row.functions:
+            yield pytest.param(row.name, fn, id=f"{row.name}-{fn.__module__}.{fn.__name__}")
+        for method in row.methods:
+            yield pytest.param(row.name, lambda t, m=method: getattr(t, m)(),
+                               id=f"{row.name}-Tensor.{method}")
+
+
+@pytest.mark.parametrize("name,call", list(_activation_calls()))
+def test_fx_pass_fuses_every_activation_of_the_table(name, call):
+    orig = _CallsActivation(call).eval()
+    model, report = fuse(orig)
+    assert [type(m) for m in fused_layers(model)] == [LinearAct], str(report)
+    assert model.fc.activation()[0] == name
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(model(x), orig(x))
+
+
 def test_mode_dtype_device_carried():
     orig = BlockGenerator(dropout=0.1).double().eval()
     model, report = fuse(orig)
@@ -344,7 +386,7 @@ def _check_train(name, backend_name, device="cpu"):
     orig = orig.to(device).train()
     model, _ = fuse(orig)
     backend.calls.clear()
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(6, width, device=device)
         for m in (orig, model):
             m.zero_grad()

@@ -81,7 +81,7 @@ def test_building_a_fused_model_consumes_no_extra_randomness():
     tb = torch.rand(1)
     assert torch.equal(ta, tb)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(va, vb), ka
+        assert ka == kb and torch.equal(va, vb), ka
 
 
 def test_model_shapes():

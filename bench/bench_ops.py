@@ -288,9 +288,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
     machine = machine_info(device)
-    print(f"# {machine['gpu'] or machine['cpu']}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}, K={args.k} N={args.n} dropout={args.dropout}, training "
-          "forward+backward", flush=True)
+    print(f"# {machine['gpu'] or machine['cpu']}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} CPU threads), K={args.k} N={args.n} "
+          f"dropout={args.dropout}, training forward+backward", flush=True)
     if args.backend == "triton":
         from fastgan.kernels import warmup
         print("# warming up the Triton kernels (compile + autotune)", flush=True)

@@ -10,4 +10,4 @@
 Importing this package registers the ops.
 """
 from . import registry  # noqa: F401  (registers torch.ops.fastgan.*)
-from .registry import LinearActFunction, LinearBNActFunction  # noqa: F401
+from .registry import GanBCEFunction, LinearActFunction, LinearBNActFunction  # noqa: F401

@@ -1,4 +1,9 @@
-"""Functional forms of the fused ops (autograd-aware, compile-friendly).
+"""The public functional forms of the fused ops (``fastgan.functional``).
+
+Each calls its op's ``autograd.Function`` (``fastgan.ops.registry``): it
+differentiates, compiles with ``torch.compile(fullgraph=True)``, and in plain
+eager code skips the dispatcher round trip. Arguments are checked once, at the
+op boundary (``fastgan.ops.checks``).
 
 For dropout the ops need a ``(seed, offset)`` pair of 1-element int64 tensors
 on the input's device. Pass them explicitly for reproducible or CUDA-graph
@@ -12,8 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import registry as ops  # registers torch.ops.fastgan.*
-from .registry import LinearBNActFunction
+from .registry import GanBCEFunction, LinearActFunction, LinearBNActFunction
 
 
 def _rng(x: Tensor, seed: Optional[Tensor], offset: Optional[Tensor], p: float):
@@ -54,10 +58,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """dropout(act(linear(x))) in one fused op; dropout only in training."""
     p = float(dropout) if training else 0.0
     seed, offset = _rng(x, seed, offset, p)
-    args = (x, weight, bias, activation, float(negative_slope), p, seed, offset)
-    if ops._eager(x, weight):
-        return ops.LinearActFunction.apply(*args)
-    return torch.ops.fastgan.linear_act(*args)
+    return LinearActFunction.apply(x, weight, bias, activation, float(negative_slope), p, seed,
+                                   offset)
 
 
 class DLoss(NamedTuple):
@@ -73,12 +75,12 @@ class GLoss(NamedTuple):
 
 def gan_bce_d(real_logits: Tensor, fake_logits: Tensor, smoothing: float = 0.0) -> DLoss:
     """Discriminator loss from logits, with optional one-sided label smoothing."""
-    loss, d_real, d_fake, _, _ = torch.ops.fastgan.gan_bce(real_logits, fake_logits,
-                                                           1.0 - float(smoothing), 0.0)
+    loss, d_real, d_fake = GanBCEFunction.apply(real_logits, fake_logits, 1.0 - float(smoothing),
+                                                0.0)
     return DLoss(loss, d_real.detach(), d_fake.detach())
 
 
 def gan_bce_g(fake_logits: Tensor) -> GLoss:
     """Generator's non-saturating loss from the discriminator's logits on fakes."""
-    loss, d_fake, _, _, _ = torch.ops.fastgan.gan_bce(fake_logits, None, 1.0, 0.0)
+    loss, d_fake, _ = GanBCEFunction.apply(fake_logits, None, 1.0, 0.0)
     return GLoss(loss, d_fake.detach())

@@ -1,244 +1,262 @@
 """``torch.library`` registration of the fused ops, namespace ``fastgan``.
 
-Each op is a ``custom_op`` whose body validates its arguments and hands them
-to the backend chosen for the input's device (``fastgan.backend``), a fake
-(meta) kernel for ``torch.compile``, and autograd:
+Every op is wired the same way, by ``define`` from one ``OpDef`` row:
 
-* ``linear_act`` and ``gan_bce`` are functional, so autograd is attached with
-  ``register_autograd`` and ``torch.ops.fastgan.<op>`` is differentiable.
-* ``linear_bn_act`` updates the BatchNorm running statistics in place, inside
-  the same kernel as the forward. ``register_autograd`` refuses mutating ops,
-  so its gradient comes from ``LinearBNActFunction``, an ``autograd.Function``
-  that calls the forward op and the ``linear_bn_act_backward`` op.
+* ``fastgan::<op>``, a ``custom_op``: its body runs ``checks.<op>`` and hands
+  the arguments to the backend chosen for the first argument's device
+  (``dispatch.get("<op>_forward", ...)``); its fake runs the same check and
+  returns empty outputs of the right shapes (``torch.compile``, meta tensors).
+* ``fastgan::<op>_backward``, the same for the backend's backward function,
+  unchecked: it only sees tensors its forward produced. It takes the gradient
+  of the op's first output, then forward inputs and outputs *by name* (what
+  the autograd Function saves), then whether the first input that gets a
+  gradient needs it (``compute_dx``). No mask is ever stored: backward
+  recomputes dropout from ``(seed, offset)`` and the activation's derivative
+  from the saved tensors.
+* ``<Op>Function``, the op's one ``autograd.Function`` over those two ops,
+  which ``fastgan.functional`` calls. For functional ops its ``setup_context``
+  and ``backward`` are also the op's ``register_autograd`` formula, so
+  ``torch.ops.fastgan.<op>`` differentiates exactly as the Function does.
+  ``linear_bn_act`` updates the BatchNorm running statistics in place and
+  ``register_autograd`` refuses mutating ops: it is differentiable through
+  ``LinearBNActFunction`` only.
 
-Backward ops recompute the dropout mask from ``(seed, offset)`` and the
-activation derivative from saved tensors; no mask is ever stored.
+``gan_bce`` has no backward op: its forward already returns ``dloss/dlogits``
+(the kernels compute loss and gradient in one pass), so its backward is
+``dloss/dlogits * grad_loss``, two multiplies by a scalar. Plain tensor math
+traces under ``torch.compile`` and fuses there; an op would add a backend
+function to every ``fastgan.impl`` module for nothing.
 """
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.library import custom_op, register_fake
+from torch.library import custom_op, infer_schema, register_fake
 
-from . import checks as _checks
-from . import dispatch as backend
-
-
-def _impl(function: str, x: Tensor):
-    return backend.get(function, x.device)
+from . import checks, dispatch, spec
 
 
-def _eager(*tensors: Tensor) -> bool:
-    """Whether an autograd.Function may call the op's body directly.
+def _eager(*args) -> bool:
+    """Whether an autograd.Function may call an op's body directly.
 
     The custom-op round trip (Python -> dispatcher -> Python) costs tens of
     microseconds per call, as much as the fused kernels of a small layer on
-    the CPU. In plain eager code on plain tensors the body (same checks, same
-    backend) runs directly; under torch.compile, or on fake, meta or subclass
-    tensors, the registered op is called.
+    the CPU. In plain eager code on plain tensors the body (same check, same
+    backend) runs directly; under torch.compile, or with fake, meta or
+    subclass tensors among the arguments, the registered op is called.
     """
     if torch.compiler.is_compiling():
         return False
-    return all(type(t) is Tensor and t.device.type != "meta" for t in tensors)
+    for t in args:
+        if isinstance(t, Tensor) and (type(t) is not Tensor or t.is_meta):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op: everything ``define`` needs to register it and differentiate it.
+
+    The backend functions are ``spec.OPS[name]``: a forward, and a backward
+    unless the op's backward is plain tensor math (``backward_fake`` None).
+    """
+    name: str
+    signature: Callable          # typed signature of fastgan::<name> (body unused): schema, names
+    outputs: tuple[str, ...]     # names of its outputs; only the first gets a gradient
+    fake: Callable               # (forward args) -> empty outputs, after the check
+    grads: tuple[str, ...]       # inputs that get gradients, in the backward's output order
+    backward: Callable           # typed signature of fastgan::<name>_backward, or its math
+    backward_fake: Optional[Callable] = None
+    mutates: tuple[str, ...] = ()
+    contiguous: tuple[str, ...] = ()   # inputs made contiguous before the backend sees them
+    results: Optional[int] = None      # leading outputs the Function returns (None: all)
+
+
+def define(op: OpDef) -> type:
+    """Register ``fastgan::<op.name>`` (and its backward op), their fakes and
+    the autograd formula; return the op's ``autograd.Function``."""
+    check = getattr(checks, op.name)
+    forward_fn, *backward_fn = spec.OPS[op.name]
+    assert bool(backward_fn) == (op.backward_fake is not None), op.name
+    inputs = tuple(inspect.signature(op.signature).parameters)
+    hints = typing.get_type_hints(op.signature)
+    contiguous = tuple(inputs.index(n) for n in op.contiguous)
+    grad_index = tuple(inputs.index(n) for n in op.grads)
+
+    # ---- the forward op
+    def forward_body(*args):
+        check(*args)
+        if contiguous:
+            args = list(args)
+            for i in contiguous:
+                args[i] = None if args[i] is None else args[i].contiguous()
+        return dispatch.get(forward_fn, args[0].device)(*args)
+
+    def forward_fake(*args):
+        check(*args)
+        return op.fake(*args)
+
+    qualname = f"fastgan::{op.name}"
+    custom = custom_op(qualname, forward_body, mutates_args=op.mutates,
+                       schema=infer_schema(op.signature, mutates_args=op.mutates))
+    register_fake(qualname)(forward_fake)
+    forward_op = getattr(torch.ops.fastgan, op.name).default
+
+    # ---- the backward op (or plain math)
+    if backward_fn:
+        def backward_body(grad, *args):
+            # autograd may hand us an expanded or strided gradient
+            return dispatch.get(backward_fn[0], args[0].device)(grad.contiguous(), *args)
+
+        custom_op(f"{qualname}_backward", backward_body, mutates_args=(),
+                  schema=infer_schema(op.backward, mutates_args=()))
+        register_fake(f"{qualname}_backward")(op.backward_fake)
+        backward_eager = backward_body
+        backward_op = getattr(torch.ops.fastgan, f"{op.name}_backward").default
+    else:
+        backward_eager = backward_op = op.backward
+
+    # What the Function saves: the backward's arguments between the gradient and
+    # the trailing flag, each a forward input or output; tensors go through
+    # save_for_backward, the rest (hyper-parameters) onto ctx.
+    layout, tensor_slots, constant_slots = [], [], []
+    for name in tuple(inspect.signature(op.backward).parameters)[1:-1]:
+        source = (True, op.outputs.index(name)) if name in op.outputs else (False, inputs.index(name))
+        slots = tensor_slots if name in op.outputs or hints[name] is Tensor else constant_slots
+        layout.append((slots is tensor_slots, len(slots)))
+        slots.append(source)
+
+    def setup_context(ctx, inputs, output):
+        outs = output if isinstance(output, tuple) else (output,)
+        ctx.save_for_backward(*[outs[i] if is_out else inputs[i] for is_out, i in tensor_slots])
+        ctx.constants = tuple(outs[i] if is_out else inputs[i] for is_out, i in constant_slots)
+
+    def backward(ctx, grad, *_not_differentiable):
+        tensors, constants = ctx.saved_tensors, ctx.constants
+        args = [tensors[k] if is_tensor else constants[k] for is_tensor, k in layout]
+        needs = ctx.needs_input_grad
+        bwd = backward_eager if _eager(grad, *tensors) else backward_op
+        out = bwd(grad, *args, needs[grad_index[0]])
+        grads = [None] * len(needs)
+        for i, g in zip(grad_index, out):
+            if needs[i]:
+                grads[i] = g
+        return tuple(grads)
+
+    def forward(ctx, *args):
+        out = (forward_body if _eager(*args) else forward_op)(*args)
+        setup_context(ctx, args, out)
+        if op.results is None:
+            return out
+        return out[0] if op.results == 1 else out[:op.results]
+
+    if not op.mutates:
+        custom.register_autograd(backward, setup_context=setup_context)
+    class_name = "".join(w.upper() if w in ("bn", "bce") else w.title() for w in op.name.split("_"))
+    return type(f"{class_name}Function", (torch.autograd.Function,), {
+        "__doc__": f"Autograd of ``torch.ops.fastgan.{op.name}`` (see fastgan.ops.registry).",
+        "__module__": __name__,
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
 
 
 # ------------------------------------------------------------------ linear_bn_act
-@custom_op("fastgan::linear_bn_act",
-           mutates_args=("running_mean", "running_var", "num_batches_tracked"))
-def linear_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Tensor,
-                  bn_bias: Tensor, running_mean: Tensor, running_var: Tensor,
-                  num_batches_tracked: Tensor, training: bool, momentum: Optional[float],
-                  eps: float, activation: str, negative_slope: float, p: float, seed: Tensor,
-                  offset: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = dropout(act(BN(x @ W.T + b))); returns (y, h, mean, rstd), see reference."""
-    return _linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          num_batches_tracked, training, momentum, eps, activation,
-                          negative_slope, p, seed, offset)
+def _linear_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Tensor,
+                   bn_bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                   num_batches_tracked: Tensor, training: bool, momentum: Optional[float],
+                   eps: float, activation: str, negative_slope: float, p: float, seed: Tensor,
+                   offset: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y = dropout(act(BN(x @ W.T + b))); returns (y, h, mean, rstd), see the reference."""
 
 
-def _linear_bn_act(*args):
-    _checks.linear_bn_act(*args)
-    return _impl("linear_bn_act_forward", args[0])(*args)
-
-
-@register_fake("fastgan::linear_bn_act")
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-      training, momentum, eps, activation, negative_slope, p, seed, offset):
-    _checks.linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          num_batches_tracked, training, momentum, eps, activation,
-                          negative_slope, p, seed, offset)
+def _linear_bn_act_fake(x, weight, bias, bn_weight, *_):
     b, n = x.shape[0], weight.shape[0]
-    stat = x.new_empty(n, dtype=bn_weight.dtype)
-    return x.new_empty(b, n), x.new_empty(b, n), stat, torch.empty_like(stat)
+    return (x.new_empty(b, n), x.new_empty(b, n), x.new_empty(n, dtype=bn_weight.dtype),
+            x.new_empty(n, dtype=bn_weight.dtype))
 
 
-@custom_op("fastgan::linear_bn_act_backward", mutates_args=())
-def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
-                           bn_bias: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
-                           training: bool, activation: str, negative_slope: float, p: float,
-                           seed: Tensor, offset: Tensor, compute_dx: bool
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
+                            bn_bias: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
+                            training: bool, activation: str, negative_slope: float, p: float,
+                            seed: Tensor, offset: Tensor, compute_dx: bool
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db, dgamma, dbeta); dx is empty unless compute_dx."""
-    return _linear_bn_act_backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd,
-                                   training, activation, negative_slope, p, seed, offset,
-                                   compute_dx)
 
 
-def _linear_bn_act_backward(grad_y, *args):
-    # autograd may hand us an expanded or strided gradient
-    return _impl("linear_bn_act_backward", args[0])(grad_y.contiguous(), *args)
+def _linear_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, *args):
+    compute_dx = args[-1]
+    return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), weight.new_empty(weight.shape),
+            x.new_empty(weight.shape[0]), bn_weight.new_empty(bn_weight.shape),
+            bn_bias.new_empty(bn_bias.shape))
 
 
-@register_fake("fastgan::linear_bn_act_backward")
-def _(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, activation,
-      negative_slope, p, seed, offset, compute_dx):
-    n = weight.shape[0]
-    dx = torch.empty_like(x) if compute_dx else x.new_empty(0)
-    return (dx, torch.empty_like(weight), x.new_empty(n),
-            torch.empty_like(bn_weight), torch.empty_like(bn_bias))
-
-
-class LinearBNActFunction(torch.autograd.Function):
-    """Autograd for the mutating ``linear_bn_act`` op (see module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                num_batches_tracked, training, momentum, eps, activation, negative_slope, p,
-                seed, offset):
-        fwd = _linear_bn_act if _eager(x, weight) else torch.ops.fastgan.linear_bn_act
-        y, h, mean, rstd = fwd(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                               num_batches_tracked, training, momentum, eps, activation,
-                               negative_slope, p, seed, offset)
-        ctx.save_for_backward(x, weight, bn_weight, bn_bias, h, mean, rstd, seed, offset)
-        ctx.hyper = (training, activation, negative_slope, p)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, bn_weight, bn_bias, h, mean, rstd, seed, offset = ctx.saved_tensors
-        training, activation, negative_slope, p = ctx.hyper
-        bwd = (_linear_bn_act_backward if _eager(grad_y, x)
-               else torch.ops.fastgan.linear_bn_act_backward)
-        dx, dw, db, dgamma, dbeta = bwd(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd,
-                                        training, activation, negative_slope, p, seed, offset,
-                                        ctx.needs_input_grad[0])
-        return ((dx if ctx.needs_input_grad[0] else None), dw, (db if ctx.has_bias else None),
-                dgamma, dbeta) + (None,) * 11
+LinearBNActFunction = define(OpDef(
+    "linear_bn_act", _linear_bn_act, outputs=("y", "h", "mean", "rstd"),
+    fake=_linear_bn_act_fake, grads=("x", "weight", "bias", "bn_weight", "bn_bias"),
+    backward=_linear_bn_act_backward, backward_fake=_linear_bn_act_backward_fake,
+    mutates=("running_mean", "running_var", "num_batches_tracked"),
+    results=1))  # h, mean and rstd are only saved for backward
 
 
 # ------------------------------------------------------------------ linear_act
-@custom_op("fastgan::linear_act", mutates_args=())
-def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-               negative_slope: float, p: float, seed: Tensor, offset: Tensor) -> Tensor:
+def _linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                negative_slope: float, p: float, seed: Tensor, offset: Tensor) -> Tensor:
     """y = dropout(act(x @ W.T + b))."""
-    return _linear_act(x, weight, bias, activation, negative_slope, p, seed, offset)
 
 
-def _linear_act(x, weight, bias, activation, negative_slope, p, seed, offset):
-    _checks.linear(x, weight, bias, seed, offset)
-    _checks.hyper(activation, negative_slope, p)
-    return _impl("linear_act_forward", x)(x, weight, bias, activation, negative_slope, p,
-                                          seed, offset)
-
-
-@register_fake("fastgan::linear_act")
-def _(x, weight, bias, activation, negative_slope, p, seed, offset):
-    _checks.linear(x, weight, bias, seed, offset)
-    _checks.hyper(activation, negative_slope, p)
+def _linear_act_fake(x, weight, *_):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@custom_op("fastgan::linear_act_backward", mutates_args=())
-def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str,
-                        negative_slope: float, p: float, seed: Tensor, offset: Tensor,
-                        compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dW, db); dx is empty unless compute_dx."""
-    return _linear_act_backward_body(grad_y, x, weight, y, activation, negative_slope, p, seed,
-                                     offset, compute_dx)
+def _linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str,
+                         negative_slope: float, p: float, seed: Tensor, offset: Tensor,
+                         compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dW, db); dx is empty unless compute_dx. The activation's
+    derivative comes from the output y, so no pre-activation is stored."""
 
 
-def _linear_act_backward_body(grad_y, *args):
-    return _impl("linear_act_backward", args[0])(grad_y.contiguous(), *args)
+def _linear_act_backward_fake(grad_y, x, weight, *args):
+    compute_dx = args[-1]
+    return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), weight.new_empty(weight.shape),
+            x.new_empty(weight.shape[0]))
 
 
-@register_fake("fastgan::linear_act_backward")
-def _(grad_y, x, weight, y, activation, negative_slope, p, seed, offset, compute_dx):
-    dx = torch.empty_like(x) if compute_dx else x.new_empty(0)
-    return dx, torch.empty_like(weight), x.new_empty(weight.shape[0])
-
-
-def _linear_act_setup(ctx, inputs, output):
-    x, weight, bias, activation, negative_slope, p, seed, offset = inputs
-    ctx.save_for_backward(x, weight, output, seed, offset)
-    ctx.hyper = (activation, negative_slope, p)
-    ctx.has_bias = bias is not None
-
-
-def _linear_act_backward(ctx, grad_y):
-    x, weight, y, seed, offset = ctx.saved_tensors
-    activation, negative_slope, p = ctx.hyper
-    bwd = (_linear_act_backward_body if _eager(grad_y, x)
-           else torch.ops.fastgan.linear_act_backward)
-    dx, dw, db = bwd(
-        grad_y, x, weight, y, activation, negative_slope, p, seed, offset,
-        ctx.needs_input_grad[0])
-    return ((dx if ctx.needs_input_grad[0] else None), dw, (db if ctx.has_bias else None),
-            None, None, None, None, None)
-
-
-linear_act.register_autograd(_linear_act_backward, setup_context=_linear_act_setup)
-
-
-class LinearActFunction(torch.autograd.Function):
-    """The eager fast path of ``linear_act`` (see ``_eager``): the same body,
-    setup and backward as the registered op, without the dispatcher round trip."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        y = _linear_act(*inputs)
-        _linear_act_setup(ctx, inputs, y)
-        return y
-
-    backward = staticmethod(_linear_act_backward)
+LinearActFunction = define(OpDef(
+    "linear_act", _linear_act, outputs=("y",), fake=_linear_act_fake,
+    grads=("x", "weight", "bias"),
+    backward=_linear_act_backward, backward_fake=_linear_act_backward_fake))
 
 
 # ------------------------------------------------------------------ gan_bce
-@custom_op("fastgan::gan_bce", mutates_args=())
-def gan_bce(logits_a: Tensor, logits_b: Optional[Tensor], target_a: float, target_b: float
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _gan_bce(logits_a: Tensor, logits_b: Optional[Tensor], target_a: float, target_b: float
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """mean BCE(a, target_a) [+ mean BCE(b, target_b)] from logits; returns
     (loss, mean sigmoid(a), mean sigmoid(b), dloss/da, dloss/db)."""
-    _checks.gan_bce(logits_a, logits_b, target_a, target_b)
-    return _impl("gan_bce_forward", logits_a)(logits_a.contiguous(),
-                                              None if logits_b is None else logits_b.contiguous(),
-                                              target_a, target_b)
 
 
-@register_fake("fastgan::gan_bce")
-def _(logits_a, logits_b, target_a, target_b):
-    _checks.gan_bce(logits_a, logits_b, target_a, target_b)
-    scalar = logits_a.new_empty((), dtype=torch.float64 if logits_a.dtype == torch.float64
-                                else torch.float32)
-    grad_b = logits_a.new_empty(0) if logits_b is None else torch.empty_like(logits_b)
+def _gan_bce_fake(logits_a, logits_b, target_a, target_b):
+    scalar = logits_a.new_empty((), dtype=spec.acc_dtype(logits_a))
+    grad_b = logits_a.new_empty(0) if logits_b is None else logits_b.new_empty(logits_b.shape)
     return (scalar, torch.empty_like(scalar), torch.empty_like(scalar),
-            torch.empty_like(logits_a), grad_b)
+            logits_a.new_empty(logits_a.shape), grad_b)
 
 
-def _gan_bce_setup(ctx, inputs, output):
-    ctx.has_b = inputs[1] is not None
-    ctx.save_for_backward(output[3], output[4])
+def _gan_bce_backward(grad_loss: Tensor, grad_a: Tensor, grad_b: Tensor, compute_da: bool
+                      ) -> tuple[Tensor, Tensor]:
+    """(dlogits_a, dlogits_b): the forward's gradients scaled by the loss's.
+    The mean probabilities are diagnostics: no gradient flows through them."""
+    da = grad_a * grad_loss.to(grad_a.dtype) if compute_da else grad_a.new_empty(0)
+    return da, grad_b * grad_loss.to(grad_b.dtype)
 
 
-def _gan_bce_backward(ctx, grad_loss, *_unused):
-    # The loss's gradient was computed by the forward pass; only scale it.
-    # The mean probabilities are diagnostics: no gradient flows through them.
-    grad_a, grad_b = ctx.saved_tensors
-    da = grad_a * grad_loss.to(grad_a.dtype)
-    db = grad_b * grad_loss.to(grad_b.dtype) if ctx.has_b else None
-    return da, db, None, None
-
-
-gan_bce.register_autograd(_gan_bce_backward, setup_context=_gan_bce_setup)
+GanBCEFunction = define(OpDef(
+    "gan_bce", _gan_bce, outputs=("loss", "prob_a", "prob_b", "grad_a", "grad_b"),
+    fake=_gan_bce_fake, grads=("logits_a", "logits_b"), backward=_gan_bce_backward,
+    contiguous=("logits_a", "logits_b"),  # the kernels walk the logits as flat vectors
+    results=3))  # dloss/dlogits are only saved for backward

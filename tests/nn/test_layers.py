@@ -64,6 +64,25 @@ def test_autocast_bf16():
     assert layer[0].weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("cls,act_index", [(fnn.LinearBNAct, 2), (fnn.LinearAct, 1)])
+def test_op_inputs_is_what_the_forward_passes(cls, act_index):
+    """The public view fastgan.distributed builds its sync-BN call from."""
+    layer = cls(4, 3, activation="tanh", dropout=0.25)
+    assert layer.activation() == ("tanh", 0.0) and layer.act_index == act_index
+    x = torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = layer.op_inputs(x)
+    assert (a.x.dtype, a.weight.dtype, a.bias.dtype) == (torch.bfloat16,) * 3
+    assert (a.activation, a.negative_slope, a.p) == ("tanh", 0.0, 0.25)
+    assert (int(a.seed), int(a.offset)) == (int(layer.dropout_rng[0]), 0)
+    assert int(layer.dropout_rng[1]) == 1  # the key was drawn: the stream moved on
+    layer.eval()
+    assert layer.dropout_p() == 0.0
+    seed, offset = layer.dropout_key(0.0)
+    assert int(offset) == 1 and int(layer.dropout_rng[1]) == 1  # p == 0 draws nothing
+    assert fnn.autocast_inputs(x, layer[0].weight, None)[2] is None
+
+
 @pytest.mark.parametrize("cls", [Generator, Discriminator])
 def test_models_have_identical_state_dict_keys(cls):
     fused, ref = cls(fused=True), cls(fused=False)

@@ -174,9 +174,10 @@ def test_sync_function_equals_the_op_on_one_rank(one_rank_group, dtype, batch, p
         for t in (x, w, b, gamma, beta):
             t.grad = None
     assert fastgan.backend.calls[("reference", "linear_bn_act_backward")] == 1
-    # fp64: 1e-6, not 1e-12, because reference.act_grad's torch.where(z > 0, 1.0,
-    # slope) rounds the leaky_relu slope to fp32 and dx cancels (reported to the lead).
-    tol = {torch.float32: 1e-5, torch.float64: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    # The sync path runs the reference's own epilogue, mask and activation
+    # backward (fp64 slope for fp64 inputs); only its statistics (all-reduced
+    # sums, not var_mean) and its dh formula round differently.
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}[dtype]
     names = ["y", "running_mean", "running_var", "num_batches_tracked", "dx", "dW", "db",
              "dgamma", "dbeta"]
     for name, a, s in zip(names, *results):

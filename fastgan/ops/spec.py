@@ -12,8 +12,10 @@ dropout's scaling commutes with it and ``Dropout -> act`` equals
 ``act -> Dropout``).
 
 Adding an activation: one row here, then one ``case`` in each kernel's
-switch (``csrc/activation.h``, ``kernels/common.py``); ``tests/ops/test_spec.py``
-checks that the kernels' codes match this table. See docs/adding_an_op.md.
+switch (``csrc/activation.h``, ``kernels/common.py``). ``tests/ops/test_spec.py``
+checks the rows against autograd and each other; ``tests/impl/test_csrc_spec.py``
+checks the C++ codes against this table (the Triton kernels read them from it).
+See docs/adding_an_op.md.
 """
 from __future__ import annotations
 

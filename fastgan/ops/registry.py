@@ -77,19 +77,14 @@ class OpDef:
     results: Optional[int] = None      # leading outputs the Function returns (None: all)
 
 
-def define(op: OpDef) -> type:
-    """Register ``fastgan::<op.name>`` (and its backward op), their fakes and
-    the autograd formula; return the op's ``autograd.Function``."""
+def _register_forward(op: OpDef):
+    """``fastgan::<name>`` and its fake; returns (its OpOverload, its body, the CustomOpDef)."""
     check = getattr(checks, op.name)
-    forward_fn, *backward_fn = spec.OPS[op.name]
-    assert bool(backward_fn) == (op.backward_fake is not None), op.name
-    inputs = tuple(inspect.signature(op.signature).parameters)
-    hints = typing.get_type_hints(op.signature)
-    contiguous = tuple(inputs.index(n) for n in op.contiguous)
-    grad_index = tuple(inputs.index(n) for n in op.grads)
+    forward_fn = spec.OPS[op.name][0]
+    names = tuple(inspect.signature(op.signature).parameters)
+    contiguous = tuple(names.index(n) for n in op.contiguous)
 
-    # ---- the forward op
-    def forward_body(*args):
+    def body(*args):
         check(*args)
         if contiguous:
             args = list(args)
@@ -97,56 +92,67 @@ def define(op: OpDef) -> type:
                 args[i] = None if args[i] is None else args[i].contiguous()
         return dispatch.get(forward_fn, args[0].device)(*args)
 
-    def forward_fake(*args):
+    def fake(*args):
         check(*args)
         return op.fake(*args)
 
     qualname = f"fastgan::{op.name}"
-    custom = custom_op(qualname, forward_body, mutates_args=op.mutates,
+    custom = custom_op(qualname, body, mutates_args=op.mutates,
                        schema=infer_schema(op.signature, mutates_args=op.mutates))
-    register_fake(qualname)(forward_fake)
-    forward_op = getattr(torch.ops.fastgan, op.name).default
+    register_fake(qualname)(fake)
+    return getattr(torch.ops.fastgan, op.name).default, body, custom
 
-    # ---- the backward op (or plain math)
-    if backward_fn:
-        def backward_body(grad, *args):
-            # autograd may hand us an expanded or strided gradient
-            return dispatch.get(backward_fn[0], args[0].device)(grad.contiguous(), *args)
 
-        custom_op(f"{qualname}_backward", backward_body, mutates_args=(),
-                  schema=infer_schema(op.backward, mutates_args=()))
-        register_fake(f"{qualname}_backward")(op.backward_fake)
-        backward_eager = backward_body
-        backward_op = getattr(torch.ops.fastgan, f"{op.name}_backward").default
-    else:
-        backward_eager = backward_op = op.backward
+def _register_backward(op: OpDef):
+    """``fastgan::<name>_backward`` and its fake; returns (its OpOverload, its body).
+    Without a backend backward function, ``op.backward`` is plain math: both."""
+    functions = spec.OPS[op.name]
+    assert (len(functions) == 2) == (op.backward_fake is not None), op.name
+    if len(functions) == 1:
+        return op.backward, op.backward
+    backward_fn = functions[1]
 
-    # What the Function saves: the backward's arguments between the gradient and
-    # the trailing flag, each a forward input or output; tensors go through
-    # save_for_backward, the rest (hyper-parameters) onto ctx.
-    layout, tensor_slots, constant_slots = [], [], []
+    def body(grad, *args):
+        # autograd may hand us an expanded or strided gradient
+        return dispatch.get(backward_fn, args[0].device)(grad.contiguous(), *args)
+
+    qualname = f"fastgan::{op.name}_backward"
+    custom_op(qualname, body, mutates_args=(), schema=infer_schema(op.backward, mutates_args=()))
+    register_fake(qualname)(op.backward_fake)
+    return getattr(torch.ops.fastgan, f"{op.name}_backward").default, body
+
+
+def _saved(op: OpDef):
+    """Where the backward's arguments come from, between the gradient and the
+    trailing flag: each names a forward input or output. Returns the sources
+    of the saved tensors (save_for_backward), of the saved constants (the
+    hyper-parameters, kept on ctx), and for each argument (is_tensor, index)
+    into one of the two."""
+    inputs = tuple(inspect.signature(op.signature).parameters)
+    hints = typing.get_type_hints(op.signature)
+    tensors, constants, layout = [], [], []
     for name in tuple(inspect.signature(op.backward).parameters)[1:-1]:
-        source = (True, op.outputs.index(name)) if name in op.outputs else (False, inputs.index(name))
-        slots = tensor_slots if name in op.outputs or hints[name] is Tensor else constant_slots
-        layout.append((slots is tensor_slots, len(slots)))
-        slots.append(source)
+        is_output = name in op.outputs
+        is_tensor = is_output or hints[name] is Tensor
+        into = tensors if is_tensor else constants
+        layout.append((is_tensor, len(into)))
+        into.append((is_output, op.outputs.index(name) if is_output else inputs.index(name)))
+    return tuple(tensors), tuple(constants), tuple(layout)
+
+
+def define(class_name: str, op: OpDef) -> type:
+    """Register ``fastgan::<op.name>``, its backward op, their fakes and (for a
+    functional op) its autograd formula; return the op's ``autograd.Function``."""
+    forward_op, forward_body, custom = _register_forward(op)
+    backward_op, backward_body = _register_backward(op)
+    tensor_sources, constant_sources, layout = _saved(op)
+    inputs = tuple(inspect.signature(op.signature).parameters)
+    grad_index = tuple(inputs.index(n) for n in op.grads)
 
     def setup_context(ctx, inputs, output):
         outs = output if isinstance(output, tuple) else (output,)
-        ctx.save_for_backward(*[outs[i] if is_out else inputs[i] for is_out, i in tensor_slots])
-        ctx.constants = tuple(outs[i] if is_out else inputs[i] for is_out, i in constant_slots)
-
-    def backward(ctx, grad, *_not_differentiable):
-        tensors, constants = ctx.saved_tensors, ctx.constants
-        args = [tensors[k] if is_tensor else constants[k] for is_tensor, k in layout]
-        needs = ctx.needs_input_grad
-        bwd = backward_eager if _eager(grad, *tensors) else backward_op
-        out = bwd(grad, *args, needs[grad_index[0]])
-        grads = [None] * len(needs)
-        for i, g in zip(grad_index, out):
-            if needs[i]:
-                grads[i] = g
-        return tuple(grads)
+        ctx.save_for_backward(*[outs[i] if out else inputs[i] for out, i in tensor_sources])
+        ctx.constants = tuple(outs[i] if out else inputs[i] for out, i in constant_sources)
 
     def forward(ctx, *args):
         out = (forward_body if _eager(*args) else forward_op)(*args)
@@ -155,11 +161,23 @@ def define(op: OpDef) -> type:
             return out
         return out[0] if op.results == 1 else out[:op.results]
 
-    if not op.mutates:
+    def backward(ctx, grad, *_not_differentiable):
+        tensors, constants = ctx.saved_tensors, ctx.constants
+        args = [tensors[k] if is_tensor else constants[k] for is_tensor, k in layout]
+        needs = ctx.needs_input_grad
+        out = (backward_body if _eager(grad, *tensors) else backward_op)(
+            grad, *args, needs[grad_index[0]])
+        grads = [None] * len(needs)
+        for i, g in zip(grad_index, out):
+            if needs[i]:
+                grads[i] = g
+        return tuple(grads)
+
+    if not op.mutates:  # register_autograd refuses mutating ops
         custom.register_autograd(backward, setup_context=setup_context)
-    class_name = "".join(w.upper() if w in ("bn", "bce") else w.title() for w in op.name.split("_"))
-    return type(f"{class_name}Function", (torch.autograd.Function,), {
-        "__doc__": f"Autograd of ``torch.ops.fastgan.{op.name}`` (see fastgan.ops.registry).",
+    return type(class_name, (torch.autograd.Function,), {
+        "__doc__": f"The autograd of ``torch.ops.fastgan.{op.name}``: its forward and "
+                   "backward ops, or their bodies in plain eager code.",
         "__module__": __name__,
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
@@ -196,7 +214,7 @@ def _linear_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, *args):
             bn_bias.new_empty(bn_bias.shape))
 
 
-LinearBNActFunction = define(OpDef(
+LinearBNActFunction = define("LinearBNActFunction", OpDef(
     "linear_bn_act", _linear_bn_act, outputs=("y", "h", "mean", "rstd"),
     fake=_linear_bn_act_fake, grads=("x", "weight", "bias", "bn_weight", "bn_bias"),
     backward=_linear_bn_act_backward, backward_fake=_linear_bn_act_backward_fake,
@@ -227,7 +245,7 @@ def _linear_act_backward_fake(grad_y, x, weight, *args):
             x.new_empty(weight.shape[0]))
 
 
-LinearActFunction = define(OpDef(
+LinearActFunction = define("LinearActFunction", OpDef(
     "linear_act", _linear_act, outputs=("y",), fake=_linear_act_fake,
     grads=("x", "weight", "bias"),
     backward=_linear_act_backward, backward_fake=_linear_act_backward_fake))
@@ -255,7 +273,7 @@ def _gan_bce_backward(grad_loss: Tensor, grad_a: Tensor, grad_b: Tensor, compute
     return da, grad_b * grad_loss.to(grad_b.dtype)
 
 
-GanBCEFunction = define(OpDef(
+GanBCEFunction = define("GanBCEFunction", OpDef(
     "gan_bce", _gan_bce, outputs=("loss", "prob_a", "prob_b", "grad_a", "grad_b"),
     fake=_gan_bce_fake, grads=("logits_a", "logits_b"), backward=_gan_bce_backward,
     contiguous=("logits_a", "logits_b"),  # the kernels walk the logits as flat vectors

@@ -21,13 +21,15 @@ from .registry import GanBCEFunction, LinearActFunction, LinearBNActFunction
 
 
 def _rng(x: Tensor, seed: Optional[Tensor], offset: Optional[Tensor], p: float):
+    # A non-tensor x is left for the op's check to report.
+    device = x.device if isinstance(x, Tensor) else None
     if seed is None:
         if p > 0:
-            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(x.device)
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
         else:
-            seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+            seed = torch.zeros(1, dtype=torch.int64, device=device)
     if offset is None:
-        offset = torch.zeros(1, dtype=torch.int64, device=x.device)
+        offset = torch.zeros(1, dtype=torch.int64, device=device)
     return seed, offset
 
 

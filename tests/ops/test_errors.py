@@ -1,4 +1,5 @@
-"""Bad input gets a clear error that names the argument, on every entry point."""
+"""Bad input gets a clear one-line error that names the argument, on every
+entry point (eager, the registered op, its fake), checked once per call."""
 import math
 
 import pytest
@@ -6,6 +7,9 @@ import torch
 
 from fastgan import functional as FG
 from fastgan import nn as fnn
+from fastgan.ops import checks
+
+I64 = torch.int64
 
 
 def bn_args(b=4, k=6, n=5, **over):
@@ -36,13 +40,49 @@ def bn_args(b=4, k=6, n=5, **over):
     (dict(eps=0.0), ValueError, "eps"),
     (dict(momentum=math.nan), ValueError, "momentum"),
     (dict(activation="gelu"), ValueError, "activation must be one of"),
+    (dict(activation=None), ValueError, "activation must be one of"),
+    (dict(eps=math.inf), ValueError, "eps must be finite"),
+    (dict(eps=math.nan), ValueError, "eps must be finite"),
+    (dict(momentum=1.5), ValueError, "momentum must be None or in"),
+    (dict(momentum=-0.1), ValueError, "momentum must be None or in"),
+    (dict(dropout=math.nan), ValueError, "dropout p"),
+    (dict(negative_slope=-0.1), ValueError, "negative_slope"),
+    (dict(bias=torch.randn(5, 1)), ValueError, "bias must be 1-D"),
+    (dict(weight=torch.randn(5)), ValueError, "weight must be 2-D"),
+    (dict(x=[[1.0] * 6] * 4), TypeError, "x must be a torch.Tensor"),
+    (dict(bn_bias=torch.zeros(5, dtype=torch.float64)), TypeError, "bn_bias must have dtype"),
+    (dict(running_mean=torch.zeros(5, 1)), ValueError, "running_mean must be 1-D"),
+    (dict(num_batches_tracked=torch.zeros(1)), TypeError, "num_batches_tracked must have dtype"),
+    (dict(num_batches_tracked=torch.zeros(2, dtype=I64)), ValueError,
+     "num_batches_tracked must have 1 elements"),
+    (dict(seed=torch.zeros(1)), TypeError, "seed must have dtype"),
+    (dict(seed=torch.zeros(2, dtype=I64)), ValueError, "seed must have 1 elements"),
+    (dict(offset=torch.zeros(1, dtype=I64, device="meta")), ValueError, "offset is on meta"),
+    (dict(seed=3), TypeError, "seed must be a torch.Tensor"),
 ])
 def test_linear_bn_act_bad_input(over, exc, match):
     a = bn_args(**over)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as e:
         FG.linear_bn_act(a.pop("x"), a.pop("weight"), a.pop("bias"), a.pop("bn_weight"),
                          a.pop("bn_bias"), a.pop("running_mean"), a.pop("running_var"),
                          a.pop("num_batches_tracked"), **a)
+    assert "\n" not in str(e.value)
+
+
+def test_hyper_parameters_must_be_numbers():
+    # The functional forms convert with float(); the check is what Function.apply sees.
+    with pytest.raises(TypeError, match="negative_slope must be a float, got str"):
+        checks.hyper("leaky_relu", "0.2", 0.0)
+    with pytest.raises(TypeError, match="dropout p must be a float, got NoneType"):
+        checks.hyper("leaky_relu", 0.2, None)
+
+
+def test_linear_bn_act_fp64_needs_fp64_stats():
+    a = bn_args(x=torch.randn(4, 6, dtype=torch.float64),
+                weight=torch.randn(5, 6, dtype=torch.float64),
+                bias=torch.randn(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="bn_weight must have dtype torch.float64"):
+        FG.linear_bn_act(*a.values())
 
 
 @pytest.mark.parametrize("over,exc,match", [
@@ -51,12 +91,49 @@ def test_linear_bn_act_bad_input(over, exc, match):
     (dict(weight=torch.randn(3, 4, dtype=torch.bfloat16)), TypeError, "weight must have dtype"),
     (dict(dropout=1.5), ValueError, "dropout p"),
     (dict(negative_slope=-math.inf), ValueError, "negative_slope"),
+    (dict(bias=torch.randn(3, dtype=torch.float16)), TypeError, "bias must have dtype"),
+    (dict(activation="swish"), ValueError, "activation must be one of"),
+    (dict(offset=torch.zeros(1, dtype=torch.int32)), TypeError, "offset must have dtype"),
 ])
 def test_linear_act_bad_input(over, exc, match):
     a = dict(x=torch.randn(2, 4), weight=torch.randn(3, 4), bias=None, dropout=0.1)
     a.update(over)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match=match) as e:
         FG.linear_act(a.pop("x"), a.pop("weight"), a.pop("bias"), **a)
+    assert "\n" not in str(e.value)
+
+
+def _linear_act_args(**over):
+    a = dict(x=torch.randn(2, 4), weight=torch.randn(3, 4), bias=None, activation="relu",
+             negative_slope=0.0, p=0.0, seed=torch.zeros(1, dtype=I64),
+             offset=torch.zeros(1, dtype=I64))
+    a.update(over)
+    return tuple(a.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_registered_op_and_fake_check_too(device):
+    """torch.ops.fastgan.* (and its fake, on meta tensors) raise the same errors."""
+    z = torch.zeros(1, dtype=I64, device=device)
+    with pytest.raises(ValueError, match="K mismatch"):
+        torch.ops.fastgan.linear_act(torch.randn(2, 4, device=device),
+                                     torch.randn(3, 5, device=device), None, "relu", 0.0, 0.0,
+                                     z, z)
+    with pytest.raises(ValueError, match="dropout p"):
+        torch.ops.fastgan.linear_act(torch.randn(2, 4, device=device),
+                                     torch.randn(3, 4, device=device), None, "relu", 0.0, 1.0,
+                                     z, z)
+    with pytest.raises(ValueError, match="target_b \\(label\\) must be in"):
+        torch.ops.fastgan.gan_bce(torch.randn(3, 1, device=device),
+                                  torch.randn(3, 1, device=device), 1.0, 1.5)
+
+
+def test_batch_times_out_features_limit():
+    # Meta tensors: the fake runs the check, nothing is allocated.
+    z = torch.zeros(1, dtype=I64, device="meta")
+    x, w = torch.empty(2**16 + 1, 8, device="meta"), torch.empty(2**16, 8, device="meta")
+    with pytest.raises(ValueError, match="batch \\* out_features must be below 2\\*\\*32"):
+        FG.linear_act(x, w, None, "relu", 0.0, 0.0, True, z, z)
 
 
 def test_gan_bce_bad_input():
@@ -64,8 +141,49 @@ def test_gan_bce_bad_input():
         FG.gan_bce_d(torch.randn(3, 1), torch.randn(3, 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="must not be empty"):
         FG.gan_bce_g(torch.randn(0, 1))
+    with pytest.raises(ValueError, match="fake_logits must not be empty"):
+        FG.gan_bce_d(torch.randn(3, 1), torch.randn(0, 1))
     with pytest.raises(TypeError, match="logits must be a float"):
         FG.gan_bce_g(torch.ones(3, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="fake_logits is on meta but real_logits is on cpu"):
+        FG.gan_bce_d(torch.randn(3, 1), torch.randn(3, 1, device="meta"))
+    with pytest.raises(ValueError, match="target_a \\(label\\) must be in \\[0, 1\\]"):
+        FG.gan_bce_d(torch.randn(3, 1), torch.randn(3, 1), smoothing=1.5)
+    with pytest.raises(TypeError, match="real_logits must be a torch.Tensor"):
+        FG.gan_bce_d([0.5], torch.randn(3, 1))
+
+
+def _count(monkeypatch, name):
+    calls = []
+    inner = getattr(checks, name)
+    monkeypatch.setattr(checks, name, lambda *a, **k: calls.append(1) or inner(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("path", ["functional", "registered op"])
+def test_checked_once_per_call(monkeypatch, path):
+    """Forward and backward of one call run the op's check exactly once."""
+    hyper = _count(monkeypatch, "hyper")      # once per linear op check
+    finite = _count(monkeypatch, "finite")    # gan_bce checks its two labels with it
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    z = torch.zeros(1, dtype=I64)
+    if path == "functional":
+        FG.linear_act(x, w, None, "tanh", 0.0, 0.2, True, z, z).sum().backward()
+    else:
+        torch.ops.fastgan.linear_act(x, w, None, "tanh", 0.0, 0.2, z, z).sum().backward()
+    assert len(hyper) == 1
+    a = bn_args()
+    a["x"].requires_grad_(True)
+    FG.linear_bn_act(*a.values()).sum().backward()
+    assert len(hyper) == 2
+    finite.clear()
+    r = torch.randn(3, 1, requires_grad=True)
+    if path == "functional":
+        FG.gan_bce_d(r, r.detach()).loss.backward()
+    else:
+        torch.ops.fastgan.gan_bce(r, r.detach(), 1.0, 0.0)[0].backward()
+    assert len(finite) == 2
 
 
 def test_module_errors():

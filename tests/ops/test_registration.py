@@ -1,13 +1,16 @@
 """torch.library contract: opcheck on every op for every backend that runs
-here, gradcheck in float64 for the backends that support it, and fused modules
-under torch.compile(fullgraph=True)."""
+here, gradcheck in float64 for the backends that support it, the registered
+ops differentiating as their autograd Functions do, and fused modules under
+torch.compile(fullgraph=True)."""
 import pytest
 import torch
 from torch.library import opcheck
 
-import fastgan
+from fastgan import backend
 from fastgan import functional as FG
 from fastgan import nn as fnn
+from fastgan import ops
+from fastgan.ops import spec
 from helpers import CASES, ran, require
 
 ALL = [pytest.param(("reference", "cpu"), id="reference")] + CASES
@@ -57,6 +60,19 @@ def test_opcheck_linear_act(bd):
 
 
 @pytest.mark.parametrize("bd", ALL)
+def test_opcheck_linear_act_backward(bd):
+    backend, device = bd
+    require(backend, device)
+    x, w, bias = (_bn_args(device)[i] for i in range(3))
+    s, o = torch.tensor([5], device=device), torch.tensor([1], device=device)
+    y = torch.ops.fastgan.linear_act(x, w, bias, "tanh", 0.2, 0.3, s, o)
+    with ran(backend, "linear_act_backward"):
+        for compute_dx in (True, False):
+            opcheck(torch.ops.fastgan.linear_act_backward,
+                    (torch.randn_like(y), x, w, y, "tanh", 0.2, 0.3, s, o, compute_dx))
+
+
+@pytest.mark.parametrize("bd", ALL)
 def test_opcheck_gan_bce(bd):
     backend, device = bd
     require(backend, device)
@@ -65,6 +81,53 @@ def test_opcheck_gan_bce(bd):
     with ran(backend, "gan_bce_forward"):
         opcheck(torch.ops.fastgan.gan_bce, (r, f, 0.9, 0.0))
         opcheck(torch.ops.fastgan.gan_bce, (f, None, 1.0, 0.0))
+
+
+def test_every_op_is_registered():
+    """Each op of spec.OPS: the forward op, a backward op where the backends have
+    a backward function (gan_bce's backward is plain math), one Function."""
+    functions = {"linear_bn_act": ops.LinearBNActFunction, "linear_act": ops.LinearActFunction,
+                 "gan_bce": ops.GanBCEFunction}
+    assert set(functions) == set(spec.OPS)
+    for name, fns in spec.OPS.items():
+        assert hasattr(torch.ops.fastgan, name)
+        assert hasattr(torch.ops.fastgan, f"{name}_backward") == (len(fns) == 2)
+        assert issubclass(functions[name], torch.autograd.Function)
+
+
+def test_registered_ops_differentiate_as_the_functions():
+    """torch.ops.fastgan.linear_act / gan_bce (register_autograd) and the
+    Functions behind fastgan.functional give the same values and gradients."""
+    x, w, bias = (_bn_args("cpu", torch.float64)[i].requires_grad_(True) for i in range(3))
+    s, o = torch.tensor([3]), torch.tensor([4])
+    got = []
+    for y in (torch.ops.fastgan.linear_act(x, w, bias, "leaky_relu", 0.2, 0.3, s, o),
+              FG.linear_act(x, w, bias, "leaky_relu", 0.2, 0.3, True, s, o)):
+        got.append((y, *torch.autograd.grad((y * y).sum(), (x, w, bias))))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    r, f = x[:, :1], x[:, 1:2]
+    got = []
+    for loss in (torch.ops.fastgan.gan_bce(r, f, 0.9, 0.0)[0], FG.gan_bce_d(r, f, 0.1).loss):
+        got.append((loss, *torch.autograd.grad(3 * loss, x)))
+    for a, b in zip(*got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_meta_tensors_take_the_registered_op():
+    """Off plain eager tensors the Functions call the registered ops (here: their
+    fakes), not the bodies: no backend function is dispatched."""
+    before = dict(backend.calls)
+    s = torch.zeros(1, dtype=torch.int64, device="meta")
+    x = torch.empty(4, 6, device="meta", requires_grad=True)
+    w = torch.empty(5, 6, device="meta", requires_grad=True)
+    y = FG.linear_act(x, w, None, "relu", 0.0, 0.0, True, s, s)
+    assert y.shape == (4, 5) and y.device.type == "meta"
+    dx, dw = torch.autograd.grad(y.sum(), (x, w))
+    assert dx.shape == x.shape and dw.shape == w.shape
+    loss = FG.gan_bce_g(y[:, :1]).loss
+    assert loss.shape == () and loss.device.type == "meta"
+    assert dict(backend.calls) == before
 
 
 @pytest.mark.parametrize("name", ["reference", "cpu"])

@@ -1,5 +1,9 @@
 """Which backend runs an op: availability, automatic choice, overrides.
 
+(Old name: ``fastgan.backend``, still importable.) The op bodies of
+``fastgan.ops.registry`` ask ``get(function, device)`` for the backend
+function to call; nothing else here touches tensors.
+
 A backend is the module ``fastgan.impl.<name>``: it defines the functions named
 in ``spec.BACKEND_FUNCTIONS`` plus ``name``, ``available() -> (bool, reason)``
 and ``supports(device)``. It is imported on first use, by name: a backend whose
@@ -76,6 +80,7 @@ def use_backend(name: str):
 
 
 def forced() -> str | None:
+    """The backend forced by ``use_backend`` (innermost) or ``FASTGAN_BACKEND``, or None."""
     name = getattr(_local, "forced", None) or os.environ.get("FASTGAN_BACKEND") or None
     return _check_name(name) if name else None
 
@@ -88,7 +93,8 @@ def select(device: torch.device) -> str:
         if mod is None:
             raise RuntimeError(f"fastgan backend {name!r} was requested but is unavailable: {why}")
         if not mod.supports(device):
-            raise RuntimeError(f"fastgan backend {name!r} was requested but cannot run on {device.type} tensors")
+            raise RuntimeError(f"fastgan backend {name!r} was requested but cannot run on "
+                               f"{device.type} tensors")
         return name
     for name in _PREFERENCE.get(device.type, ()):
         mod, _ = _load(name)

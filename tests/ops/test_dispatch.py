@@ -51,3 +51,24 @@ def test_expected_backends():
     expected = [b for b in os.environ.get("FASTGAN_EXPECT_BACKENDS", "").split(",") if b]
     missing = {b: fastgan.unavailable().get(b) for b in expected if b not in fastgan.backends()}
     assert not missing, f"expected backends unavailable: {missing}"
+
+
+def test_get_counts_and_returns_the_backend_function():
+    from fastgan.ops import dispatch, spec
+    assert backend is dispatch  # the old name is the same module
+    assert set(backend.NAMES) == {"reference", "cpu", "triton", "cuda"}
+    with fastgan.use_backend("reference"):
+        before = backend.calls[("reference", "linear_act_forward")]
+        fn = backend.get("linear_act_forward", torch.device("cpu"))
+    assert fn is backend._load("reference")[0].linear_act_forward
+    assert backend.calls[("reference", "linear_act_forward")] == before + 1
+    for name in backend.backends():  # every available backend defines every function
+        mod = backend._load(name)[0]
+        assert all(callable(getattr(mod, f)) for f in spec.BACKEND_FUNCTIONS), name
+
+
+def test_nested_use_backend_innermost_wins():
+    with fastgan.use_backend("reference"):
+        with fastgan.use_backend("cpu"):
+            assert backend.forced() == "cpu"
+        assert backend.forced() == "reference"

@@ -1,7 +1,7 @@
 """The public functional forms of the fused ops (``fastgan.functional``).
 
-Each calls its op's ``autograd.Function`` (``fastgan.ops.registry``): it
-differentiates, compiles with ``torch.compile(fullgraph=True)``, and in plain
+Each calls its op's ``autograd.Function`` (``<Op>Function.call``,
+``fastgan.ops.registry``): it differentiates, compiles with ``torch.compile(fullgraph=True)``, and in plain
 eager code skips the dispatcher round trip. Arguments are checked once, at the
 op boundary (``fastgan.ops.checks``).
 
@@ -47,10 +47,10 @@ def linear_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: 
     """
     p = float(dropout) if training else 0.0
     seed, offset = _rng(x, seed, offset, p)
-    return LinearBNActFunction.apply(x, weight, bias, bn_weight, bn_bias, running_mean,
-                                     running_var, num_batches_tracked, bool(training), momentum,
-                                     float(eps), activation, float(negative_slope), p, seed,
-                                     offset)
+    return LinearBNActFunction.call(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                    running_var, num_batches_tracked, bool(training), momentum,
+                                    float(eps), activation, float(negative_slope), p, seed,
+                                    offset)
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -60,8 +60,8 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """dropout(act(linear(x))) in one fused op; dropout only in training."""
     p = float(dropout) if training else 0.0
     seed, offset = _rng(x, seed, offset, p)
-    return LinearActFunction.apply(x, weight, bias, activation, float(negative_slope), p, seed,
-                                   offset)
+    return LinearActFunction.call(x, weight, bias, activation, float(negative_slope), p, seed,
+                                  offset)
 
 
 class DLoss(NamedTuple):
@@ -77,12 +77,12 @@ class GLoss(NamedTuple):
 
 def gan_bce_d(real_logits: Tensor, fake_logits: Tensor, smoothing: float = 0.0) -> DLoss:
     """Discriminator loss from logits, with optional one-sided label smoothing."""
-    loss, d_real, d_fake = GanBCEFunction.apply(real_logits, fake_logits, 1.0 - float(smoothing),
-                                                0.0)
+    loss, d_real, d_fake = GanBCEFunction.call(real_logits, fake_logits, 1.0 - float(smoothing),
+                                               0.0)
     return DLoss(loss, d_real.detach(), d_fake.detach())
 
 
 def gan_bce_g(fake_logits: Tensor) -> GLoss:
     """Generator's non-saturating loss from the discriminator's logits on fakes."""
-    loss, d_fake, _ = GanBCEFunction.apply(fake_logits, None, 1.0, 0.0)
+    loss, d_fake, _ = GanBCEFunction.call(fake_logits, None, 1.0, 0.0)
     return GLoss(loss, d_fake.detach())

@@ -13,10 +13,11 @@ Every op is wired the same way, by ``define`` from one ``OpDef`` row:
   gradient needs it (``compute_dx``). No mask is ever stored: backward
   recomputes dropout from ``(seed, offset)`` and the activation's derivative
   from the saved tensors.
-* ``<Op>Function``, the op's one ``autograd.Function`` over those two ops,
-  which ``fastgan.functional`` calls. For functional ops its ``setup_context``
-  and ``backward`` are also the op's ``register_autograd`` formula, so
-  ``torch.ops.fastgan.<op>`` differentiates exactly as the Function does.
+* ``<Op>Function``, the op's one ``autograd.Function`` over those two ops;
+  ``fastgan.functional`` calls ``<Op>Function.call``. For functional ops its
+  ``setup_context`` and ``backward`` are also the op's ``register_autograd``
+  formula, so ``torch.ops.fastgan.<op>`` differentiates exactly as the
+  Function does (and ``call`` uses the op under torch.compile).
   ``linear_bn_act`` updates the BatchNorm running statistics in place and
   ``register_autograd`` refuses mutating ops: it is differentiable through
   ``LinearBNActFunction`` only.
@@ -154,12 +155,15 @@ def define(class_name: str, op: OpDef) -> type:
         ctx.save_for_backward(*[outs[i] if out else inputs[i] for out, i in tensor_sources])
         ctx.constants = tuple(outs[i] if out else inputs[i] for out, i in constant_sources)
 
-    def forward(ctx, *args):
-        out = (forward_body if _eager(*args) else forward_op)(*args)
-        setup_context(ctx, args, out)
+    def results(out):
         if op.results is None:
             return out
         return out[0] if op.results == 1 else out[:op.results]
+
+    def forward(ctx, *args):
+        out = (forward_body if _eager(*args) else forward_op)(*args)
+        setup_context(ctx, args, out)
+        return results(out)
 
     def backward(ctx, grad, *_not_differentiable):
         tensors, constants = ctx.saved_tensors, ctx.constants
@@ -175,16 +179,35 @@ def define(class_name: str, op: OpDef) -> type:
 
     if not op.mutates:  # register_autograd refuses mutating ops
         custom.register_autograd(backward, setup_context=setup_context)
-    return type(class_name, (torch.autograd.Function,), {
+
+    def call(*args):
+        """The op's results, differentiable: what ``fastgan.functional`` calls."""
+        if not op.mutates and torch.compiler.is_compiling():
+            # The registered op differentiates through this very Function's
+            # setup_context and backward, and dynamo traces it where it cannot
+            # trace Function.apply (one tensor passed as two arguments).
+            return results(forward_op(*args))
+        return function.apply(*args)
+
+    function = type(class_name, (torch.autograd.Function,), {
         "__doc__": f"The autograd of ``torch.ops.fastgan.{op.name}``: its forward and "
-                   "backward ops, or their bodies in plain eager code.",
+                   "backward ops, or their bodies in plain eager code. Call it with ``call``.",
         "__module__": __name__,
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
+        "call": staticmethod(call),
     })
+    return function
 
 
 # ------------------------------------------------------------------ linear_bn_act
+# Fakes return contiguous tensors, as every backend does (whatever the inputs' strides).
+def _linear_grads_fake(x, weight, compute_dx):
+    """Empty (dx, dW, db) of a Linear's backward; dx is empty unless compute_dx."""
+    dx = x.new_empty(x.shape) if compute_dx else x.new_empty(0)
+    return dx, weight.new_empty(weight.shape), x.new_empty(weight.shape[0])
+
+
 def _linear_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Tensor,
                    bn_bias: Tensor, running_mean: Tensor, running_var: Tensor,
                    num_batches_tracked: Tensor, training: bool, momentum: Optional[float],
@@ -208,9 +231,7 @@ def _linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight
 
 
 def _linear_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, *args):
-    compute_dx = args[-1]
-    return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), weight.new_empty(weight.shape),
-            x.new_empty(weight.shape[0]), bn_weight.new_empty(bn_weight.shape),
+    return (*_linear_grads_fake(x, weight, args[-1]), bn_weight.new_empty(bn_weight.shape),
             bn_bias.new_empty(bn_bias.shape))
 
 
@@ -240,9 +261,7 @@ def _linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, a
 
 
 def _linear_act_backward_fake(grad_y, x, weight, *args):
-    compute_dx = args[-1]
-    return (x.new_empty(x.shape) if compute_dx else x.new_empty(0), weight.new_empty(weight.shape),
-            x.new_empty(weight.shape[0]))
+    return _linear_grads_fake(x, weight, args[-1])
 
 
 LinearActFunction = define("LinearActFunction", OpDef(

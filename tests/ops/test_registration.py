@@ -177,3 +177,22 @@ def test_compile_fullgraph_no_graph_break(bd):
     # Dropout advanced its device-side counter inside the compiled graph too.
     assert torch.equal(model[0].dropout_rng, eager[0].dropout_rng)
     assert int(model[0].dropout_rng[1]) == 1
+
+
+def test_compile_one_tensor_as_two_arguments():
+    """Dynamo cannot trace Function.apply with one tensor passed twice; the
+    functional ops go through the registered op under torch.compile."""
+    torch._dynamo.reset()
+    z = torch.zeros(1, dtype=torch.int64)   # seed and offset: the same tensor
+    x = torch.randn(6, 4).t().requires_grad_(True)  # strided too
+    w = torch.randn(5, 6, requires_grad=True)
+
+    def f(x, w):
+        y = FG.linear_act(x, w, None, "tanh", 0.0, 0.0, True, z, z)
+        return y.sum() + FG.gan_bce_d(y[:, :1], y[:, :1]).loss
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, w)
+    (gx,) = torch.autograd.grad(got, x)
+    want = f(x, w)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, torch.autograd.grad(want, x)[0])

@@ -2,10 +2,11 @@
 // per device: csrc/cpu/<op>.cpp with TORCH_LIBRARY_IMPL(fastgan_C, CPU, m),
 // csrc/cuda/<op>.cu with TORCH_LIBRARY_IMPL(fastgan_C, CUDA, m).
 // The contract (shapes, dtypes, numerics, the dropout RNG) is the one written
-// down in fastgan/reference.py; the Python wrappers in fastgan/ops.py validate
-// arguments first, and every kernel validates again before it launches.
-// `activation` is the integer code of fastgan/spec.py (0 identity, 1 relu,
-// 2 leaky_relu, 3 tanh).
+// down in fastgan/impl/reference.py. The ops of fastgan/ops/registry.py check
+// every argument first (fastgan/ops/checks.py); a kernel entry checks again
+// only what keeps it inside its buffers (csrc/checks.h).
+// `activation` is the integer code of fastgan/ops/spec.py's ACTIVATION_TABLE
+// (csrc/activation.h).
 #include <Python.h>
 #include <torch/library.h>
 

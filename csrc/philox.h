@@ -1,5 +1,5 @@
 // Philox 4x32-10 dropout RNG shared by the CPU (csrc/cpu) and CUDA (csrc/cuda)
-// kernels. Bit-exact with fastgan/reference.py and Triton's tl.philox/tl.rand:
+// kernels. Bit-exact with fastgan/impl/reference.py and Triton's tl.philox/tl.rand:
 //   key     = (seed low 32 bits, seed high 32 bits)
 //   counter = (element index i*N+j, offset low 32 bits, offset high 32 bits, 0)
 //   u       = uint_to_uniform_float(first output word)      in [0, 1)
@@ -7,11 +7,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define FASTGAN_HD __host__ __device__ __forceinline__
-#else
-#define FASTGAN_HD inline
-#endif
+#include "host_device.h"
 
 namespace fastgan {
 
@@ -48,6 +44,10 @@ FASTGAN_HD float uint_to_uniform_float(uint32_t r) {
   if (x < 0) x = -x - 1;
   return static_cast<float>(x) * kUintToFloatScale;
 }
+
+// The factor kept values are multiplied by: float(1 / (1 - p)), the quotient
+// taken in double (fastgan.ops.spec.dropout_scale).
+inline float dropout_scale(double p) { return static_cast<float>(1.0 / (1.0 - p)); }
 
 // The (seed, offset) pair, split into the key and the high counter words once
 // per kernel, read from the device tensors so CUDA graph replays see new values.

@@ -1,8 +1,9 @@
-// Helpers shared by the CPU kernels of fastgan._C (csrc/cpu/<op>.cpp):
-// argument checks that name the argument, the activation functions, the
-// dropout key/mask plumbing, and the column partition used by every pass.
+// Helpers shared by the CPU kernels of fastgan._C (csrc/cpu/<op>.cpp): what
+// the backend's entries take (for csrc/checks.h), the activation dispatch
+// (the activations themselves are csrc/activation.h), the dropout key/mask
+// plumbing, and the column partition used by every pass.
 //
-// Numerics follow fastgan/reference.py: epilogue math in `acc_t`
+// Numerics follow fastgan/impl/reference.py: epilogue math in `acc_t`
 // (at::opmath_type: float for fp32/bf16/fp16, double for fp64), column
 // reductions accumulated in double so their only error is the final rounding.
 // The extension is built with -ffp-contract=off so `a * b + c` rounds twice,
@@ -12,158 +13,41 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Optional.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <sstream>
-#include <string>
 #include <type_traits>
 
+#include "activation.h"
+#include "checks.h"
 #include "philox.h"
 
 namespace fastgan {
 namespace cpu {
 
-// ------------------------------------------------------------------ checks
-// Every kernel entry runs these before it touches memory. Messages read
-// "<function>: <argument> must ..., got ...".
-
-inline std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
-
-inline void check_defined_cpu(const char* fn, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), fn, ": ", name, " must be a defined tensor");
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ",
-              t.device());
-}
-
-inline void check_tensor(const char* fn, const at::Tensor& t, const char* name, int64_t ndim,
-                         at::ScalarType dtype) {
-  check_defined_cpu(fn, t, name);
-  TORCH_CHECK(t.dim() == ndim, fn, ": ", name, " must be ", ndim, "-D, got shape ",
-              shape_str(t));
-  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-}
-
-// A 1-D tensor of `n` elements (BN parameters and statistics).
-inline void check_vector(const char* fn, const at::Tensor& t, const char* name, int64_t n,
-                         at::ScalarType dtype) {
-  check_tensor(fn, t, name, 1, dtype);
-  TORCH_CHECK(t.size(0) == n, fn, ": ", name, " must have ", n, " elements, got shape ",
-              shape_str(t));
-}
-
-// A 2-D tensor of shape (rows, cols).
-inline void check_matrix(const char* fn, const at::Tensor& t, const char* name, int64_t rows,
-                         int64_t cols, at::ScalarType dtype) {
-  check_tensor(fn, t, name, 2, dtype);
-  TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, fn, ": ", name, " must have shape [",
-              rows, ", ", cols, "], got ", shape_str(t));
-}
-
-// A one-element int64 tensor (seed, offset, num_batches_tracked).
-inline void check_counter(const char* fn, const at::Tensor& t, const char* name) {
-  check_defined_cpu(fn, t, name);
-  TORCH_CHECK(t.scalar_type() == at::kLong, fn, ": ", name, " must have dtype int64, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.numel() == 1, fn, ": ", name, " must have exactly 1 element, got shape ",
-              shape_str(t));
-}
-
-inline void check_float_input(const char* fn, const at::Tensor& x, const char* name) {
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              fn, ": ", name, " must be float32, float16, bfloat16 or float64, got ", dt);
-}
-
-// Statistics and BN parameters are fp32, fp64 when the input is fp64.
-inline at::ScalarType stat_dtype(at::ScalarType x) {
-  return x == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline void check_hyper(const char* fn, int64_t activation, double negative_slope, double p) {
-  TORCH_CHECK(activation >= 0 && activation <= 3, fn,
-              ": activation must be a code of fastgan.spec.ACTIVATIONS (0..3), got ", activation);
-  TORCH_CHECK(std::isfinite(negative_slope) && negative_slope >= 0.0, fn,
-              ": negative_slope must be finite and >= 0, got ", negative_slope);
-  TORCH_CHECK(p >= 0.0 && p < 1.0, fn, ": dropout p must be in [0, 1), got ", p);
-}
-
-// x (B, K), weight (N, K), optional bias (N), seed, offset; returns nothing,
-// throws on the first bad argument.
-inline void check_linear(const char* fn, const at::Tensor& x, const at::Tensor& weight,
-                         const c10::optional<at::Tensor>& bias, const at::Tensor& seed,
-                         const at::Tensor& offset) {
-  check_defined_cpu(fn, x, "x");
-  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D, got shape ", shape_str(x));
-  check_float_input(fn, x, "x");
-  check_tensor(fn, weight, "weight", 2, x.scalar_type());
-  TORCH_CHECK(weight.size(1) == x.size(1), fn, ": weight has in_features=", weight.size(1),
-              " but x has ", x.size(1), " columns (K mismatch)");
-  if (bias.has_value() && bias->defined()) {
-    check_vector(fn, *bias, "bias", weight.size(0), x.scalar_type());
-  }
-  check_counter(fn, seed, "seed");
-  check_counter(fn, offset, "offset");
-  TORCH_CHECK(x.size(0) * weight.size(0) < (int64_t(1) << 32), fn,
-              ": batch * out_features must be below 2**32 (dropout counter), got ", x.size(0),
-              " * ", weight.size(0));
-}
+// Tensors on the CPU; float64 kernels too (gradcheck runs through them).
+constexpr Backend kBackend{"cpu", c10::DeviceType::CPU, /*float64=*/true};
 
 // ------------------------------------------------------------------ activations
-// Codes of fastgan/spec.py. Kernels take the code as a template argument
-// (dispatch_activation) so each inner loop is branch-free and vectorizes.
-enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kTanh = 3 };
-
-template <int64_t A, typename T>
-inline T act_forward(T z, T slope) {
-  if constexpr (A == kRelu) return z < T(0) ? T(0) : z;  // NaN stays NaN, as torch.relu
-  else if constexpr (A == kLeakyRelu) return z > T(0) ? z : z * slope;
-  else if constexpr (A == kTanh) return std::tanh(z);
-  else return z;
-}
-
-// Derivative from the pre-activation z (reference.act_grad).
-template <int64_t A, typename T>
-inline T act_grad(T z, T slope) {
-  if constexpr (A == kRelu) return z > T(0) ? T(1) : T(0);
-  else if constexpr (A == kLeakyRelu) return z > T(0) ? T(1) : slope;
-  else if constexpr (A == kTanh) {
-    const T t = std::tanh(z);
-    return T(1) - t * t;
-  } else return T(1);
-}
-
-// Derivative from the activation output a (reference.act_grad_from_output).
-template <int64_t A, typename T>
-inline T act_grad_from_output(T a, T slope) {
-  if constexpr (A == kRelu) return a > T(0) ? T(1) : T(0);
-  else if constexpr (A == kLeakyRelu) return a > T(0) ? T(1) : slope;
-  else if constexpr (A == kTanh) return T(1) - a * a;
-  else return T(1);
-}
-
-// The slope the derivative uses: the reference builds act_grad with
-// torch.where(z > 0, 1.0, slope), whose Python scalars make an fp32 tensor,
-// so even the fp64 path multiplies by float(slope).
+// The slope the derivative uses: float(negative_slope), on the fp64 path too.
+// (The reference's act_grad keeps the slope in z's dtype; for fp64 the two
+// differ by the float rounding of the slope, far below what gradcheck sees.)
 template <typename T>
 inline T grad_slope(double negative_slope) {
   return static_cast<T>(static_cast<float>(negative_slope));
 }
 
-// Calls f(std::integral_constant<int64_t, code>{}) for a checked code.
-template <typename F>
+// Calls f(std::integral_constant<int, code>{}) for the code `act`: a kernel
+// instantiates its loop once per activation, activate() folds to that one
+// case and the loop is branch-free and vectorizes. An unknown code runs as
+// identity, as activate() treats it (codes are checked in Python).
+template <int A = 0, typename F>
 inline void dispatch_activation(int64_t act, const F& f) {
-  switch (act) {
-    case kRelu: f(std::integral_constant<int64_t, kRelu>{}); break;
-    case kLeakyRelu: f(std::integral_constant<int64_t, kLeakyRelu>{}); break;
-    case kTanh: f(std::integral_constant<int64_t, kTanh>{}); break;
-    default: f(std::integral_constant<int64_t, kIdentity>{}); break;
+  if constexpr (A < kActivationCount) {
+    if (act == A) return f(std::integral_constant<int, A>{});
+    return dispatch_activation<A + 1>(act, f);
+  } else {
+    f(std::integral_constant<int, kIdentity>{});
   }
 }
 
@@ -195,7 +79,7 @@ struct Dropout {
   Dropout(double p_, const at::Tensor& seed, const at::Tensor& offset)
       : on(p_ != 0.0),
         p(static_cast<float>(p_)),
-        scale(static_cast<float>(1.0 / (1.0 - p_))),
+        scale(dropout_scale(p_)),
         key(*seed.data_ptr<int64_t>(), *offset.data_ptr<int64_t>()) {}
 };
 

@@ -1,6 +1,6 @@
 // gan_bce on the CPU: mean BCE-with-logits of one or two logit tensors, their
 // gradients and mean sigmoid, in one pass over each tensor.
-// Spec: fastgan/reference.py (gan_bce_forward, _bce_term).
+// Spec: fastgan/impl/reference.py (gan_bce_forward, _bce_term).
 //
 // Per element, in the accumulation dtype (fp32, fp64 for fp64 logits):
 //   loss term = max(z, 0) - z * t + log1p(exp(-|z|))   (never overflows)
@@ -67,30 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_term(const at::Tensor& logits
   return {loss, prob, grad.view(logits.sizes())};
 }
 
-void check_logits(const at::Tensor& t, const char* name) {
-  check_defined_cpu(kForward, t, name);
-  check_float_input(kForward, t, name);
-  TORCH_CHECK(t.numel() > 0, kForward, ": ", name, " must not be empty");
-}
-
-void check_target(double t, const char* name) {
-  TORCH_CHECK(std::isfinite(t) && t >= 0.0 && t <= 1.0, kForward, ": ", name,
-              " (label) must be in [0, 1], got ", t);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gan_bce_forward(
-    const at::Tensor& logits_a, const c10::optional<at::Tensor>& logits_b, double target_a,
+    const at::Tensor& logits_a, const std::optional<at::Tensor>& logits_b, double target_a,
     double target_b) {
+  check_gan_bce(kBackend, logits_a, logits_b);
   const bool has_b = logits_b.has_value() && logits_b->defined();
-  check_logits(logits_a, "logits_a");
-  if (has_b) {
-    check_logits(*logits_b, "logits_b");
-    TORCH_CHECK(logits_b->scalar_type() == logits_a.scalar_type(), kForward,
-                ": logits_b must have the dtype of logits_a (", logits_a.scalar_type(),
-                "), got ", logits_b->scalar_type());
-  }
-  check_target(target_a, "target_a");
-  check_target(target_b, "target_b");
 
   auto [loss_a, prob_a, grad_a] = bce_term(logits_a, target_a);
   if (!has_b) {

@@ -1,5 +1,5 @@
 // linear_act on the CPU: y = dropout(act(x @ W.T + b)).
-// Spec: fastgan/reference.py (linear_act_forward / _backward).
+// Spec: fastgan/impl/reference.py (linear_act_forward / _backward).
 //
 // Forward:  z = at::linear (MKL/OpenBLAS, like nn.Linear), then one parallel
 //           pass over row blocks that overwrites z with dropout(act(z)).
@@ -23,11 +23,11 @@ constexpr const char* kBackward = "linear_act_backward";
 // ---- tile loops (see FASTGAN_ISA_CLONES)
 
 // y = dropout(act(y)) in place over n elements of a row.
-template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+template <int A, bool kDrop, typename scalar_t, typename acc_t>
 FASTGAN_ISA_CLONES void act_tile(scalar_t* __restrict__ y, int64_t n, acc_t slope,
                                  const float* __restrict__ u, float p, acc_t scale) {
   for (int64_t j = 0; j < n; ++j) {
-    acc_t a = act_forward<A>(static_cast<acc_t>(y[j]), slope);
+    acc_t a = activate(static_cast<acc_t>(y[j]), A, slope);
     if constexpr (kDrop) a = u[j] >= p ? a * scale : acc_t(0);
     y[j] = static_cast<scalar_t>(a);
   }
@@ -36,7 +36,7 @@ FASTGAN_ISA_CLONES void act_tile(scalar_t* __restrict__ y, int64_t n, acc_t slop
 // dz = dropout(grad_y) * act'(a) over n elements of a row, with a = y (/ scale
 // under dropout: kept elements recover act(z), dropped ones get no gradient
 // anyway); accumulates sum(dz) per column.
-template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+template <int A, bool kDrop, typename scalar_t, typename acc_t>
 FASTGAN_ISA_CLONES void act_grad_tile(const scalar_t* __restrict__ gy,
                                       const scalar_t* __restrict__ y, int64_t n, acc_t slope,
                                       const float* __restrict__ u, float p, acc_t scale,
@@ -48,19 +48,18 @@ FASTGAN_ISA_CLONES void act_grad_tile(const scalar_t* __restrict__ gy,
       g = u[j] >= p ? g * scale : acc_t(0);
       a = a / scale;
     }
-    const scalar_t d = static_cast<scalar_t>(g * act_grad_from_output<A>(a, slope));
+    const scalar_t d = static_cast<scalar_t>(g * activate_grad_from_output(a, A, slope));
     dz[j] = d;
     sdz[j] += static_cast<double>(static_cast<acc_t>(d));
   }
 }
 
 at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
-                              const c10::optional<at::Tensor>& bias, int64_t activation,
+                              const std::optional<at::Tensor>& bias, int64_t activation,
                               double negative_slope, double p, const at::Tensor& seed,
                               const at::Tensor& offset) {
-  check_linear(kForward, x, weight, bias, seed, offset);
-  check_hyper(kForward, activation, negative_slope, p);
-  const int64_t B = x.size(0), N = weight.size(0);
+  const int64_t N = check_linear(kBackend, x, weight, bias, seed, offset);
+  const int64_t B = x.size(0);
   at::Tensor y = at::linear(x, weight, bias);  // fresh and contiguous: the epilogue runs in place
   if (activation == kIdentity && p == 0.0) return y;
   const Dropout drop(p, seed, offset);
@@ -71,7 +70,7 @@ at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
     const acc_t slope = static_cast<acc_t>(negative_slope);
     const acc_t scale = static_cast<acc_t>(drop.scale);
     dispatch_activation(activation, [&](auto act_code) {
-      constexpr int64_t A = decltype(act_code)::value;
+      constexpr int A = decltype(act_code)::value;
       // Rows are independent: a flat range of B * N elements cut into row-aligned tiles.
       const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(N, 1));
       at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
@@ -97,12 +96,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
     int64_t activation, double negative_slope, double p, const at::Tensor& seed,
     const at::Tensor& offset, bool compute_dx) {
-  check_linear(kBackward, x, weight, c10::nullopt, seed, offset);
-  const int64_t B = x.size(0), N = weight.size(0);
+  const int64_t N = check_linear_act_backward(kBackend, grad_y, x, weight, y, seed, offset);
+  const int64_t B = x.size(0);
   const auto dt = x.scalar_type();
-  check_matrix(kBackward, grad_y, "grad_y", B, N, dt);
-  check_matrix(kBackward, y, "y", B, N, dt);
-  check_hyper(kBackward, activation, negative_slope, p);
 
   const at::Tensor gy = grad_y.contiguous(), yc = y.contiguous();
   at::Tensor dz = at::empty({B, N}, x.options());
@@ -118,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const acc_t slope = grad_slope<acc_t>(negative_slope);
     const acc_t scale = static_cast<acc_t>(drop.scale);
     dispatch_activation(activation, [&](auto act_code) {
-      constexpr int64_t A = decltype(act_code)::value;
+      constexpr int A = decltype(act_code)::value;
       at::parallel_for(0, N, column_grain(B), [&](int64_t c0, int64_t c1) {
         std::vector<double> sdz(c1 - c0, 0.0);
         float u[kTile];

@@ -1,5 +1,5 @@
 // linear_bn_act on the CPU: y = dropout(act(BN(x @ W.T + b))).
-// Spec: fastgan/reference.py (linear_bn_act_forward / _backward).
+// Spec: fastgan/impl/reference.py (linear_bn_act_forward / _backward).
 //
 // Forward:  h = at::linear (MKL/OpenBLAS, like nn.Linear), then one parallel
 //           region over column blocks; each thread owns its columns, so it
@@ -44,7 +44,7 @@ FASTGAN_ISA_CLONES void shifted_column_sums(const scalar_t* __restrict__ h, int6
 }
 
 // y = dropout(act(((h - mean) * rstd) * gamma + beta)) over n elements of a row.
-template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+template <int A, bool kDrop, typename scalar_t, typename acc_t>
 FASTGAN_ISA_CLONES void bn_act_tile(const scalar_t* __restrict__ h, scalar_t* __restrict__ y,
                                     const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
                                     const acc_t* __restrict__ gamma,
@@ -52,7 +52,7 @@ FASTGAN_ISA_CLONES void bn_act_tile(const scalar_t* __restrict__ h, scalar_t* __
                                     const float* __restrict__ u, float p, acc_t scale) {
   for (int64_t j = 0; j < n; ++j) {
     const acc_t z = ((static_cast<acc_t>(h[j]) - mean[j]) * rstd[j]) * gamma[j] + beta[j];
-    acc_t a = act_forward<A>(z, slope);
+    acc_t a = activate(z, A, slope);
     if constexpr (kDrop) a = u[j] >= p ? a * scale : acc_t(0);
     y[j] = static_cast<scalar_t>(a);
   }
@@ -60,7 +60,7 @@ FASTGAN_ISA_CLONES void bn_act_tile(const scalar_t* __restrict__ h, scalar_t* __
 
 // Backward step (1) over n elements of a row: dz = dropout(grad_y) * act'(z)
 // with z recomputed from h; accumulates sum(dz) and sum(dz * xhat) per column.
-template <int64_t A, bool kDrop, typename scalar_t, typename acc_t>
+template <int A, bool kDrop, typename scalar_t, typename acc_t>
 FASTGAN_ISA_CLONES void bn_dz_tile(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ h,
                                    const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
                                    const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
@@ -72,7 +72,7 @@ FASTGAN_ISA_CLONES void bn_dz_tile(const scalar_t* __restrict__ gy, const scalar
     const acc_t z = xhat * gamma[j] + beta[j];
     acc_t g = static_cast<acc_t>(gy[j]);
     if constexpr (kDrop) g = u[j] >= p ? g * scale : acc_t(0);
-    const acc_t d = g * act_grad<A>(z, slope);
+    const acc_t d = g * activate_grad(z, A, slope);
     dz[j] = d;
     sdz[j] += static_cast<double>(d);
     sdzx[j] += static_cast<double>(d * xhat);
@@ -103,28 +103,15 @@ FASTGAN_ISA_CLONES void bn_dh_tile(acc_t* __restrict__ dz, scalar_t* __restrict_
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& running_mean,
     at::Tensor& running_var, at::Tensor& num_batches_tracked, bool training,
-    c10::optional<double> momentum, double eps, int64_t activation, double negative_slope,
+    std::optional<double> momentum, double eps, int64_t activation, double negative_slope,
     double p, const at::Tensor& seed, const at::Tensor& offset) {
-  check_linear(kForward, x, weight, bias, seed, offset);
-  const int64_t B = x.size(0), N = weight.size(0);
-  const auto sdt = stat_dtype(x.scalar_type());
-  check_vector(kForward, bn_weight, "bn_weight", N, sdt);
-  check_vector(kForward, bn_bias, "bn_bias", N, sdt);
-  check_vector(kForward, running_mean, "running_mean", N, sdt);
-  check_vector(kForward, running_var, "running_var", N, sdt);
-  check_counter(kForward, num_batches_tracked, "num_batches_tracked");
-  check_hyper(kForward, activation, negative_slope, p);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, kForward, ": eps must be finite and > 0, got ",
-              eps);
-  TORCH_CHECK(!momentum.has_value() ||
-                  (std::isfinite(*momentum) && *momentum >= 0.0 && *momentum <= 1.0),
-              kForward, ": momentum must be None or in [0, 1], got ", momentum.value_or(0.0));
-  TORCH_CHECK(!training || B > 1, kForward,
-              ": Expected more than 1 value per channel when training, got input size [", B,
-              ", ", N, "] (x batch size must be > 1 for batch statistics)");
+  const int64_t N =
+      check_linear_bn_act_forward(kBackend, x, weight, bias, bn_weight, bn_bias, running_mean,
+                                  running_var, num_batches_tracked, training, seed, offset);
+  const int64_t B = x.size(0);
 
   const at::Tensor h = at::linear(x, weight, bias);  // (B, N) in x.dtype, contiguous
   at::Tensor y = at::empty_like(h);
@@ -156,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward
     const acc_t scale = static_cast<acc_t>(drop.scale);
 
     dispatch_activation(activation, [&](auto act_code) {
-      constexpr int64_t A = decltype(act_code)::value;
+      constexpr int A = decltype(act_code)::value;
       at::parallel_for(0, N, column_grain(B), [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
         // (1) + (2): statistics of columns [c0, c1), shifted by the first row
@@ -207,17 +194,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& mean, const at::Tensor& rstd, bool training, int64_t activation,
     double negative_slope, double p, const at::Tensor& seed, const at::Tensor& offset,
     bool compute_dx) {
-  check_linear(kBackward, x, weight, c10::nullopt, seed, offset);
-  const int64_t B = x.size(0), N = weight.size(0);
+  const int64_t N = check_linear_bn_act_backward(kBackend, grad_y, x, weight, bn_weight, bn_bias,
+                                                 h, mean, rstd, seed, offset);
+  const int64_t B = x.size(0);
   const auto dt = x.scalar_type();
   const auto sdt = stat_dtype(dt);
-  check_matrix(kBackward, grad_y, "grad_y", B, N, dt);
-  check_matrix(kBackward, h, "h", B, N, dt);
-  check_vector(kBackward, bn_weight, "bn_weight", N, sdt);
-  check_vector(kBackward, bn_bias, "bn_bias", N, sdt);
-  check_vector(kBackward, mean, "mean", N, sdt);
-  check_vector(kBackward, rstd, "rstd", N, sdt);
-  check_hyper(kBackward, activation, negative_slope, p);
 
   const at::Tensor gy = grad_y.contiguous(), hc = h.contiguous();
   const at::Tensor gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
@@ -244,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const acc_t scale = static_cast<acc_t>(drop.scale);
 
     dispatch_activation(activation, [&](auto act_code) {
-      constexpr int64_t A = decltype(act_code)::value;
+      constexpr int A = decltype(act_code)::value;
       at::parallel_for(0, N, column_grain(B), [&](int64_t c0, int64_t c1) {
         const int64_t w = c1 - c0;
         std::vector<double> sdz(w, 0.0), sdzx(w, 0.0), sdh(w, 0.0);

@@ -1,5 +1,7 @@
-// Shared pieces of the CUDA kernels in csrc/cuda: argument checks, dtype
-// dispatch, activations, the dropout mask, block reductions and the launch helper.
+// Shared pieces of the CUDA kernels in csrc/cuda: the launch helper, dtype
+// dispatch, the dropout mask and block reductions. The activations are
+// csrc/activation.h and the entries' argument checks csrc/checks.h, both shared
+// with the CPU kernels.
 //
 // Layout every kernel relies on: row-major (B, N) matrices, B = batch rows,
 // N = features. Per-feature reductions (BatchNorm statistics, bias gradients)
@@ -8,8 +10,8 @@
 // launch or any atomics (deterministic results, nothing to zero first).
 //
 // The kernels compile as plain C++ too (FASTGAN_CUDA_EMULATE, see emulate.cuh):
-// tests/test_cuda_backend.py runs them on the CPU that way, so their indexing
-// and reductions are checked on machines without a GPU.
+// tests/impl/test_cuda_backend.py runs them on the CPU that way, so their
+// indexing and reductions are checked on machines without a GPU.
 #pragma once
 
 #include <cmath>
@@ -33,6 +35,8 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "activation.h"
+#include "checks.h"
 #include "philox.h"
 
 namespace fastgan {
@@ -81,127 +85,18 @@ inline dim3 elementwise_grid(int64_t numel) {
   return dim3(static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks)));
 }
 
-// fp32, fp16, bf16; float64 is rejected before dispatch (check_input_dtype).
+// fp32, fp16, bf16; float64 is rejected before dispatch (kBackend.float64).
 #define FASTGAN_DISPATCH_FLOATING(TYPE, NAME, ...)                 \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
                      AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
-// ------------------------------------------------------------ argument checks
-// Every entry point checks everything a kernel indexes with, so no input can
-// make a kernel read or write out of bounds; messages name the argument.
-inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.device().type() == kDeviceType, name, " must be a ",
-              c10::DeviceTypeName(kDeviceType), " tensor, got one on ", t.device());
-  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-}
+// What the entries take: tensors of kDeviceType (CPU ones when emulated),
+// no float64 (there are no float64 kernels).
+constexpr Backend kBackend{"cuda", kDeviceType, /*float64=*/false};
 
-inline void check_input_dtype(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.scalar_type() != at::kDouble, name,
-              ": the cuda backend supports float32, float16 and bfloat16, not float64 "
-              "(use the reference backend, e.g. for gradcheck)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                  x.scalar_type() == at::kBFloat16,
-              name, " must be float32, float16 or bfloat16, got ", x.scalar_type());
-}
-
-inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
-              t.scalar_type());
-}
-
-inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-// A 1-element int64 tensor on x's device (dropout seed/offset, num_batches_tracked).
-inline void check_counter(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  check_device(t, name, x);
-  check_dtype(t, name, at::kLong);
-  TORCH_CHECK(t.numel() == 1, name, " must have exactly 1 element, got shape ", t.sizes());
-}
-
-// A per-feature fp32 vector updated or read in place: must be contiguous.
-inline void check_feature_vector(const at::Tensor& t, const char* name, const at::Tensor& x,
-                                 int64_t n) {
-  check_device(t, name, x);
-  check_dtype(t, name, at::kFloat);
-  check_shape(t, name, {n});
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-inline void check_hyper(int64_t activation, double negative_slope, double p) {
-  TORCH_CHECK(activation >= 0 && activation <= 3,
-              "activation must be a code of fastgan/spec.py (0 identity, 1 relu, "
-              "2 leaky_relu, 3 tanh), got ", activation);
-  TORCH_CHECK(std::isfinite(negative_slope) && negative_slope >= 0.0,
-              "negative_slope must be finite and >= 0, got ", negative_slope);
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout p must be in [0, 1), got ", p);
-}
-
-// x (B, K), weight (N, K), bias (N) or none; returns N. Also bounds B * N, the
-// dropout counter, to 32 bits as the reference does.
-inline int64_t check_linear(const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().type() == kDeviceType, "x must be a ",
-              c10::DeviceTypeName(kDeviceType), " tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
-  check_input_dtype(x, "x");
-  check_device(weight, "weight", x);
-  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got shape ", weight.sizes());
-  check_dtype(weight, "weight", x.scalar_type());
-  TORCH_CHECK(weight.size(1) == x.size(1), "weight has in_features=", weight.size(1),
-              " but x has ", x.size(1), " columns (K mismatch)");
-  const int64_t n = weight.size(0);
-  if (bias.has_value()) {
-    check_device(*bias, "bias", x);
-    check_dtype(*bias, "bias", x.scalar_type());
-    check_shape(*bias, "bias", {n});
-  }
-  TORCH_CHECK(x.size(0) * n < (int64_t(1) << 32), "batch * out_features must be below 2**32, got ",
-              x.size(0), " * ", n);
-  return n;
-}
-
-// ---------------------------------------------------------------- numerics
-// Activation codes of fastgan/spec.py.
-enum Activation : int { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kTanh = 3 };
-
-// The activation code is a kernel argument (uniform branch), not a template
-// parameter: four times fewer instantiations, and so a shorter build.
-__device__ __forceinline__ float activate(float z, int act, float slope) {
-  switch (act) {
-    case kRelu: return (z > 0.f || z != z) ? z : 0.f;  // NaN passes, like torch.relu
-    case kLeakyRelu: return z > 0.f ? z : z * slope;
-    case kTanh: return tanhf(z);
-    default: return z;
-  }
-}
-
-// d act / dz from the pre-activation z (reference.act_grad).
-__device__ __forceinline__ float activate_grad(float z, int act, float slope) {
-  switch (act) {
-    case kRelu: return z > 0.f ? 1.f : 0.f;
-    case kLeakyRelu: return z > 0.f ? 1.f : slope;
-    case kTanh: {
-      const float t = tanhf(z);
-      return 1.f - t * t;
-    }
-    default: return 1.f;
-  }
-}
-
-// d act / dz from the output a = act(z) (reference.act_grad_from_output).
-__device__ __forceinline__ float activate_grad_from_output(float a, int act, float slope) {
-  switch (act) {
-    case kRelu: return a > 0.f ? 1.f : 0.f;
-    case kLeakyRelu: return a > 0.f ? 1.f : slope;
-    case kTanh: return 1.f - a * a;
-    default: return 1.f;
-  }
-}
-
+// ---------------------------------------------------------------- dropout
 // Dropout as plain kernel arguments. seed/offset stay device pointers: they are
 // read inside the kernel, so a CUDA graph replay sees the values of that replay.
 struct DropoutArgs {
@@ -214,7 +109,7 @@ struct DropoutArgs {
 
 inline DropoutArgs dropout_args(const at::Tensor& seed, const at::Tensor& offset, double p) {
   return DropoutArgs{seed.data_ptr<int64_t>(), offset.data_ptr<int64_t>(), static_cast<float>(p),
-                     static_cast<float>(1.0 / (1.0 - p)), p > 0.0};
+                     dropout_scale(p), p > 0.0};
 }
 
 // Device side: the Philox key is derived once per thread; the mask of element

@@ -1,5 +1,5 @@
 // A CPU emulator for the kernels of csrc/cuda, for tests on machines without a
-// GPU (tests/test_cuda_backend.py, test_emulated_kernels_match_reference).
+// GPU (tests/impl/test_cuda_backend.py, the test_emulated_* tests).
 // Compiling a .cu file as plain C++ with -DFASTGAN_CUDA_EMULATE makes common.cuh
 // include this file instead of the CUDA headers. Then:
 //   * a "launch" runs the blocks of the grid one after another, each block as

@@ -1,5 +1,5 @@
 // gan_bce on CUDA: the BCE-with-logits losses of a GAN, loss, gradient and the
-// mean sigmoid diagnostics in one kernel. The spec is fastgan/reference.py
+// mean sigmoid diagnostics in one kernel. The spec is fastgan/impl/reference.py
 // (gan_bce_forward).
 //
 // One block walks both logit tensors: it writes each element's gradient
@@ -56,28 +56,15 @@ __global__ void __launch_bounds__(kBceThreads)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gan_bce_forward(
-    const at::Tensor& logits_a_in, const std::optional<at::Tensor>& logits_b_in, double target_a,
+    const at::Tensor& logits_a, const std::optional<at::Tensor>& logits_b, double target_a,
     double target_b) {
-  const char* name_a = logits_b_in.has_value() ? "real_logits" : "fake_logits";
-  TORCH_CHECK(logits_a_in.device().type() == kDeviceType, name_a, " must be a ",
-              c10::DeviceTypeName(kDeviceType), " tensor, got one on ", logits_a_in.device());
-  check_input_dtype(logits_a_in, name_a);
-  TORCH_CHECK(logits_a_in.numel() > 0, name_a, " must not be empty");
-  if (logits_b_in.has_value()) {
-    check_device(*logits_b_in, "fake_logits", logits_a_in);
-    check_dtype(*logits_b_in, "fake_logits", logits_a_in.scalar_type());
-    TORCH_CHECK(logits_b_in->numel() > 0, "fake_logits must not be empty");
-  }
-  TORCH_CHECK(std::isfinite(target_a) && target_a >= 0.0 && target_a <= 1.0,
-              "target_a (label) must be in [0, 1], got ", target_a);
-  TORCH_CHECK(std::isfinite(target_b) && target_b >= 0.0 && target_b <= 1.0,
-              "target_b (label) must be in [0, 1], got ", target_b);
+  check_gan_bce(kBackend, logits_a, logits_b);
 
-  const DeviceScope device_scope(logits_a_in.device());
+  const DeviceScope device_scope(logits_a.device());
   const Stream stream = current_stream();
-  const at::Tensor a = logits_a_in.contiguous();
-  const bool has_b = logits_b_in.has_value();
-  const at::Tensor b = has_b ? logits_b_in->contiguous() : at::Tensor();
+  const at::Tensor a = logits_a.contiguous();
+  const bool has_b = logits_b.has_value() && logits_b->defined();
+  const at::Tensor b = has_b ? logits_b->contiguous() : at::Tensor();
 
   const auto scalar_opts = a.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({}, scalar_opts);

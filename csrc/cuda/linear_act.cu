@@ -1,5 +1,5 @@
 // linear_act on CUDA: y = dropout(act(x @ W.T + b)), forward and backward.
-// The spec is fastgan/reference.py (linear_act_forward / _backward).
+// The spec is fastgan/impl/reference.py (linear_act_forward / _backward).
 //
 // Forward = the GEMM from cuBLAS through ATen (at::linear, as the reference)
 // + one elementwise epilogue kernel that activates and drops out in place, in
@@ -60,22 +60,17 @@ __global__ void __launch_bounds__(kTileN * kTileRows)
 
 }  // namespace
 
-at::Tensor linear_act_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
-                              const std::optional<at::Tensor>& bias_in, int64_t activation,
+at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, int64_t activation,
                               double negative_slope, double p, const at::Tensor& seed,
                               const at::Tensor& offset) {
-  check_linear(x_in, weight_in, bias_in);
-  check_counter(seed, "seed", x_in);
-  check_counter(offset, "offset", x_in);
-  check_hyper(activation, negative_slope, p);
+  check_linear(kBackend, x, weight, bias, seed, offset);
 
-  const DeviceScope device_scope(x_in.device());
+  const DeviceScope device_scope(x.device());
   const Stream stream = current_stream();
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const std::optional<at::Tensor> bias =
-      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
-
-  at::Tensor y = at::linear(x, weight, bias).contiguous();  // z, then y in place
+  const std::optional<at::Tensor> bc =
+      bias.has_value() && bias->defined() ? std::optional(bias->contiguous()) : std::nullopt;
+  at::Tensor y = at::linear(x.contiguous(), weight.contiguous(), bc).contiguous();  // z, then y
   const int64_t numel = y.numel();
   if (numel == 0) return y;
   FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_act_forward", [&] {
@@ -87,38 +82,29 @@ at::Tensor linear_act_forward(const at::Tensor& x_in, const at::Tensor& weight_i
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& y_in, int64_t activation, double negative_slope, double p,
-    const at::Tensor& seed, const at::Tensor& offset, bool compute_dx) {
-  const int64_t n = check_linear(x_in, weight_in, std::nullopt);
-  const int64_t batch = x_in.size(0);
-  check_device(grad_y_in, "grad_y", x_in);
-  check_dtype(grad_y_in, "grad_y", x_in.scalar_type());
-  check_shape(grad_y_in, "grad_y", {batch, n});
-  check_device(y_in, "y", x_in);
-  check_dtype(y_in, "y", x_in.scalar_type());
-  check_shape(y_in, "y", {batch, n});
-  check_counter(seed, "seed", x_in);
-  check_counter(offset, "offset", x_in);
-  check_hyper(activation, negative_slope, p);
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
+    int64_t activation, double negative_slope, double p, const at::Tensor& seed,
+    const at::Tensor& offset, bool compute_dx) {
+  const int64_t n = check_linear_act_backward(kBackend, grad_y, x, weight, y, seed, offset);
+  const int64_t batch = x.size(0);
 
-  const DeviceScope device_scope(x_in.device());
+  const DeviceScope device_scope(x.device());
   const Stream stream = current_stream();
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor grad_y = grad_y_in.contiguous(), y = y_in.contiguous();
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor gyc = grad_y.contiguous(), yc = y.contiguous();
 
-  at::Tensor dz = at::empty({batch, n}, x.options());
-  at::Tensor dbias = at::empty({n}, x.options());
+  at::Tensor dz = at::empty({batch, n}, xc.options());
+  at::Tensor dbias = at::empty({n}, xc.options());
   if (n > 0) {
-    FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_act_backward", [&] {
+    FASTGAN_DISPATCH_FLOATING(xc.scalar_type(), "linear_act_backward", [&] {
       launch(act_backward_kernel<scalar_t>, column_grid(n), column_block(), stream,
-             grad_y.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
+             gyc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
              dbias.data_ptr<scalar_t>(), batch, n, static_cast<int>(activation),
              static_cast<float>(negative_slope), dropout_args(seed, offset, p));
     });
   }
-  at::Tensor dx = compute_dx ? at::mm(dz, weight) : at::empty({0}, x.options());
-  at::Tensor dweight = at::mm(dz.t(), x);
+  at::Tensor dx = compute_dx ? at::mm(dz, wc) : at::empty({0}, xc.options());
+  at::Tensor dweight = at::mm(dz.t(), xc);
   return {dx, dweight, dbias};
 }
 

@@ -1,5 +1,5 @@
 // linear_bn_act on CUDA: y = dropout(act(BN(x @ W.T + b))), forward and backward.
-// The spec is fastgan/reference.py (linear_bn_act_forward / _backward).
+// The spec is fastgan/impl/reference.py (linear_bn_act_forward / _backward).
 //
 // Forward = the GEMM from cuBLAS through ATen (at::linear, the call the
 // reference makes, so h is bit-identical) + one fused epilogue kernel:
@@ -166,35 +166,24 @@ __global__ void __launch_bounds__(kTileN * kTileRows)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward(
-    const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, at::Tensor& running_mean,
     at::Tensor& running_var, at::Tensor& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps, int64_t activation, double negative_slope,
     double p, const at::Tensor& seed, const at::Tensor& offset) {
-  const int64_t n = check_linear(x_in, weight_in, bias_in);
-  check_feature_vector(bn_weight, "bn_weight", x_in, n);
-  check_feature_vector(bn_bias, "bn_bias", x_in, n);
-  check_feature_vector(running_mean, "running_mean", x_in, n);
-  check_feature_vector(running_var, "running_var", x_in, n);
-  check_counter(num_batches_tracked, "num_batches_tracked", x_in);
-  check_counter(seed, "seed", x_in);
-  check_counter(offset, "offset", x_in);
-  check_hyper(activation, negative_slope, p);
-  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "eps must be finite and > 0, got ", eps);
-  TORCH_CHECK(!momentum.has_value() || (*momentum >= 0.0 && *momentum <= 1.0),
-              "momentum must be None or in [0, 1], got ", momentum.value_or(0.0));
-  const int64_t batch = x_in.size(0);
-  TORCH_CHECK(!training || batch > 1,
-              "Expected more than 1 value per channel when training, got input size ",
-              x_in.sizes(), " (x batch size must be > 1 for batch statistics)");
+  const int64_t n =
+      check_linear_bn_act_forward(kBackend, x, weight, bias, bn_weight, bn_bias, running_mean,
+                                  running_var, num_batches_tracked, training, seed, offset);
+  // The kernels index these by feature (the running ones in place).
+  FASTGAN_CHECK_CONTIGUOUS(bn_weight, bn_bias, running_mean, running_var);
+  const int64_t batch = x.size(0);
 
-  const DeviceScope device_scope(x_in.device());
+  const DeviceScope device_scope(x.device());
   const Stream stream = current_stream();
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const std::optional<at::Tensor> bias =
-      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const std::optional<at::Tensor> bc =
+      bias.has_value() && bias->defined() ? std::optional(bias->contiguous()) : std::nullopt;
 
-  const at::Tensor h = at::linear(x, weight, bias).contiguous();  // (B, N) in x.dtype
+  const at::Tensor h = at::linear(x.contiguous(), weight.contiguous(), bc).contiguous();  // (B, N)
   at::Tensor y = at::empty_like(h);
   at::Tensor mean = at::empty({n}, bn_weight.options());
   at::Tensor rstd = at::empty({n}, bn_weight.options());
@@ -227,31 +216,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_backward(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& h_in,
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& h,
     const at::Tensor& mean, const at::Tensor& rstd, bool training, int64_t activation,
     double negative_slope, double p, const at::Tensor& seed, const at::Tensor& offset,
     bool compute_dx) {
-  const int64_t n = check_linear(x_in, weight_in, std::nullopt);
-  const int64_t batch = x_in.size(0);
-  check_device(grad_y_in, "grad_y", x_in);
-  check_dtype(grad_y_in, "grad_y", x_in.scalar_type());
-  check_shape(grad_y_in, "grad_y", {batch, n});
-  check_device(h_in, "h", x_in);
-  check_dtype(h_in, "h", x_in.scalar_type());
-  check_shape(h_in, "h", {batch, n});
-  check_feature_vector(bn_weight, "bn_weight", x_in, n);
-  check_feature_vector(bn_bias, "bn_bias", x_in, n);
-  check_feature_vector(mean, "mean", x_in, n);
-  check_feature_vector(rstd, "rstd", x_in, n);
-  check_counter(seed, "seed", x_in);
-  check_counter(offset, "offset", x_in);
-  check_hyper(activation, negative_slope, p);
+  const int64_t n = check_linear_bn_act_backward(kBackend, grad_y, x, weight, bn_weight, bn_bias,
+                                                 h, mean, rstd, seed, offset);
+  FASTGAN_CHECK_CONTIGUOUS(bn_weight, bn_bias, mean, rstd);  // indexed by feature
+  const int64_t batch = x.size(0);
 
-  const DeviceScope device_scope(x_in.device());
+  const DeviceScope device_scope(x.device());
   const Stream stream = current_stream();
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor grad_y = grad_y_in.contiguous(), h = h_in.contiguous();
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const at::Tensor gyc = grad_y.contiguous(), hc = h.contiguous();
 
   at::Tensor dh = at::empty({batch, n}, x.options());
   at::Tensor dbias = at::empty({n}, x.options());
@@ -260,15 +238,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   if (n > 0) {
     FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_bn_act_backward", [&] {
       launch(bn_backward_kernel<scalar_t>, column_grid(n), column_block(), stream,
-             grad_y.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), mean.data_ptr<float>(),
+             gyc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(), mean.data_ptr<float>(),
              rstd.data_ptr<float>(), bn_weight.data_ptr<float>(), bn_bias.data_ptr<float>(),
              dh.data_ptr<scalar_t>(), dgamma.data_ptr<float>(), dbeta.data_ptr<float>(),
              dbias.data_ptr<scalar_t>(), batch, n, training, static_cast<int>(activation),
              static_cast<float>(negative_slope), dropout_args(seed, offset, p));
     });
   }
-  at::Tensor dx = compute_dx ? at::mm(dh, weight) : at::empty({0}, x.options());
-  at::Tensor dweight = at::mm(dh.t(), x);
+  at::Tensor dx = compute_dx ? at::mm(dh, wc) : at::empty({0}, x.options());
+  at::Tensor dweight = at::mm(dh.t(), xc);
   return {dx, dweight, dbias, dgamma, dbeta};
 }
 

@@ -3,14 +3,16 @@
 The extension registers its kernels as ``torch.ops.fastgan_C.<function>``
 (schemas in csrc/ops.cpp, CPU kernels in csrc/cpu/<op>.cpp, CUDA kernels in
 csrc/cuda/<op>.cu). This module adapts the backend contract of
-``fastgan.reference`` to them: activation names become the integer codes of
-``spec.ACTIVATIONS`` and inputs are made contiguous.
+``fastgan.impl.reference`` to them: activation names become the integer codes
+of ``fastgan.ops.spec.ACTIVATIONS`` (csrc/activation.h) and inputs are made
+contiguous. Arguments arrive checked (``fastgan.ops.checks``); the C++ entries
+check again only what protects memory (csrc/checks.h).
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _C  # noqa: F401  (ImportError here = extension not built; backend.py reports it)
+from .. import _C  # noqa: F401  (ImportError = extension not built; ops.dispatch reports it)
 from ..ops.spec import ACTIVATIONS
 
 name = "cpu"

@@ -1,5 +1,5 @@
 """The ``cuda`` backend: the same ``torch.ops.fastgan_C`` functions as the
-``cpu`` backend (fastgan.cext), dispatched to the CUDA kernels of csrc/cuda."""
+``cpu`` backend (``fastgan.impl.cpu``), dispatched to the CUDA kernels of csrc/cuda."""
 from __future__ import annotations
 
 import torch

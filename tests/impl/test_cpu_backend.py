@@ -1,21 +1,27 @@
 """What is specific to the C++ CPU kernels (csrc/cpu, backend ``cpu``).
 
 The shared, backend-parametrized comparisons with the reference live in
-tests/test_<op>.py; here: float64 gradcheck through the cpu backend, the
-argument checks at the C++ entry (torch.ops.fastgan_C.* called directly),
-non-contiguous inputs reaching the kernels, the dropout mask bit for bit
-against the reference Philox, and results independent of the thread count.
+tests/ops/test_<op>.py; here: float64 gradcheck through the cpu backend, the
+argument checks (hyper-parameters at the op boundary in Python, before any
+kernel runs; what protects memory again at the C++ entry, torch.ops.fastgan_C.*
+called directly), non-contiguous inputs reaching the kernels, the dropout mask
+bit for bit against the reference Philox, and results independent of the
+thread count.
 """
+import math
+
 import pytest
 import torch
 
 import fastgan
-from fastgan import backend, reference
-from fastgan import functional as FG
-from fastgan.spec import ACTIVATIONS
+from fastgan.impl import reference
+from fastgan.ops import dispatch
+from fastgan.ops import functional as FG
+from fastgan.ops.spec import ACTIVATIONS
+from helpers import ran
 
 if "cpu" not in fastgan.backends():
-    pytest.skip(f"cpu backend unavailable: {backend.unavailable().get('cpu')}",
+    pytest.skip(f"cpu backend unavailable: {dispatch.unavailable().get('cpu')}",
                 allow_module_level=True)
 
 C = torch.ops.fastgan_C
@@ -24,24 +30,6 @@ LEAKY = ACTIVATIONS["leaky_relu"]
 
 def _key(seed, offset):
     return torch.tensor([seed], dtype=torch.int64), torch.tensor([offset], dtype=torch.int64)
-
-
-class ran_cpu:
-    """use_backend("cpu") that asserts the named functions were dispatched to it."""
-
-    def __init__(self, *functions):
-        self.functions = functions
-
-    def __enter__(self):
-        self.before = {f: backend.calls[("cpu", f)] for f in self.functions}
-        self.ctx = fastgan.use_backend("cpu")
-        self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        if exc[0] is None:
-            for f in self.functions:
-                assert backend.calls[("cpu", f)] > self.before[f], f"cpu did not run {f}"
 
 
 # ------------------------------------------------------------------ gradcheck (float64)
@@ -65,7 +53,7 @@ def test_gradcheck_linear_bn_act(training, activation, p):
         return FG.linear_bn_act(x, w, b, gamma, beta, rm, rv, nbt, training, 0.1, 1e-5,
                                 activation, 0.2, p, seed, offset)
 
-    with ran_cpu("linear_bn_act_forward", "linear_bn_act_backward"):
+    with ran("cpu", "linear_bn_act_forward", "linear_bn_act_backward"):
         assert torch.autograd.gradcheck(f, (x, w, b, gamma, beta))
 
 
@@ -81,7 +69,7 @@ def test_gradcheck_linear_act(activation, p):
     def f(x, w, b):
         return FG.linear_act(x, w, b, activation, 0.2, p, True, seed, offset)
 
-    with ran_cpu("linear_act_forward", "linear_act_backward"):
+    with ran("cpu", "linear_act_forward", "linear_act_backward"):
         assert torch.autograd.gradcheck(f, (x, w, b))
 
 
@@ -89,13 +77,89 @@ def test_gradcheck_gan_bce():
     g = torch.Generator().manual_seed(3)
     real = (3 * torch.randn(6, 1, generator=g, dtype=torch.float64)).requires_grad_()
     fake = (3 * torch.randn(4, 1, generator=g, dtype=torch.float64)).requires_grad_()
-    with ran_cpu("gan_bce_forward"):
+    with ran("cpu", "gan_bce_forward"):
         assert torch.autograd.gradcheck(lambda r, f: FG.gan_bce_d(r, f, smoothing=0.1).loss,
                                         (real, fake))
         assert torch.autograd.gradcheck(lambda f: FG.gan_bce_g(f).loss, (fake,))
 
 
-# ------------------------------------------------------------------ C++ entry checks
+# ------------------------------------------------------------------ hyper-parameters: Python
+# The op boundary (fastgan/ops/checks.py) rejects a bad hyper-parameter before
+# any backend runs: no kernel call is counted and no running statistic moves.
+# The C++ entries do not check them again (a bad one cannot move an index).
+def _assert_rejected(op, args, name, value, exc, message):
+    """``op`` on ``args`` with ``name`` set to ``value`` raises ``exc`` matching
+    ``message`` and leaves the running statistics as they were."""
+    args = dict(args, **{name: value})
+    stats = {k: args[k].clone() for k in ("running_mean", "num_batches_tracked") if k != name}
+    with pytest.raises(exc, match=message):
+        op(*args.values())
+    for k, before in stats.items():
+        assert torch.equal(args[k], before), f"{k} changed"
+
+
+def _op_args(b=4, k=3, n=5):
+    a = _bn_args(b, k, n)
+    a["activation"] = "leaky_relu"
+    return a
+
+
+BN_HYPER_BAD = [
+    ("p", 1.0, "dropout p"),
+    ("p", -0.1, "dropout p"),
+    ("p", math.nan, "dropout p"),
+    ("activation", "gelu", "activation must be one of"),
+    ("negative_slope", math.nan, "negative_slope"),
+    ("negative_slope", -0.2, "negative_slope"),
+    ("eps", 0.0, "eps"),
+    ("momentum", 1.5, "momentum"),
+]
+
+
+@pytest.mark.parametrize("name,value,message", BN_HYPER_BAD,
+                         ids=[f"{n}={v}" for n, v, _ in BN_HYPER_BAD])
+def test_op_boundary_rejects_linear_bn_act_hyper(name, value, message):
+    before = dispatch.calls[("cpu", "linear_bn_act_forward")]
+    with fastgan.use_backend("cpu"):
+        _assert_rejected(torch.ops.fastgan.linear_bn_act, _op_args(), name, value, ValueError,
+                         message)
+    assert dispatch.calls[("cpu", "linear_bn_act_forward")] == before
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("activation", "swish", "activation must be one of"),
+    ("negative_slope", -math.inf, "negative_slope"),
+    ("p", 1.0, "dropout p"),
+])
+def test_op_boundary_rejects_linear_act_hyper(name, value, message):
+    seed, offset = _key(1, 2)
+    args = dict(x=torch.randn(4, 3), weight=torch.randn(5, 3), bias=torch.randn(5),
+                activation="leaky_relu", negative_slope=0.2, p=0.1, seed=seed, offset=offset)
+    args[name] = value
+    before = dispatch.calls[("cpu", "linear_act_forward")]
+    with fastgan.use_backend("cpu"):
+        with pytest.raises(ValueError, match=message):
+            torch.ops.fastgan.linear_act(*args.values())
+        functional = {k: v for k, v in args.items() if k != "p"}
+        with pytest.raises(ValueError, match=message):
+            FG.linear_act(**functional, dropout=args["p"])
+    assert dispatch.calls[("cpu", "linear_act_forward")] == before
+
+
+@pytest.mark.parametrize("targets,message", [((1.5, 0.0), "target_a"),
+                                             ((1.0, math.nan), "target_b"),
+                                             ((-0.1, 0.0), "target_a")])
+def test_op_boundary_rejects_gan_bce_labels(targets, message):
+    a = torch.randn(4, 1)
+    before = dispatch.calls[("cpu", "gan_bce_forward")]
+    with fastgan.use_backend("cpu"), pytest.raises(ValueError, match=message):
+        torch.ops.fastgan.gan_bce(a, a, *targets)
+    assert dispatch.calls[("cpu", "gan_bce_forward")] == before
+
+
+# ------------------------------------------------------------------ memory invariants: C++
+# What a kernel indexes with, checked at the C++ entry (csrc/checks.h) however
+# it is called; messages name the argument as the schema does (csrc/ops.cpp).
 def _bn_args(b=4, k=3, n=5, dtype=torch.float32):
     stat = torch.float64 if dtype == torch.float64 else torch.float32
     seed, offset = _key(1, 2)
@@ -112,21 +176,17 @@ BN_FORWARD_BAD = [
     ("x", torch.randn(4), "x must be 2-D"),
     ("x", torch.randint(0, 3, (4, 3)), "x must be float32"),
     ("weight", torch.randn(5, 3, dtype=torch.float64), "weight must have dtype Float"),
+    ("weight", torch.randn(5), "weight must be 2-D"),
     ("weight", torch.randn(5, 4), "K mismatch"),
-    ("bias", torch.randn(6), "bias must have 5 elements"),
-    ("bn_weight", torch.ones(4), "bn_weight must have 5 elements"),
+    ("bias", torch.randn(6), "bias must have shape \\[5\\], got \\[6\\]"),
+    ("bn_weight", torch.ones(4), "bn_weight must have shape \\[5\\]"),
     ("bn_bias", torch.zeros(5, dtype=torch.float16), "bn_bias must have dtype Float"),
-    ("running_mean", torch.zeros(5, 1), "running_mean must be 1-D"),
+    ("running_mean", torch.zeros(5, 1), "running_mean must have shape \\[5\\], got \\[5, 1\\]"),
     ("running_var", torch.ones(5, dtype=torch.float64), "running_var must have dtype Float"),
     ("num_batches_tracked", torch.zeros(2, dtype=torch.int64), "num_batches_tracked must have exactly 1"),
-    ("seed", torch.tensor([1], dtype=torch.int32), "seed must have dtype int64"),
+    ("num_batches_tracked", torch.zeros(1), "num_batches_tracked must have dtype Long"),
+    ("seed", torch.tensor([1], dtype=torch.int32), "seed must have dtype Long"),
     ("offset", torch.zeros(0, dtype=torch.int64), "offset must have exactly 1"),
-    ("p", 1.0, "dropout p"),
-    ("p", -0.1, "dropout p"),
-    ("activation", 7, "activation must be"),
-    ("negative_slope", float("nan"), "negative_slope"),
-    ("eps", 0.0, "eps must be"),
-    ("momentum", 1.5, "momentum must be"),
     ("x", torch.randn(1, 3), "Expected more than 1 value per channel"),
 ]
 
@@ -134,13 +194,7 @@ BN_FORWARD_BAD = [
 @pytest.mark.parametrize("name,value,message", BN_FORWARD_BAD,
                          ids=[f"{n}-{m[:20]}" for n, _, m in BN_FORWARD_BAD])
 def test_linear_bn_act_forward_rejects(name, value, message):
-    args = _bn_args()
-    args[name] = value
-    rm_before = args["running_mean"].clone()
-    with pytest.raises(RuntimeError, match=message):
-        C.linear_bn_act_forward(*args.values())
-    assert torch.equal(args["running_mean"], rm_before) if name != "running_mean" else True
-    assert int(args["num_batches_tracked"].sum()) == 0 or name == "num_batches_tracked"
+    _assert_rejected(C.linear_bn_act_forward, _bn_args(), name, value, RuntimeError, message)
 
 
 def _bn_backward_args(b=4, k=3, n=5):
@@ -153,15 +207,14 @@ def _bn_backward_args(b=4, k=3, n=5):
 
 
 BN_BACKWARD_BAD = [
-    ("grad_y", torch.randn(4, 6), "grad_y must have shape \\[4, 5\\]"),
+    ("grad_y", torch.randn(4, 6), "grad_y must have shape \\[4, 5\\], got \\[4, 6\\]"),
     ("grad_y", torch.randn(4, 5, dtype=torch.float64), "grad_y must have dtype Float"),
-    ("h", torch.randn(3, 5), "h must have shape"),
+    ("h", torch.randn(3, 5), "h must have shape \\[4, 5\\]"),
     ("mean", torch.zeros(5, dtype=torch.float16), "mean must have dtype Float"),
-    ("rstd", torch.ones(4), "rstd must have 5 elements"),
-    ("bn_weight", torch.ones(5, 5), "bn_weight must be 1-D"),
+    ("rstd", torch.ones(4), "rstd must have shape \\[5\\]"),
+    ("bn_weight", torch.ones(5, 5), "bn_weight must have shape \\[5\\]"),
     ("weight", torch.randn(5, 2), "K mismatch"),
-    ("seed", torch.tensor([1.0]), "seed must have dtype int64"),
-    ("p", 2.0, "dropout p"),
+    ("seed", torch.tensor([1.0]), "seed must have dtype Long"),
 ]
 
 
@@ -183,13 +236,13 @@ def test_linear_act_rejects():
         C.linear_act_forward(x, w, b.half(), LEAKY, 0.2, 0.0, seed, offset)
     with pytest.raises(RuntimeError, match="seed must have exactly 1"):
         C.linear_act_forward(x, w, b, LEAKY, 0.2, 0.0, torch.zeros(2, dtype=torch.int64), offset)
-    with pytest.raises(RuntimeError, match="activation must be"):
-        C.linear_act_forward(x, w, b, -1, 0.2, 0.0, seed, offset)
     y = C.linear_act_forward(x, w, b, LEAKY, 0.2, 0.0, seed, offset)
     with pytest.raises(RuntimeError, match="y must have shape \\[4, 5\\]"):
         C.linear_act_backward(y, x, w, y[:3], LEAKY, 0.2, 0.0, seed, offset, True)
     with pytest.raises(RuntimeError, match="grad_y must have dtype"):
         C.linear_act_backward(y.double(), x, w, y, LEAKY, 0.2, 0.0, seed, offset, True)
+    with pytest.raises(RuntimeError, match="offset must have dtype Long"):
+        C.linear_act_backward(y, x, w, y, LEAKY, 0.2, 0.0, seed, offset.int(), True)
 
 
 def test_gan_bce_rejects():
@@ -198,14 +251,18 @@ def test_gan_bce_rejects():
         C.gan_bce_forward(torch.ones(4, dtype=torch.int64), None, 1.0, 0.0)
     with pytest.raises(RuntimeError, match="logits_a must not be empty"):
         C.gan_bce_forward(torch.zeros(0), None, 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="logits_b must have the dtype of logits_a"):
+    with pytest.raises(RuntimeError, match="logits_b must have dtype Float, got Double"):
         C.gan_bce_forward(a, a.double(), 1.0, 0.0)
     with pytest.raises(RuntimeError, match="logits_b must not be empty"):
         C.gan_bce_forward(a, torch.zeros(0), 1.0, 0.0)
-    with pytest.raises(RuntimeError, match="target_a"):
-        C.gan_bce_forward(a, None, 1.5, 0.0)
-    with pytest.raises(RuntimeError, match="target_b"):
-        C.gan_bce_forward(a, a, 1.0, float("nan"))
+
+
+def test_messages_are_one_line():
+    with pytest.raises(RuntimeError) as info:
+        C.linear_act_forward(torch.randn(4, 3), torch.randn(5, 4), None, LEAKY, 0.2, 0.0,
+                             *_key(1, 2))
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("weight has in_features=4 but x has 3 columns"), first
 
 
 # ------------------------------------------------------------------ non-contiguous inputs

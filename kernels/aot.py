@@ -18,15 +18,15 @@ import time
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("fastgan.kernels.aot needs TRITON_INTERPRET unset")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
-from . import gan_bce as GB  # noqa: E402
-from . import linear_act as LA  # noqa: E402
-from . import linear_bn_act as LBA  # noqa: E402
-from . import matmul as MM  # noqa: E402
+from . import gan_bce as GB
+from . import linear_act as LA
+from . import linear_bn_act as LBA
+from . import matmul as MM
 
 
 def compile_one(kernel, args: dict, constexprs: dict, arch: int):
@@ -80,13 +80,12 @@ def jobs(dt: str = "*bf16"):
                              **drop),
                         dict(c, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)))
             for training in (False, True):
-                out.append((LBA._bwd_single_kernel,
-                            dict(bwd, dh_ptr=dt, db_ptr=dt, dgamma_ptr=f, dbeta_ptr=f),
-                            dict(c, TRAINING=training, BLOCK_M=256, BLOCK_N=64)))
-                out.append((LBA._bwd_apply_kernel,
-                            dict(bwd, pdbeta_ptr=f, pdgamma_ptr=f, dh_ptr=dt, pdb_ptr=f,
-                                 dgamma_ptr=f, dbeta_ptr=f, R=1),
-                            dict(c, TRAINING=training, BLOCK_M=128, BLOCK_N=64)))
+                for single in (False, True):
+                    out.append((LBA._bwd_kernel,
+                                dict(bwd, pdbeta_ptr=f, pdgamma_ptr=f, dh_ptr=dt, db_ptr=dt,
+                                     pdb_ptr=f, dgamma_ptr=f, dbeta_ptr=f, R=1),
+                                dict(c, TRAINING=training, SINGLE=single,
+                                     BLOCK_M=256 if single else 128, BLOCK_N=64)))
             out.append((LBA._bwd_reduce_kernel, dict(bwd, pdbeta_ptr=f, pdgamma_ptr=f),
                         dict(c, BLOCK_M=128, BLOCK_N=64)))
     out.append((LBA._fwd_stats_kernel, dict(gemm, h_ptr=dt, psum_ptr=f, pm2_ptr=f),

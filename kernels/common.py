@@ -1,11 +1,16 @@
 """``@triton.jit`` helpers shared by the fused kernels: the GEMM tile loop,
-rounding to the storage dtype, activations and their derivatives, and the
-Philox dropout mask (bit-exact with ``fastgan.reference``).
+tile loads and stores, rounding to the storage dtype, the activations and their
+derivatives, and the Philox dropout mask (bit-exact with ``fastgan.reference``).
 
-Activation codes are those of ``fastgan.spec.ACTIVATIONS``.
+Activation codes are those of ``fastgan.ops.spec.ACTIVATION_TABLE`` (read by
+``code``): the kernels switch on them as constexprs, one case per table row in
+``_activation``. Adding an activation: a row in the table, a case there (and one
+in the C++ kernels' switch); a code without a case fails to compile.
 """
 import triton
 import triton.language as tl
+
+from fastgan.ops.spec import ACTIVATIONS
 
 from .runtime import INTERPRET
 
@@ -14,10 +19,21 @@ from .runtime import INTERPRET
 # round to bf16 by hand. On a GPU neither is needed.
 _INTERPRET = tl.constexpr(INTERPRET)
 
-ACT_IDENTITY = tl.constexpr(0)
-ACT_RELU = tl.constexpr(1)
-ACT_LEAKY_RELU = tl.constexpr(2)
-ACT_TANH = tl.constexpr(3)
+
+@triton.constexpr_function
+def code(name):
+    """The table's integer code of activation ``name``, at compile time."""
+    return ACTIVATIONS[name]
+
+
+@triton.jit
+def tile_offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row tile index, row offsets, column offsets) of this program's tile of a
+    grid of (row tiles, column blocks)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_m, offs_m, offs_n
 
 
 @triton.jit
@@ -59,6 +75,19 @@ def matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_b
 
 
 @triton.jit
+def linear_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                offs_m, offs_n, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile of ``x @ W.T + b`` for x (M, K), W (N, K), b (N,)."""
+    # W.T as the (K, N) operand: swap W's strides.
+    acc = matmul_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _round_bf16_rne(x):
     """fp32 -> fp32 holding the nearest-even bf16 value (interpreter only)."""
     bits = x.to(tl.uint32, bitcast=True)
@@ -82,43 +111,57 @@ def tanh_f32(z):
     return tl.where(z < 0, -t, t)
 
 
+# What ``_activation`` returns for its argument ``v``.
+_VALUE = tl.constexpr(0)             # act(z), from v = z
+_GRAD = tl.constexpr(1)              # act'(z), from v = z
+_GRAD_FROM_OUTPUT = tl.constexpr(2)  # act'(z), from v = act(z) (slope >= 0)
+
+
+@triton.jit
+def _activation(v, ACT: tl.constexpr, slope, PART: tl.constexpr):
+    """One case per row of ``ACTIVATION_TABLE``; fp32 in, fp32 out."""
+    if ACT == code("identity"):
+        if PART == _VALUE:
+            return v
+        else:
+            return tl.full(v.shape, 1.0, tl.float32)
+    elif ACT == code("relu"):
+        if PART == _VALUE:
+            return tl.where(v > 0, v, 0.0)
+        else:  # z > 0 exactly where relu(z) > 0
+            return tl.where(v > 0, 1.0, 0.0)
+    elif ACT == code("leaky_relu"):
+        if PART == _VALUE:
+            return tl.where(v > 0, v, v * slope)
+        else:  # the sign survives a slope >= 0
+            return tl.where(v > 0, 1.0, slope)
+    elif ACT == code("tanh"):
+        if PART == _VALUE:
+            return tanh_f32(v)
+        elif PART == _GRAD:
+            t = tanh_f32(v)
+            return 1.0 - t * t
+        else:
+            return 1.0 - v * v
+    else:
+        tl.static_assert(False, "activation code without a case in kernels/common.py")
+
+
 @triton.jit
 def act(z, ACT: tl.constexpr, slope):
-    if ACT == ACT_RELU:
-        return tl.where(z > 0, z, 0.0)
-    elif ACT == ACT_LEAKY_RELU:
-        return tl.where(z > 0, z, z * slope)
-    elif ACT == ACT_TANH:
-        return tanh_f32(z)
-    else:
-        return z
+    return _activation(z, ACT, slope, _VALUE)
 
 
 @triton.jit
 def act_grad(z, ACT: tl.constexpr, slope):
     """d act / dz from the pre-activation ``z``."""
-    if ACT == ACT_RELU:
-        return tl.where(z > 0, 1.0, 0.0)
-    elif ACT == ACT_LEAKY_RELU:
-        return tl.where(z > 0, 1.0, slope)
-    elif ACT == ACT_TANH:
-        t = tanh_f32(z)
-        return 1.0 - t * t
-    else:
-        return tl.full(z.shape, 1.0, tl.float32)
+    return _activation(z, ACT, slope, _GRAD)
 
 
 @triton.jit
 def act_grad_from_output(a, ACT: tl.constexpr, slope):
     """d act / dz from the activation's output ``a`` (slope >= 0)."""
-    if ACT == ACT_RELU:
-        return tl.where(a > 0, 1.0, 0.0)
-    elif ACT == ACT_LEAKY_RELU:
-        return tl.where(a > 0, 1.0, slope)
-    elif ACT == ACT_TANH:
-        return 1.0 - a * a
-    else:
-        return tl.full(a.shape, 1.0, tl.float32)
+    return _activation(a, ACT, slope, _GRAD_FROM_OUTPUT)
 
 
 @triton.jit
@@ -141,6 +184,43 @@ def dropout_keep(seed, offset, idx, p):
 def element_index(offs_m, offs_n, N):
     """Row-major element index ``i * N + j`` in int64 (below 2**32 by validation)."""
     return offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+
+
+@triton.jit
+def drop(v, seed_ptr, offset_ptr, offs_m, offs_n, N, p, scale):
+    """Inverted dropout of the (offs_m, offs_n) tile ``v`` of an (M, N) tensor:
+    kept values times ``scale``, dropped ones 0; (seed, offset) are read from
+    the device, so a CUDA graph replay sees their current values."""
+    seed = tl.load(seed_ptr)
+    offset = tl.load(offset_ptr)
+    keep = dropout_keep(seed, offset, element_index(offs_m, offs_n, N), p)
+    return tl.where(keep, v * scale, 0.0)
+
+
+@triton.jit
+def load_tile(ptr, offs_m, offs_n, stride_m, stride_n, mask):
+    """The (offs_m, offs_n) tile of a strided 2-D tensor as fp32; 0 outside ``mask``."""
+    return tl.load(ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, x, offs_m, offs_n, N, mask):
+    """Round fp32 ``x`` to the dtype of ``ptr`` and store it as the (offs_m,
+    offs_n) tile of a contiguous (M, N) tensor; returns the rounded tile."""
+    v = round_to(x, ptr.dtype.element_ty)
+    tl.store(ptr + offs_m[:, None] * N + offs_n[None, :], v, mask=mask)
+    return v
+
+
+@triton.jit
+def sum_partials(ptr, R, N, offs_n, n_ok, BLOCK_N: tl.constexpr):
+    """fp32 ``sum_r ptr[r, offs_n]`` of a contiguous (R, N) fp32 buffer of
+    per-row-tile partial sums, added in row-tile order."""
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r in range(0, R):
+        acc += tl.load(ptr + r * N + offs_n, mask=n_ok, other=0.0)
+    return acc
 
 
 @triton.jit

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import runtime
+from . import configs, guards, runtime
 from .common import div_ieee, round_to
 
 
@@ -59,27 +59,18 @@ def _gan_bce_kernel(a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, loss_ptr, prob_a_ptr, 
 
 
 def forward(logits_a, logits_b, target_a, target_b):
-    from fastgan.ops import checks as _checks
-    _checks.gan_bce(logits_a, logits_b, target_a, target_b)
-    for t, name in ((logits_a, "real_logits" if logits_b is not None else "fake_logits"),
-                    (logits_b, "fake_logits")):
-        if t is None:
-            continue
-        runtime.check_device(t, name)
-        runtime.check_dtype(t, name)
-        runtime.check_span(t, name)
+    # gan_bce_g passes the fake logits alone, as logits_a
+    guards.operands(**(dict(fake_logits=logits_a) if logits_b is None
+                       else dict(real_logits=logits_a, fake_logits=logits_b)))
     # the kernel walks the logits as flat vectors
-    logits_a = logits_a.contiguous()
-    logits_b = None if logits_b is None else logits_b.contiguous()
-    a = logits_a
+    a = logits_a.contiguous()
+    b = a if logits_b is None else logits_b.contiguous()
     dev = a.device
     loss, prob_a, prob_b = (torch.empty((), dtype=torch.float32, device=dev) for _ in range(3))
     grad_a = torch.empty_like(a)
-    grad_b = a.new_empty(0) if logits_b is None else torch.empty_like(logits_b)
-    b = a if logits_b is None else logits_b
-    block = 1024 if not runtime.INTERPRET else 256
+    grad_b = a.new_empty(0) if logits_b is None else torch.empty_like(b)
     runtime.launch("gan_bce", _gan_bce_kernel, (1,), a, b, grad_a,
                    grad_a if logits_b is None else grad_b, loss, prob_a, prob_b,
                    a.numel(), b.numel(), float(target_a), float(target_b),
-                   HAS_B=logits_b is not None, BLOCK=block, num_warps=4)
+                   HAS_B=logits_b is not None, BLOCK=configs.BCE_BLOCK, num_warps=4)
     return loss, prob_a, prob_b, grad_a, grad_b

@@ -16,83 +16,60 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgan.ops.spec import ACTIVATIONS, dropout_scale
-
-from . import runtime
-from .common import act, act_grad_from_output, dropout_keep, element_index, matmul_tile, round_to
+from . import configs, guards, runtime
+from .common import (act, act_grad_from_output, drop, linear_tile, load_tile, round_to,
+                     store_tile, tile_offsets)
 from .matmul import col_sum, matmul
 
 
-@triton.autotune(configs=runtime.gemm_configs(), key=["M", "N", "K"],
-                 prune_configs_by=runtime.PRUNE)
+@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K"],
+                 prune_configs_by=configs.PRUNE)
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, seed_ptr, offset_ptr, M, N, K,
                 stride_xm, stride_xk, stride_wn, stride_wk, slope, p, scale,
                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    # W.T as the (K, N) operand: swap W's strides.
-    acc = matmul_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
-                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    dtype = y_ptr.dtype.element_ty
-    z = round_to(acc, dtype).to(tl.float32)  # the Linear output, in x.dtype like nn.Linear
+    _, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
+    acc = linear_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                      offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+    # the Linear output, in x.dtype like nn.Linear
+    z = round_to(acc, y_ptr.dtype.element_ty).to(tl.float32)
     a = act(z, ACT, slope)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offset = tl.load(offset_ptr)
-        keep = dropout_keep(seed, offset, element_index(offs_m, offs_n, N), p)
-        a = tl.where(keep, a * scale, 0.0)
-    mask = (offs_m[:, None] < M) & n_ok[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], round_to(a, dtype), mask=mask)
+        a = drop(a, seed_ptr, offset_ptr, offs_m, offs_n, N, p, scale)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    store_tile(y_ptr, a, offs_m, offs_n, N, mask)
 
 
-@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N", "SINGLE"],
-                 prune_configs_by=runtime.PRUNE)
+@triton.autotune(configs=configs.elementwise_configs(), key=["M", "N", "SINGLE"],
+                 prune_configs_by=configs.PRUNE)
 @triton.jit
 def _bwd_dz_kernel(g_ptr, y_ptr, dz_ptr, part_ptr, db_ptr, seed_ptr, offset_ptr, M, N,
                    stride_gm, stride_gn, stride_ym, stride_yn, slope, p, scale,
                    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, SINGLE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_m[:, None] < M) & n_ok[None, :]
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask,
-                other=0.0).to(tl.float32)
-    a = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=mask,
-                other=0.0).to(tl.float32)
+    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
+    a = load_tile(y_ptr, offs_m, offs_n, stride_ym, stride_yn, mask)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offset = tl.load(offset_ptr)
-        keep = dropout_keep(seed, offset, element_index(offs_m, offs_n, N), p)
-        g = tl.where(keep, g * scale, 0.0)
+        g = drop(g, seed_ptr, offset_ptr, offs_m, offs_n, N, p, scale)
         a = a / scale
-    dtype = dz_ptr.dtype.element_ty
-    dz = round_to(g * act_grad_from_output(a, ACT, slope), dtype)
-    tl.store(dz_ptr + offs_m[:, None] * N + offs_n[None, :], dz, mask=mask)
+    dz = store_tile(dz_ptr, g * act_grad_from_output(a, ACT, slope), offs_m, offs_n, N, mask)
     colsum = tl.sum(tl.where(mask, dz.to(tl.float32), 0.0), axis=0)
     if SINGLE:  # one row tile holds the whole batch: the sum is final
-        tl.store(db_ptr + offs_n, round_to(colsum, dtype), mask=n_ok)
+        tl.store(db_ptr + offs_n, round_to(colsum, db_ptr.dtype.element_ty), mask=n_ok)
     else:
         tl.store(part_ptr + pid_m * N + offs_n, colsum, mask=n_ok)
 
 
-def _validate(x, weight, bias, activation, negative_slope, p, seed, offset):
-    runtime.check_linear(x, weight, bias)
-    runtime.check_rng(seed, offset, x.device)
-    runtime.check_hyper(activation, negative_slope, p)
-    runtime.check_batch_numel(x.shape[0], weight.shape[0])
-
-
 def forward(x, weight, bias, activation, negative_slope, p, seed, offset):
-    _validate(x, weight, bias, activation, negative_slope, p, seed, offset)
+    guards.operands(x=x, weight=weight, bias=bias)
     b, k = x.shape
     n = weight.shape[0]
+    guards.output((b, n), "y")
+    scalars, flags = runtime.act_args(activation, negative_slope, p)
     bias = None if bias is None else bias.contiguous()  # indexed densely by the kernel
     y = torch.empty((b, n), dtype=x.dtype, device=x.device)
     if b == 0 or n == 0:
@@ -101,19 +78,19 @@ def forward(x, weight, bias, activation, negative_slope, p, seed, offset):
     runtime.launch("linear_act_fwd", _fwd_kernel, grid, x, weight,
                    weight if bias is None else bias, y, seed, offset, b, n, k,
                    x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                   float(negative_slope), float(p), dropout_scale(p) if p > 0 else 1.0,
-                   HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], HAS_DROPOUT=p > 0)
+                   *scalars, HAS_BIAS=bias is not None, **flags)
     return y
 
 
 def backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset, compute_dx):
-    _validate(x, weight, None, activation, negative_slope, p, seed, offset)
     b, n = x.shape[0], weight.shape[0]
-    runtime.check_like(grad_y, "grad_y", (b, n), x.dtype, x.device)
-    runtime.check_like(y, "y", (b, n), x.dtype, x.device)
+    guards.operands(x=x, weight=weight)
+    guards.operands((b, n), grad_y=grad_y, y=y)
+    guards.rng(seed, offset)
+    scalars, flags = runtime.act_args(activation, negative_slope, p)
     dz = torch.empty((b, n), dtype=x.dtype, device=x.device)
-    single = b <= runtime.MAX_SINGLE_TILE_B
-    block_m = runtime.single_tile_block_m(b) if single else runtime.STATS_BLOCK_M
+    single = b <= configs.MAX_SINGLE_TILE_B
+    block_m = configs.single_tile_block_m(b) if single else configs.STATS_BLOCK_M
     tiles_m = triton.cdiv(b, block_m)
     db = torch.empty(n, dtype=x.dtype, device=x.device)
     part = db if single else torch.empty((tiles_m, n), dtype=torch.float32, device=x.device)
@@ -121,9 +98,7 @@ def backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset, 
         grid = lambda meta: (tiles_m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         runtime.launch("linear_act_bwd_dz", _bwd_dz_kernel, grid, grad_y, y, dz, part, db,
                        seed, offset, b, n, grad_y.stride(0), grad_y.stride(1), y.stride(0),
-                       y.stride(1), float(negative_slope), float(p),
-                       dropout_scale(p) if p > 0 else 1.0, ACT=ACTIVATIONS[activation],
-                       HAS_DROPOUT=p > 0, SINGLE=single, BLOCK_M=block_m)
+                       y.stride(1), *scalars, SINGLE=single, BLOCK_M=block_m, **flags)
         if not single:
             db = col_sum(part, x.dtype)
     elif n > 0:

@@ -20,8 +20,9 @@ Forward, eval: one GEMM kernel with BN (running statistics) folded into its
 Backward: the activation derivative and dropout mask are recomputed from
 h / mean / rstd and (seed, offset). dgamma and dbeta are column reductions;
 dh = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) needs them
-first, so a single-tile kernel does it all in registers when the batch fits,
-else a reduce pass writes per-row-tile partials and an apply pass finishes.
+first, so one kernel does it all in registers when the batch fits (SINGLE),
+else a reduce pass writes per-row-tile partials and the same kernel, reading
+them, finishes.
 dh is written once in x.dtype (as the reference rounds it), db is its column
 sum, then the two GEMMs dx = dh @ W and dW = dh.T @ x.
 """
@@ -31,11 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgan.ops.spec import ACTIVATIONS, dropout_scale
-
-from . import runtime
-from .common import (act, act_grad, div_ieee, dropout_keep, element_index, matmul_tile,
-                     round_to)
+from . import configs, guards, runtime
+from .common import (act, act_grad, div_ieee, drop, linear_tile, load_tile, round_to,
+                     store_tile, sum_partials, tile_offsets)
 from .matmul import col_sum, matmul
 
 
@@ -45,21 +44,30 @@ def _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_
               offs_m, offs_n, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Stores the tile of h = x @ W.T + b (in h's dtype); returns it as fp32."""
-    acc = matmul_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
-                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    h = round_to(acc, h_ptr.dtype.element_ty)
+    acc = linear_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                      offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(h_ptr + offs_m[:, None] * N + offs_n[None, :], h, mask=mask)
-    return h.to(tl.float32)
+    return store_tile(h_ptr, acc, offs_m, offs_n, N, mask).to(tl.float32)
 
 
 @triton.jit
-def _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, unbias,
-                    CUMULATIVE: tl.constexpr):
-    """running = factor * batch + (1 - factor) * running, as nn.BatchNorm1d.
-    momentum=None: factor = 1 / num_batches_tracked after this step's increment."""
+def _moments(hf, m_ok, count):
+    """Per column over the rows ``m_ok`` (``count`` of them): the sum, the mean
+    and the sum of squares about that mean (two-pass, no cancellation)."""
+    total = tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0)
+    mean = div_ieee(total, count)
+    d = tl.where(m_ok[:, None], hf - mean[None, :], 0.0)
+    return total, mean, tl.sum(d * d, axis=0)
+
+
+@triton.jit
+def _store_stats(mean_ptr, rstd_ptr, rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, rstd,
+                 momentum, unbias, CUMULATIVE: tl.constexpr):
+    """Stores mean and rstd, and updates the running statistics as
+    nn.BatchNorm1d: running = factor * batch + (1 - factor) * running, where
+    momentum=None means factor = 1 / num_batches_tracked after this step."""
+    tl.store(mean_ptr + offs_n, mean, mask=n_ok)
+    tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
     if CUMULATIVE:
         factor = div_ieee(1.0, (tl.load(nbt_ptr) + 1).to(tl.float32))
     else:
@@ -71,41 +79,43 @@ def _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, 
 
 
 @triton.jit
-def _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
-                    slope, p, scale, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+def _bn_act_store(hf, mean, rstd, gamma_ptr, beta_ptr, y_ptr, offs_m, offs_n, mask, N,
+                  seed_ptr, offset_ptr, slope, p, scale, ACT: tl.constexpr,
+                  HAS_DROPOUT: tl.constexpr):
+    """y = dropout(act(gamma * (h - mean) * rstd + beta)) for one tile, stored."""
+    n_ok = offs_n < N
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
     z = (hf - mean[None, :]) * rstd[None, :] * gamma[None, :] + beta[None, :]
     a = act(z, ACT, slope)
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offset = tl.load(offset_ptr)
-        keep = dropout_keep(seed, offset, element_index(offs_m, offs_n, N), p)
-        a = tl.where(keep, a * scale, 0.0)
-    return a
+        a = drop(a, seed_ptr, offset_ptr, offs_m, offs_n, N, p, scale)
+    store_tile(y_ptr, a, offs_m, offs_n, N, mask)
 
 
 @triton.jit
-def _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean, rstd, gamma,
-               beta, seed_ptr, offset_ptr, slope, p, scale, ACT: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr):
-    """(dz, xhat) in fp32: dz = dL/d(BN output) with dropout and act' applied;
-    zero outside ``mask``."""
-    g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask,
-                other=0.0).to(tl.float32)
-    hf = tl.load(h_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask,
-                 other=0.0).to(tl.float32)
+def _bwd_dz(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, stride_gm, stride_gn,
+            offs_m, offs_n, mask, N, seed_ptr, offset_ptr, slope, p, scale, ACT: tl.constexpr,
+            HAS_DROPOUT: tl.constexpr):
+    """(dz, xhat, rstd, gamma), fp32: dz = dL/d(BN output) with dropout and act'
+    applied, zero outside ``mask``; xhat the normalized h."""
+    n_ok = offs_n < N
+    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_n, mask=n_ok, other=0.0)
+    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
+    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
+    g = load_tile(g_ptr, offs_m, offs_n, stride_gm, stride_gn, mask)
+    hf = load_tile(h_ptr, offs_m, offs_n, N, 1, mask)
     xhat = (hf - mean[None, :]) * rstd[None, :]
     z = xhat * gamma[None, :] + beta[None, :]
     if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-        offset = tl.load(offset_ptr)
-        keep = dropout_keep(seed, offset, element_index(offs_m, offs_n, N), p)
-        g = tl.where(keep, g * scale, 0.0)
+        g = drop(g, seed_ptr, offset_ptr, offs_m, offs_n, N, p, scale)
     dz = tl.where(mask, g * act_grad(z, ACT, slope), 0.0)
-    return dz, xhat
+    return dz, xhat, rstd, gamma
 
 
 @triton.jit
-def _bn_bwd_dh(dz, xhat, rstd, gamma, sum_dz, sum_dz_xhat, M, TRAINING: tl.constexpr):
+def _bwd_dh(dz, xhat, rstd, gamma, sum_dz, sum_dz_xhat, M, TRAINING: tl.constexpr):
     dxhat = dz * gamma[None, :]
     if TRAINING:
         mean_dxhat = div_ieee(gamma * sum_dz, M.to(tl.float32))
@@ -116,8 +126,8 @@ def _bn_bwd_dh(dz, xhat, rstd, gamma, sum_dz, sum_dz_xhat, M, TRAINING: tl.const
 
 
 # ---------------------------------------------------------------- forward kernels
-@triton.autotune(configs=runtime.gemm_configs(with_block_m=False), key=["M", "N", "K"],
-                 prune_configs_by=runtime.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
+@triton.autotune(configs=configs.gemm_configs(with_block_m=False), key=["M", "N", "K"],
+                 prune_configs_by=configs.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
 @triton.jit
 def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                        y_ptr, h_ptr, mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, K,
@@ -132,47 +142,36 @@ def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
     m_ok = offs_m < M
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                    stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
-    mean = div_ieee(tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0), M.to(tl.float32))
-    d = tl.where(m_ok[:, None], hf - mean[None, :], 0.0)
-    var = div_ieee(tl.sum(d * d, axis=0), M.to(tl.float32))
+    _, mean, m2 = _moments(hf, m_ok, M.to(tl.float32))
+    var = div_ieee(m2, M.to(tl.float32))
     rstd = div_ieee(1.0, tl.sqrt_rn(var + eps))
-    tl.store(mean_ptr + offs_n, mean, mask=n_ok)
-    tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
-    _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, unbias,
-                    CUMULATIVE)
-    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
-    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
-    a = _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
-                        slope, p, scale, ACT, HAS_DROPOUT)
-    mask = m_ok[:, None] & n_ok[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :],
-             round_to(a, y_ptr.dtype.element_ty), mask=mask)
+    _store_stats(mean_ptr, rstd_ptr, rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, rstd,
+                 momentum, unbias, CUMULATIVE)
+    _bn_act_store(hf, mean, rstd, gamma_ptr, beta_ptr, y_ptr, offs_m, offs_n,
+                  m_ok[:, None] & n_ok[None, :], N, seed_ptr, offset_ptr, slope, p, scale, ACT,
+                  HAS_DROPOUT)
 
 
-@triton.autotune(configs=runtime.gemm_configs(with_block_m=False), key=["M", "N", "K"],
-                 prune_configs_by=runtime.PRUNE)
+@triton.autotune(configs=configs.gemm_configs(with_block_m=False), key=["M", "N", "K"],
+                 prune_configs_by=configs.PRUNE)
 @triton.jit
 def _fwd_stats_kernel(x_ptr, w_ptr, b_ptr, h_ptr, psum_ptr, pm2_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Training, multi-tile pass 1: h, and per (row tile, column) the sum of h
     and the sum of squares about the tile's own mean."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
-    m_ok = offs_m < M
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                    stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-    tile_sum = tl.sum(tl.where(m_ok[:, None], hf, 0.0), axis=0)
-    d = tl.where(m_ok[:, None], hf - div_ieee(tile_sum, count)[None, :], 0.0)
+    tile_sum, _, m2 = _moments(hf, offs_m < M, count)
     tl.store(psum_ptr + pid_m * N + offs_n, tile_sum, mask=n_ok)
-    tl.store(pm2_ptr + pid_m * N + offs_n, tl.sum(d * d, axis=0), mask=n_ok)
+    tl.store(pm2_ptr + pid_m * N + offs_n, m2, mask=n_ok)
 
 
-@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
-                 prune_configs_by=runtime.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
+@triton.autotune(configs=configs.elementwise_configs(), key=["M", "N"],
+                 prune_configs_by=configs.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
 @triton.jit
 def _fwd_apply_kernel(h_ptr, psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                       y_ptr, mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, R, STATS_M,
@@ -180,16 +179,11 @@ def _fwd_apply_kernel(h_ptr, psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_
                       ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr):
     """Training, multi-tile pass 2: combine the R partials of each column into
-    mean / biased variance, then normalize + activate + drop out one h tile.
-    Programs of row tile 0 also store mean, rstd and the running statistics."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mean / biased variance (Chan), then normalize + activate + drop out one h
+    tile. Programs of row tile 0 also store mean, rstd and the running statistics."""
+    pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r in range(0, R):
-        total += tl.load(psum_ptr + r * N + offs_n, mask=n_ok, other=0.0)
-    mean = div_ieee(total, M.to(tl.float32))
+    mean = div_ieee(sum_partials(psum_ptr, R, N, offs_n, n_ok, BLOCK_N), M.to(tl.float32))
     m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r in range(0, R):
         count = tl.minimum(M - r * STATS_M, STATS_M).to(tl.float32)
@@ -199,23 +193,16 @@ def _fwd_apply_kernel(h_ptr, psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_
     var = div_ieee(m2, M.to(tl.float32))
     rstd = div_ieee(1.0, tl.sqrt_rn(var + eps))
     if pid_m == 0:
-        tl.store(mean_ptr + offs_n, mean, mask=n_ok)
-        tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
-        _update_running(rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, momentum, unbias,
-                        CUMULATIVE)
+        _store_stats(mean_ptr, rstd_ptr, rm_ptr, rv_ptr, nbt_ptr, offs_n, n_ok, mean, var, rstd,
+                     momentum, unbias, CUMULATIVE)
     mask = (offs_m[:, None] < M) & n_ok[None, :]
-    hf = tl.load(h_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask,
-                 other=0.0).to(tl.float32)
-    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
-    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
-    a = _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
-                        slope, p, scale, ACT, HAS_DROPOUT)
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :],
-             round_to(a, y_ptr.dtype.element_ty), mask=mask)
+    hf = load_tile(h_ptr, offs_m, offs_n, N, 1, mask)
+    _bn_act_store(hf, mean, rstd, gamma_ptr, beta_ptr, y_ptr, offs_m, offs_n, mask, N,
+                  seed_ptr, offset_ptr, slope, p, scale, ACT, HAS_DROPOUT)
 
 
-@triton.autotune(configs=runtime.gemm_configs(), key=["M", "N", "K"],
-                 prune_configs_by=runtime.PRUNE)
+@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K"],
+                 prune_configs_by=configs.PRUNE)
 @triton.jit
 def _fwd_eval_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, y_ptr, h_ptr,
                      mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, K, stride_xm, stride_xk,
@@ -223,9 +210,7 @@ def _fwd_eval_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, y
                      ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Eval: GEMM with BN by the running statistics folded into the epilogue."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
                    stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -235,129 +220,78 @@ def _fwd_eval_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, y
     if pid_m == 0:
         tl.store(mean_ptr + offs_n, mean, mask=n_ok)
         tl.store(rstd_ptr + offs_n, rstd, mask=n_ok)
-    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
-    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
-    a = _bn_act_dropout(hf, mean, rstd, gamma, beta, offs_m, offs_n, N, seed_ptr, offset_ptr,
-                        slope, p, scale, ACT, HAS_DROPOUT)
-    mask = (offs_m[:, None] < M) & n_ok[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :],
-             round_to(a, y_ptr.dtype.element_ty), mask=mask)
+    _bn_act_store(hf, mean, rstd, gamma_ptr, beta_ptr, y_ptr, offs_m, offs_n,
+                  (offs_m[:, None] < M) & n_ok[None, :], N, seed_ptr, offset_ptr, slope, p,
+                  scale, ACT, HAS_DROPOUT)
 
 
 # ---------------------------------------------------------------- backward kernels
-@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
-                 prune_configs_by=runtime.PRUNE)
-@triton.jit
-def _bwd_single_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, dh_ptr, db_ptr,
-                       dgamma_ptr, dbeta_ptr, seed_ptr, offset_ptr, M, N, stride_gm, stride_gn,
-                       slope, p, scale, TRAINING: tl.constexpr, ACT: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Whole batch in one tile: dgamma, dbeta, dh and db for a block of columns."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    mask = (offs_m[:, None] < M) & n_ok[None, :]
-    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + offs_n, mask=n_ok, other=0.0)
-    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
-    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
-    dz, xhat = _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean,
-                          rstd, gamma, beta, seed_ptr, offset_ptr, slope, p, scale, ACT,
-                          HAS_DROPOUT)
-    dbeta = tl.sum(dz, axis=0)
-    dgamma = tl.sum(dz * xhat, axis=0)
-    tl.store(dbeta_ptr + offs_n, dbeta, mask=n_ok)
-    tl.store(dgamma_ptr + offs_n, dgamma, mask=n_ok)
-    dtype = dh_ptr.dtype.element_ty
-    dh = round_to(_bn_bwd_dh(dz, xhat, rstd, gamma, dbeta, dgamma, M, TRAINING), dtype)
-    tl.store(dh_ptr + offs_m[:, None] * N + offs_n[None, :], dh, mask=mask)
-    db = tl.sum(tl.where(mask, dh.to(tl.float32), 0.0), axis=0)
-    tl.store(db_ptr + offs_n, round_to(db, dtype), mask=n_ok)
-
-
-@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
-                 prune_configs_by=runtime.PRUNE)
+@triton.autotune(configs=configs.elementwise_configs(), key=["M", "N"],
+                 prune_configs_by=configs.PRUNE)
 @triton.jit
 def _bwd_reduce_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pdbeta_ptr,
                        pdgamma_ptr, seed_ptr, offset_ptr, M, N, stride_gm, stride_gn, slope, p,
                        scale, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Multi-tile pass 1: per (row tile, column) sums of dz and dz * xhat."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_m[:, None] < M) & n_ok[None, :]
-    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + offs_n, mask=n_ok, other=0.0)
-    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
-    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
-    dz, xhat = _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean,
-                          rstd, gamma, beta, seed_ptr, offset_ptr, slope, p, scale, ACT,
-                          HAS_DROPOUT)
+    dz, xhat, _, _ = _bwd_dz(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, stride_gm,
+                             stride_gn, offs_m, offs_n, mask, N, seed_ptr, offset_ptr, slope, p,
+                             scale, ACT, HAS_DROPOUT)
     tl.store(pdbeta_ptr + pid_m * N + offs_n, tl.sum(dz, axis=0), mask=n_ok)
     tl.store(pdgamma_ptr + pid_m * N + offs_n, tl.sum(dz * xhat, axis=0), mask=n_ok)
 
 
-@triton.autotune(configs=runtime.elementwise_configs(), key=["M", "N"],
-                 prune_configs_by=runtime.PRUNE)
+@triton.autotune(configs=configs.elementwise_configs(), key=["M", "N", "SINGLE"],
+                 prune_configs_by=configs.PRUNE)
 @triton.jit
-def _bwd_apply_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pdbeta_ptr,
-                      pdgamma_ptr, dh_ptr, pdb_ptr, dgamma_ptr, dbeta_ptr, seed_ptr, offset_ptr,
-                      M, N, R, stride_gm, stride_gn, slope, p, scale, TRAINING: tl.constexpr,
-                      ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-    """Multi-tile pass 2: combine the partials into dgamma / dbeta (stored by
-    row tile 0), recompute dz, write dh and per-tile partial sums of db."""
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _bwd_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pdbeta_ptr,
+                pdgamma_ptr, dh_ptr, db_ptr, pdb_ptr, dgamma_ptr, dbeta_ptr, seed_ptr,
+                offset_ptr, M, N, R, stride_gm, stride_gn, slope, p, scale,
+                TRAINING: tl.constexpr, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                SINGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dgamma, dbeta, dh and db for a tile. SINGLE (one row tile holds the
+    batch): the column sums are taken here. Else multi-tile pass 2: they are
+    combined from the reduce pass's partials (stored by row tile 0), and db is
+    left as per-tile partials for ``col_sum``."""
+    pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
     mask = (offs_m[:, None] < M) & n_ok[None, :]
-    dbeta = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    dgamma = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r in range(0, R):
-        dbeta += tl.load(pdbeta_ptr + r * N + offs_n, mask=n_ok, other=0.0)
-        dgamma += tl.load(pdgamma_ptr + r * N + offs_n, mask=n_ok, other=0.0)
-    if pid_m == 0:
+    dz, xhat, rstd, gamma = _bwd_dz(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr,
+                                    stride_gm, stride_gn, offs_m, offs_n, mask, N, seed_ptr,
+                                    offset_ptr, slope, p, scale, ACT, HAS_DROPOUT)
+    if SINGLE:
+        dbeta = tl.sum(dz, axis=0)
+        dgamma = tl.sum(dz * xhat, axis=0)
         tl.store(dbeta_ptr + offs_n, dbeta, mask=n_ok)
         tl.store(dgamma_ptr + offs_n, dgamma, mask=n_ok)
-    mean = tl.load(mean_ptr + offs_n, mask=n_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + offs_n, mask=n_ok, other=0.0)
-    gamma = tl.load(gamma_ptr + offs_n, mask=n_ok, other=0.0)
-    beta = tl.load(beta_ptr + offs_n, mask=n_ok, other=0.0)
-    dz, xhat = _bn_bwd_dz(g_ptr, h_ptr, stride_gm, stride_gn, offs_m, offs_n, mask, N, mean,
-                          rstd, gamma, beta, seed_ptr, offset_ptr, slope, p, scale, ACT,
-                          HAS_DROPOUT)
-    dtype = dh_ptr.dtype.element_ty
-    dh = round_to(_bn_bwd_dh(dz, xhat, rstd, gamma, dbeta, dgamma, M, TRAINING), dtype)
-    tl.store(dh_ptr + offs_m[:, None] * N + offs_n[None, :], dh, mask=mask)
-    tl.store(pdb_ptr + pid_m * N + offs_n, tl.sum(tl.where(mask, dh.to(tl.float32), 0.0), axis=0),
-             mask=n_ok)
+    else:
+        dbeta = sum_partials(pdbeta_ptr, R, N, offs_n, n_ok, BLOCK_N)
+        dgamma = sum_partials(pdgamma_ptr, R, N, offs_n, n_ok, BLOCK_N)
+        if pid_m == 0:
+            tl.store(dbeta_ptr + offs_n, dbeta, mask=n_ok)
+            tl.store(dgamma_ptr + offs_n, dgamma, mask=n_ok)
+    dh = store_tile(dh_ptr, _bwd_dh(dz, xhat, rstd, gamma, dbeta, dgamma, M, TRAINING), offs_m,
+                    offs_n, N, mask)
+    colsum = tl.sum(tl.where(mask, dh.to(tl.float32), 0.0), axis=0)
+    if SINGLE:
+        tl.store(db_ptr + offs_n, round_to(colsum, db_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(pdb_ptr + pid_m * N + offs_n, colsum, mask=n_ok)
 
 
 # ---------------------------------------------------------------- launchers
-def _validate_bn_params(x, n, tensors):
-    """(N,) fp32 vectors on x's device. The kernels index them densely, so the
-    ones updated in place must be contiguous; callers copy the others."""
-    for t, name in tensors:
-        runtime.check_like(t, name, (n,), torch.float32, x.device)
-        if name.startswith("running") and t.stride(0) != 1:
-            raise ValueError(f"{name} must be contiguous (it is updated in place)")
-
-
 def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
             training, momentum, eps, activation, negative_slope, p, seed, offset):
-    from fastgan.ops import checks as _checks
-    runtime.check_linear(x, weight, bias)
-    runtime.check_rng(seed, offset, x.device)
-    _checks.linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-                          num_batches_tracked, training, momentum, eps, activation,
-                          negative_slope, p, seed, offset)
+    guards.operands(x=x, weight=weight, bias=bias)
+    guards.dense(running_mean=running_mean, running_var=running_var)
     b, k = x.shape
     n = weight.shape[0]
-    _validate_bn_params(x, n, ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
-                               (running_mean, "running_mean"), (running_var, "running_var")))
+    guards.output((b, n), "y")
+    # the kernels index these densely (the running statistics, updated in place,
+    # cannot be copied: guarded above)
     bias = None if bias is None else bias.contiguous()
     bn_weight, bn_bias = bn_weight.contiguous(), bn_bias.contiguous()
     dev = x.device
@@ -366,9 +300,8 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
     mean = torch.empty(n, dtype=torch.float32, device=dev)
     rstd = torch.empty(n, dtype=torch.float32, device=dev)
     bias_arg = weight if bias is None else bias  # never read when HAS_BIAS is False
-    scale = dropout_scale(p) if p > 0 else 1.0
-    common = dict(ACT=ACTIVATIONS[activation], HAS_DROPOUT=p > 0)
-    strides = (x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+    (slope, p, scale), flags = runtime.act_args(activation, negative_slope, p)
+    gemm = (b, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
     if b == 0 or n == 0:  # eval on an empty batch: nothing to compute
         mean.copy_(running_mean)
         rstd.copy_(torch.rsqrt(running_var + eps))
@@ -377,32 +310,30 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
         grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         runtime.launch("linear_bn_act_fwd_eval", _fwd_eval_kernel, grid, x, weight, bias_arg,
                        bn_weight, bn_bias, running_mean, running_var, y, h, mean, rstd, seed,
-                       offset, b, n, k, *strides, float(eps), float(negative_slope), float(p),
-                       scale, HAS_BIAS=bias is not None, **common)
+                       offset, *gemm, float(eps), slope, p, scale, HAS_BIAS=bias is not None,
+                       **flags)
         return y, h, mean, rstd
     cumulative = momentum is None
     stats = dict(momentum=0.0 if cumulative else float(momentum), unbias=b / (b - 1),
-                 eps=float(eps), slope=float(negative_slope), p=float(p), scale=scale,
-                 CUMULATIVE=cumulative)
-    if b <= runtime.MAX_SINGLE_TILE_B:
+                 eps=float(eps), slope=slope, p=p, scale=scale, CUMULATIVE=cumulative, **flags)
+    if b <= configs.MAX_SINGLE_TILE_B:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         runtime.launch("linear_bn_act_fwd_single", _fwd_single_kernel, grid, x, weight, bias_arg,
                        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, y, h,
-                       mean, rstd, seed, offset, b, n, k, *strides, HAS_BIAS=bias is not None,
-                       BLOCK_M=runtime.single_tile_block_m(b), **stats, **common)
+                       mean, rstd, seed, offset, *gemm, HAS_BIAS=bias is not None,
+                       BLOCK_M=configs.single_tile_block_m(b), **stats)
     else:
-        block_m = runtime.STATS_BLOCK_M
+        block_m = configs.STATS_BLOCK_M
         tiles_m = triton.cdiv(b, block_m)
         psum = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
         pm2 = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
         grid = lambda meta: (tiles_m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         runtime.launch("linear_bn_act_fwd_stats", _fwd_stats_kernel, grid, x, weight, bias_arg,
-                       h, psum, pm2, b, n, k, *strides, HAS_BIAS=bias is not None,
-                       BLOCK_M=block_m)
+                       h, psum, pm2, *gemm, HAS_BIAS=bias is not None, BLOCK_M=block_m)
         runtime.launch("linear_bn_act_fwd_apply", _fwd_apply_kernel, grid, h, psum, pm2,
                        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, y,
                        mean, rstd, seed, offset, b, n, tiles_m, block_m, BLOCK_M=block_m,
-                       **stats, **common)
+                       **stats)
     # After the kernels, which read the old count (see the module docstring).
     num_batches_tracked.add_(1)
     return y, h, mean, rstd
@@ -410,17 +341,12 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
 
 def backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, activation,
              negative_slope, p, seed, offset, compute_dx):
-    runtime.check_linear(x, weight, None)
-    runtime.check_rng(seed, offset, x.device)
-    runtime.check_hyper(activation, negative_slope, p)
     b, n = x.shape[0], weight.shape[0]
-    runtime.check_batch_numel(b, n)
-    runtime.check_like(grad_y, "grad_y", (b, n), x.dtype, x.device)
-    runtime.check_like(h, "h", (b, n), x.dtype, x.device)
-    if not h.is_contiguous():
-        raise ValueError("h must be contiguous (it is the forward's own output)")
-    _validate_bn_params(x, n, ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"), (mean, "mean"),
-                               (rstd, "rstd")))
+    guards.operands(x=x, weight=weight)
+    guards.operands((b, n), grad_y=grad_y, h=h)
+    guards.dense(h=h)
+    guards.vectors(n, bn_weight=bn_weight, bn_bias=bn_bias, mean=mean, rstd=rstd)
+    guards.rng(seed, offset)
     bn_weight, bn_bias = bn_weight.contiguous(), bn_bias.contiguous()
     mean, rstd = mean.contiguous(), rstd.contiguous()
     dev = x.device
@@ -428,32 +354,34 @@ def backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, act
     db = torch.empty(n, dtype=x.dtype, device=dev)
     dgamma = torch.empty(n, dtype=torch.float32, device=dev)
     dbeta = torch.empty(n, dtype=torch.float32, device=dev)
-    scalars = (float(negative_slope), float(p), dropout_scale(p) if p > 0 else 1.0)
-    common = dict(ACT=ACTIVATIONS[activation], HAS_DROPOUT=p > 0)
+    scalars, flags = runtime.act_args(activation, negative_slope, p)
     if b == 0 or n == 0:
         for t in (db, dgamma, dbeta):
             t.zero_()
-    elif b <= runtime.MAX_SINGLE_TILE_B:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        runtime.launch("linear_bn_act_bwd_single", _bwd_single_kernel, grid, grad_y, h, mean,
-                       rstd, bn_weight, bn_bias, dh, db, dgamma, dbeta, seed, offset, b, n,
-                       grad_y.stride(0), grad_y.stride(1), *scalars, TRAINING=bool(training),
-                       BLOCK_M=runtime.single_tile_block_m(b), **common)
+        return _input_grads(dh, x, weight, compute_dx) + (db, dgamma, dbeta)
+    single = b <= configs.MAX_SINGLE_TILE_B
+    block_m = configs.single_tile_block_m(b) if single else configs.STATS_BLOCK_M
+    tiles_m = triton.cdiv(b, block_m)
+    grid = lambda meta: (tiles_m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    tile = (grad_y, h, mean, rstd, bn_weight, bn_bias)
+    if single:  # no partials: the kernel never reads or writes them
+        pdbeta = pdgamma = pdb = dbeta
     else:
-        block_m = runtime.STATS_BLOCK_M
-        tiles_m = triton.cdiv(b, block_m)
-        pdbeta = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
-        pdgamma = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
-        pdb = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
-        grid = lambda meta: (tiles_m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        runtime.launch("linear_bn_act_bwd_reduce", _bwd_reduce_kernel, grid, grad_y, h, mean,
-                       rstd, bn_weight, bn_bias, pdbeta, pdgamma, seed, offset, b, n,
-                       grad_y.stride(0), grad_y.stride(1), *scalars, BLOCK_M=block_m, **common)
-        runtime.launch("linear_bn_act_bwd_apply", _bwd_apply_kernel, grid, grad_y, h, mean,
-                       rstd, bn_weight, bn_bias, pdbeta, pdgamma, dh, pdb, dgamma, dbeta, seed,
-                       offset, b, n, tiles_m, grad_y.stride(0), grad_y.stride(1), *scalars,
-                       TRAINING=bool(training), BLOCK_M=block_m, **common)
+        pdbeta, pdgamma, pdb = (torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
+                                for _ in range(3))
+        runtime.launch("linear_bn_act_bwd_reduce", _bwd_reduce_kernel, grid, *tile, pdbeta,
+                       pdgamma, seed, offset, b, n, grad_y.stride(0), grad_y.stride(1),
+                       *scalars, BLOCK_M=block_m, **flags)
+    runtime.launch("linear_bn_act_bwd_single" if single else "linear_bn_act_bwd_apply",
+                   _bwd_kernel, grid, *tile, pdbeta, pdgamma, dh, db, pdb, dgamma, dbeta, seed,
+                   offset, b, n, tiles_m, grad_y.stride(0), grad_y.stride(1), *scalars,
+                   TRAINING=bool(training), SINGLE=single, BLOCK_M=block_m, **flags)
+    if not single:
         db = col_sum(pdb, x.dtype)
+    return _input_grads(dh, x, weight, compute_dx) + (db, dgamma, dbeta)
+
+
+def _input_grads(dh, x, weight, compute_dx):
+    """(dx, dW) = (dh @ W, dh.T @ x); dx empty unless ``compute_dx``."""
     dx = matmul(dh, weight) if compute_dx else x.new_empty(0)
-    dw = matmul(dh.t(), x)
-    return dx, dw, db, dgamma, dbeta
+    return dx, matmul(dh.t(), x)

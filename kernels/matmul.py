@@ -9,20 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import runtime
-from .common import matmul_tile, round_to
+from . import configs, runtime
+from .common import matmul_tile, round_to, sum_partials, tile_offsets
 
 
-@triton.autotune(configs=runtime.gemm_configs(), key=["M", "N", "K"],
-                 prune_configs_by=runtime.PRUNE)
+@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K"],
+                 prune_configs_by=configs.PRUNE)
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                    stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     acc = matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                       offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -33,7 +30,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in ``a.dtype`` with fp32 accumulation; strided inputs welcome.
 
-    Internal: callers have validated devices, dtypes and 32-bit spans."""
+    Internal: the op launchers have guarded devices, dtypes and 32-bit spans."""
     m, k = a.shape
     n = b.shape[1]
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
@@ -52,9 +49,7 @@ def _col_sum_kernel(part_ptr, out_ptr, R, N, BLOCK_N: tl.constexpr):
     """out[j] = sum_r part[r, j] (fp32 partials, rounded once to out's dtype)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r in range(0, R):
-        acc += tl.load(part_ptr + r * N + offs_n, mask=n_ok, other=0.0)
+    acc = sum_partials(part_ptr, R, N, offs_n, n_ok, BLOCK_N)
     tl.store(out_ptr + offs_n, round_to(acc, out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -62,7 +57,7 @@ def col_sum(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sum a contiguous (R, N) fp32 buffer of per-row-tile partial sums over R."""
     r, n = partials.shape
     out = torch.empty(n, dtype=dtype, device=partials.device)
-    block = 128
+    block = configs.COL_SUM_BLOCK
     runtime.launch("col_sum", _col_sum_kernel, (triton.cdiv(n, block),), partials, out, r, n,
                    BLOCK_N=block)
     return out

@@ -1,19 +1,30 @@
 """Triton-specific checks of the ``triton`` backend (fastgan.kernels).
 
 The op-level comparisons with the reference live in the shared, backend-
-parametrized tests (tests/test_<op>.py, run with ``-k triton``). Here: which
-kernels actually ran (the launch counter), both linear_bn_act paths (single
-tile and multi tile, reached with small shapes by lowering the single-tile
-limit), the dropout mask for large seeds/offsets, the warm-up entry point and
-input validation. Without a GPU the kernels run in the Triton interpreter
-(conftest.py sets TRITON_INTERPRET=1), so shapes stay small.
+parametrized tests (tests/ops/test_<op>.py, run with ``-k triton``). Here: every
+activation of the table has a case in the kernels, which kernels actually ran
+(the launch counter), both linear_bn_act paths (single tile and multi tile,
+reached with small shapes by lowering the single-tile limit), the dropout mask
+for large seeds/offsets, the warm-up entry point, the launchers' memory guards
+(the op boundary checks everything else, once) and the ahead-of-time compile.
+Without a GPU the kernels run in the Triton interpreter (conftest.py sets
+TRITON_INTERPRET=1), so shapes stay small.
 """
 import pytest
 import torch
 
 import fastgan
 from fastgan import reference as R
+from fastgan.ops.spec import ACTIVATION_TABLE
 from helpers import require
+
+try:
+    import triton
+    import triton.language as tl
+
+    from fastgan.kernels import common
+except ImportError:  # no Triton: the backend's tests skip (fixture K)
+    triton = None
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,6 +34,15 @@ def K():
     require("triton", DEVICE)
     from fastgan.impl import triton as kernels
     return kernels
+
+
+@pytest.fixture
+def multi_tile(monkeypatch):
+    """Lower the single-tile limit so small batches take the multi-tile path
+    (rows in tiles of 16)."""
+    from fastgan.kernels import configs
+    monkeypatch.setattr(configs, "MAX_SINGLE_TILE_B", 8)
+    monkeypatch.setattr(configs, "STATS_BLOCK_M", 16)
 
 
 def launched(K, before):
@@ -73,6 +93,75 @@ def assert_close_dict(got, ref, dtype, skip=()):
         torch.testing.assert_close(got[k].float(), ref[k].float(), **tol, msg=lambda m: f"{k}: {m}")
 
 
+# ------------------------------------------------------------------ activations
+if triton is not None:
+    @triton.jit
+    def _act_probe_kernel(v_ptr, out_ptr, n, slope, ACT: tl.constexpr, PART: tl.constexpr,
+                          BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        ok = offs < n
+        v = tl.load(v_ptr + offs, mask=ok, other=0.0)
+        if PART == 0:
+            r = common.act(v, ACT, slope)
+        elif PART == 1:
+            r = common.act_grad(v, ACT, slope)
+        else:
+            r = common.act_grad_from_output(v, ACT, slope)
+        tl.store(out_ptr + offs, r, mask=ok)
+
+
+@pytest.fixture(scope="module")
+def act_probe(K):
+    """Applies one of the activation helpers of kernels/common.py to a vector:
+    part 0 act(z), 1 act'(z) from z, 2 act'(z) from a = act(z)."""
+    def run(v, code, part, slope=0.2):
+        out = torch.empty_like(v)
+        _act_probe_kernel[(1,)](v, out, v.numel(), slope, ACT=code, PART=part, BLOCK=64)
+        return out
+    return run
+
+
+@pytest.mark.parametrize("row", ACTIVATION_TABLE, ids=lambda r: r.name)
+def test_every_activation_has_a_kernel_case(act_probe, row):
+    """Each row of the table has a case in the kernels' activation switch,
+    matching the row's torch functions (0 included: the kinks)."""
+    z = torch.linspace(-3, 3, 61, device=DEVICE)
+    a = row.fn(z, 0.2)
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(act_probe(z, row.code, 0), a, **close)
+    torch.testing.assert_close(act_probe(z, row.code, 1), row.grad(z, 0.2), **close)
+    if row.grad_from_output is not None:
+        torch.testing.assert_close(act_probe(a, row.code, 2), row.grad_from_output(a, 0.2),
+                                   **close)
+
+
+def test_an_activation_code_without_a_case_does_not_compile(act_probe):
+    unknown = max(row.code for row in ACTIVATION_TABLE) + 1
+    with pytest.raises(Exception) as info:
+        act_probe(torch.zeros(4, device=DEVICE), unknown, 0)
+    # the compiler nests the static assertion in the errors of its callers
+    err, seen = info.value, []
+    while err is not None:
+        seen.append(repr(err))
+        err = err.__cause__ or err.__context__
+    assert any("without a case" in m for m in seen), seen
+
+
+def test_kernels_import_only_the_op_spec():
+    """kernels/ reads the op contract (fastgan.ops.spec) and nothing else of
+    fastgan: in particular not fastgan.ops.checks, which the op boundary runs."""
+    import ast
+    import pathlib
+
+    import fastgan.kernels
+    for path in pathlib.Path(fastgan.kernels.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and n.module and n.level == 0]
+        assert {m for m in names if m.split(".")[0] == "fastgan"} <= {"fastgan.ops.spec"}, path
+
+
 # ------------------------------------------------------------------ dispatch
 def test_ops_dispatch_to_triton_kernels(K):
     """Through torch.ops with use_backend('triton'): the kernels themselves launch."""
@@ -117,12 +206,9 @@ def test_single_tile_path(K, dtype, momentum):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "mNone"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_multi_tile_path(K, monkeypatch, dtype, momentum, training):
+def test_multi_tile_path(K, multi_tile, dtype, momentum, training):
     """B > the single-tile limit: partial statistics per row tile + second pass.
     40 rows in tiles of 16: two full tiles and a ragged one."""
-    from fastgan.kernels import runtime
-    monkeypatch.setattr(runtime, "MAX_SINGLE_TILE_B", 8)
-    monkeypatch.setattr(runtime, "STATS_BLOCK_M", 16)
     t = bn_case(40, 24, 40, dtype)
     before = dict(K.launches)
     got = bn_both(K, t, training=training, momentum=momentum, steps=2)
@@ -142,12 +228,9 @@ def test_multi_tile_path(K, monkeypatch, dtype, momentum, training):
     assert torch.equal((got["y"] == 0), (ref["y"] == 0))
 
 
-def test_multi_tile_variance_is_stable(K, monkeypatch):
+def test_multi_tile_variance_is_stable(K, multi_tile):
     """Columns with a large mean and a small spread: the combined per-tile
     centred sums must not cancel (no E[h^2] - mean^2)."""
-    from fastgan.kernels import runtime
-    monkeypatch.setattr(runtime, "MAX_SINGLE_TILE_B", 8)
-    monkeypatch.setattr(runtime, "STATS_BLOCK_M", 16)
     t = bn_case(48, 8, 16)
     t["bias"] = torch.full_like(t["bias"], 1000.0)
     t["x"] = t["x"] * 1e-2
@@ -157,10 +240,7 @@ def test_multi_tile_variance_is_stable(K, monkeypatch):
     torch.testing.assert_close(got["rv"], ref["rv"], rtol=1e-3, atol=1e-6)
 
 
-def test_linear_act_multi_tile_backward(K, monkeypatch):
-    from fastgan.kernels import runtime
-    monkeypatch.setattr(runtime, "MAX_SINGLE_TILE_B", 8)
-    monkeypatch.setattr(runtime, "STATS_BLOCK_M", 16)
+def test_linear_act_multi_tile_backward(K, multi_tile):
     t = bn_case(40, 24, 40)
     s, o = rng()
     before = dict(K.launches)
@@ -248,24 +328,81 @@ def test_rejects_float64_with_a_clear_error(K):
         K.gan_bce_forward(torch.zeros(3, 1, dtype=torch.float64, device=DEVICE), None, 1.0, 0.0)
 
 
-def test_rejects_bad_shapes_and_rng(K):
+def _linear_act_args(t):
+    s, o = rng()
+    return dict(x=t["x"], weight=t["weight"], bias=None, activation="relu", negative_slope=0.0,
+                dropout=0.0, seed=s, offset=o)
+
+
+def _linear_bn_act_args(t):
+    return dict(_linear_act_args(t), bn_weight=t["bn_weight"], bn_bias=t["bn_bias"],
+                running_mean=t["running_mean"].clone(), running_var=t["running_var"].clone(),
+                num_batches_tracked=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+
+
+# (the argument the error names, the bad value)
+BAD_LINEAR = [
+    ("weight", lambda t: dict(weight=t["weight"][:, :3])),
+    ("bias", lambda t: dict(bias=t["bias"][:4])),
+    ("seed", lambda t: dict(seed=rng()[0].int())),
+    ("activation", lambda t: dict(activation="gelu")),
+    ("negative_slope", lambda t: dict(negative_slope=-1.0)),
+    ("dropout p", lambda t: dict(dropout=1.0)),
+]
+BAD_BN = [
+    ("running_var", lambda t: dict(running_var=t["running_var"][:3])),
+    ("eps", lambda t: dict(eps=0.0)),
+    ("momentum", lambda t: dict(momentum=float("nan"))),
+]
+
+
+@pytest.mark.parametrize("op,name,bad",
+                         [("linear_act", n, b) for n, b in BAD_LINEAR]
+                         + [("linear_bn_act", n, b) for n, b in BAD_LINEAR + BAD_BN],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_op_boundary_rejects_bad_arguments(K, op, name, bad):
+    """Shapes, rng tensors and hyper-parameters are checked once, at the op
+    boundary (fastgan.ops.checks, before dispatch), not again by the launchers:
+    under the triton backend a bad value is rejected, naming the argument,
+    before any kernel launches."""
+    t = bn_case(3, 4, 5)
+    args = {**(_linear_act_args if op == "linear_act" else _linear_bn_act_args)(t), **bad(t)}
+    before = dict(K.launches)
+    with fastgan.use_backend("triton"), pytest.raises((TypeError, ValueError), match=name):
+        getattr(fastgan.functional, op)(**args)
+    assert launched(K, before) == {}
+
+
+def test_backward_guards_the_shapes_it_indexes(K):
+    """The backward ops get the forward's saved tensors (nothing checks them at
+    the boundary), so their launchers guard the shapes the kernels index by."""
     t = bn_case(3, 4, 5)
     s, o = rng()
-    with pytest.raises(ValueError, match="weight"):
-        K.linear_act_forward(t["x"], t["weight"][:, :3], None, "relu", 0.0, 0.0, s, o)
-    with pytest.raises(ValueError, match="bias"):
-        K.linear_act_forward(t["x"], t["weight"], t["bias"][:4], "relu", 0.0, 0.0, s, o)
-    with pytest.raises(ValueError, match="seed"):
-        K.linear_act_forward(t["x"], t["weight"], None, "relu", 0.0, 0.0, s.int(), o)
     y = K.linear_act_forward(t["x"], t["weight"], None, "relu", 0.0, 0.0, s, o)
     with pytest.raises(ValueError, match="grad_y"):
         K.linear_act_backward(t["grad_y"][:2], t["x"], t["weight"], y, "relu", 0.0, 0.0, s, o,
                               True)
     nbt = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(ValueError, match="running_var"):
-        K.linear_bn_act_forward(t["x"], t["weight"], None, t["bn_weight"], t["bn_bias"],
-                                t["running_mean"], t["running_var"][:3], nbt, True, 0.1, 1e-5,
-                                "relu", 0.0, 0.0, s, o)
+    _, h, mean, rstd = K.linear_bn_act_forward(t["x"], t["weight"], None, t["bn_weight"],
+                                               t["bn_bias"], t["running_mean"].clone(),
+                                               t["running_var"].clone(), nbt, True, 0.1, 1e-5,
+                                               "relu", 0.0, 0.0, s, o)
+    with pytest.raises(ValueError, match="rstd"):
+        K.linear_bn_act_backward(t["grad_y"], t["x"], t["weight"], t["bn_weight"], t["bn_bias"],
+                                 h, mean, rstd[:3], True, "relu", 0.0, 0.0, s, o, True)
+    with pytest.raises(ValueError, match="h must be contiguous"):
+        K.linear_bn_act_backward(t["grad_y"], t["x"], t["weight"], t["bn_weight"], t["bn_bias"],
+                                 h.t().contiguous().t(), mean, rstd, True, "relu", 0.0, 0.0, s, o,
+                                 True)
+
+
+def test_outputs_must_fit_32_bit_offsets():
+    """The kernels store y and h with int32 offsets: B * N must stay below 2**31
+    even where x and W are small."""
+    from fastgan.kernels import guards
+    guards.output((2**16, 2**15 - 1), "y")
+    with pytest.raises(ValueError, match="y would have 2147483648 elements"):
+        guards.output((2**16, 2**15), "y")
 
 
 def test_rejects_cpu_tensors_without_the_interpreter(K, monkeypatch):
@@ -291,23 +428,6 @@ def test_kernels_compile_for_sm90_and_sm80():
                         "--dtype", "bf16"], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("kernels compiled") == 2, r.stdout
-
-
-def test_bench_script_parses_its_arguments(tmp_path, capsys):
-    """bench/bench_triton_ops.py runs on a GPU; here: its plan and its errors."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "bench_triton_ops.py")
-    spec = importlib.util.spec_from_file_location("bench_triton_ops", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = str(tmp_path / "r.json")
-    assert bench.main([out, "--dry-run", "--batch", "64", "8192", "--dtype", "bf16"]) == 0
-    assert "30 measurements" in capsys.readouterr().out  # 3 ops x 2 batches x 5 contenders
-    with pytest.raises(SystemExit):
-        bench.parse_args([out, "--batch", "1"])
-    if not torch.cuda.is_available():
-        assert bench.main([out]) == 2 and not os.path.exists(out)
 
 
 def test_strided_parameter_vectors(K):

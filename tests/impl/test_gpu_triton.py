@@ -4,16 +4,16 @@
   on and off: every op forward + backward against the reference backend on the
   same GPU, with the error budget of the shared tests (twice the reference's
   own error against an fp64 gold, plus a floor).
-* CUDA graph capture + replay of each op's forward + backward matches eager
-  execution, and each replay draws a new dropout mask because the offset
-  tensor advances between replays.
+* CUDA graph capture (``fastgan.train.graphs.capture``) + replay of each op's
+  forward + backward matches eager execution, and each replay draws a new
+  dropout mask because the offset tensor advances between replays.
 Set FASTGAN_TRITON_AUTOTUNE=0 for a quick run with one config per kernel.
 """
 import pytest
 import torch
 
 from fastgan import reference as R
-from helpers import FLOOR, rel_err
+from helpers import FLOOR, assert_matches, require
 
 pytestmark = pytest.mark.gpu
 
@@ -24,12 +24,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def K():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+    require("triton", "cuda")
     from fastgan.impl import triton as kernels
-    ok, why = kernels.available()
-    if not ok:
-        pytest.skip(why)
     return kernels
 
 
@@ -79,14 +75,6 @@ def la_run(mod, t, p, activation="leaky_relu", offset=3):
     return dict(y=y, dx=dx, dw=dw, db=db)
 
 
-def check(got, ref, gold, dtype, skip=()):
-    for k in gold:
-        if k in skip:
-            continue
-        e_got, e_ref = rel_err(got[k], gold[k]), rel_err(ref[k], gold[k])
-        assert e_got <= 2 * e_ref + FLOOR[dtype], f"{k}: {e_got:.3g} vs reference {e_ref:.3g}"
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("p", [0.0, 0.2], ids=["p0", "p0.2"])
 @pytest.mark.parametrize("kn", FEATURES, ids=lambda kn: f"{kn[0]}x{kn[1]}")
@@ -96,7 +84,7 @@ def test_linear_bn_act_matches_reference(K, b, kn, p, dtype):
     got = bn_run(K, t, True, p)
     ref = bn_run(R, t, True, p)
     gold = bn_run(R, upcast(t), True, p)
-    check(got, ref, gold, dtype, skip=("db",))
+    assert_matches("linear_bn_act", got, ref, gold, dtype, keys=[k for k in gold if k != "db"])
     scale = float(gold["dw"].abs().max())  # db is zero up to round-off in training
     err = lambda r: float((r["db"].double() - gold["db"]).abs().max())  # noqa: E731
     assert err(got) <= 2 * err(ref) + FLOOR[dtype] * scale
@@ -108,8 +96,8 @@ def test_linear_bn_act_matches_reference(K, b, kn, p, dtype):
 @pytest.mark.parametrize("b", [64, 8192])
 def test_linear_bn_act_eval_matches_reference(K, b, dtype):
     t = inputs(b, 784, 1024, dtype)
-    check(bn_run(K, t, False, 0.0), bn_run(R, t, False, 0.0), bn_run(R, upcast(t), False, 0.0),
-          dtype)
+    assert_matches("linear_bn_act eval", bn_run(K, t, False, 0.0), bn_run(R, t, False, 0.0),
+                   bn_run(R, upcast(t), False, 0.0), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -120,7 +108,7 @@ def test_linear_act_matches_reference(K, b, kn, p, dtype):
     act = "tanh" if kn == (1024, 784) else "leaky_relu"  # G's output layer
     t = inputs(b, *kn, dtype)
     got, ref, gold = la_run(K, t, p, act), la_run(R, t, p, act), la_run(R, upcast(t), p, act)
-    check(got, ref, gold, dtype)
+    assert_matches("linear_act", got, ref, gold, dtype)
     if p > 0:
         assert torch.equal(got["y"] == 0, gold["y"] == 0)
 
@@ -135,62 +123,48 @@ def test_gan_bce_matches_reference(K, b, dtype):
     got = dict(zip(names, K.gan_bce_forward(real, fake, 0.9, 0.0)))
     ref = dict(zip(names, R.gan_bce_forward(real, fake, 0.9, 0.0)))
     gold = dict(zip(names, R.gan_bce_forward(real.double(), fake.double(), 0.9, 0.0)))
-    check(got, ref, gold, dtype)
+    assert_matches("gan_bce", got, ref, gold, dtype)
 
 
 # ------------------------------------------------------------------ CUDA graphs
-def _capture(fn):
-    """Warm up ``fn`` on a side stream, then capture it; returns the graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("b", [64, 1024])
 def test_cuda_graph_replay_matches_eager(K, b, dtype):
     """Each op forward + backward captured once; three replays, the offset
     advanced by one before each: every replay equals an eager run at that
     offset (bit for bit: same kernels, same inputs) and draws a new mask."""
+    from fastgan.train.graphs import capture
     t = inputs(b, 784, 512, dtype)
     p = 0.2
     seed, offset = rng(0)
     rm, rv = t["running_mean"].clone(), t["running_var"].clone()
     nbt = torch.zeros(1, dtype=torch.int64, device="cuda")
     logits = torch.randn(b, 1, device="cuda", dtype=dtype)
-    def step(out):
+
+    def step():
         y, h, mean, rstd = K.linear_bn_act_forward(
             t["x"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"], rm, rv, nbt, True,
             None, 1e-5, "leaky_relu", 0.2, p, seed, offset)
-        out["bn"] = (y,) + K.linear_bn_act_backward(
+        bn = (y,) + K.linear_bn_act_backward(
             t["grad_y"], t["x"], t["weight"], t["bn_weight"], t["bn_bias"], h, mean, rstd, True,
             "leaky_relu", 0.2, p, seed, offset, True)
         y2 = K.linear_act_forward(t["x"], t["weight"], t["bias"], "leaky_relu", 0.2, p, seed,
                                   offset)
-        out["la"] = (y2,) + K.linear_act_backward(t["grad_y"], t["x"], t["weight"], y2,
-                                                  "leaky_relu", 0.2, p, seed, offset, True)
-        out["bce"] = K.gan_bce_forward(logits, y2[:, :1].contiguous(), 1.0, 0.0)
+        la = (y2,) + K.linear_act_backward(t["grad_y"], t["x"], t["weight"], y2, "leaky_relu",
+                                           0.2, p, seed, offset, True)
+        return dict(bn=bn, la=la, bce=K.gan_bce_forward(logits, y2[:, :1].contiguous(), 1.0, 0.0))
 
-    captured = {}
-    graph = _capture(lambda: step(captured))  # `captured` keeps the graph's output tensors
+    graph = capture(step, warmup=1)
     masks = []
     for _ in range(3):
         offset.add_(1)
         state = (rm.clone(), rv.clone(), nbt.clone())
-        graph.replay()
-        replayed = {k: tuple(v.clone() for v in vs) for k, vs in captured.items()}
+        replayed = {k: tuple(v.clone() for v in vs) for k, vs in graph.replay().items()}
         after = (rm.clone(), rv.clone(), nbt.clone())
         # eager at the same offset, from the same running statistics
         for live, saved in zip((rm, rv, nbt), state):
             live.copy_(saved)
-        eager = {}
-        step(eager)
+        eager = step()
         for k in eager:
             for a, e in zip(replayed[k], eager[k]):
                 assert torch.equal(a, e), k
@@ -203,15 +177,12 @@ def test_cuda_graph_replay_matches_eager(K, b, dtype):
 
 def test_warmup_then_capture(K):
     """After warmup() (compile + autotune), capture needs no benchmarking."""
+    from fastgan.train.graphs import capture
     K.warmup([(256, 784, 1024)], dtypes=(torch.bfloat16,), device="cuda", dropout=(0.2,))
     t = inputs(256, 784, 1024, torch.bfloat16)
     seed, offset = rng(0)
-    out = {}
-
-    def fwd():
-        out["y"] = K.linear_act_forward(t["x"], t["weight"], t["bias"], "leaky_relu", 0.2, 0.2,
-                                        seed, offset)
-    graph = _capture(fwd)
-    graph.replay()
+    graph = capture(lambda: K.linear_act_forward(t["x"], t["weight"], t["bias"], "leaky_relu",
+                                                 0.2, 0.2, seed, offset), warmup=1)
+    y = graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out["y"], la_run(K, t, 0.2, offset=0)["y"])
+    assert torch.equal(y, la_run(K, t, 0.2, offset=0)["y"])

@@ -1,11 +1,14 @@
-"""The ``cuda`` backend: the kernels of csrc/cuda, checked three ways.
+"""The ``cuda`` backend: what is specific to the kernels of csrc/cuda.
 
-* On a GPU (marked ``gpu``, skipped without one): every op through the public
-  API on the ``cuda`` backend against the ``reference`` backend on the same GPU,
-  over the full matrix (shapes, batch 1/2/3, dropout 0/0.2/0.5 with the
-  reference's mask, train/eval, momentum 0.1/None, fp32/bf16/fp16, every
-  gradient and running statistic), plus CUDA graph capture + replay of each op,
-  forward and backward, equal to eager.
+The shared matrix (tests/ops/test_<op>.py over ``helpers.CASES``, which runs
+the ``cuda`` backend on a GPU) compares every op with the reference. Here:
+
+* On a GPU (marked ``gpu``, skipped without one): the cases of the kernels'
+  own matrix that the shared one does not run (the column-tile edge shapes,
+  momentum=None over several steps, fp16 throughout, every activation in eval
+  and at low precision, a gan_bce batch of many elements per thread), the C++
+  entry's checks on CUDA tensors, and CUDA graph capture + replay of each op,
+  forward and backward, equal to eager (``fastgan.train.graphs.capture``).
 * On the CPU, emulated (``slow``): the same kernel sources compiled as C++ with
   csrc/cuda/emulate.cuh (blocks of real threads, __syncthreads as a barrier)
   and compared with the reference; this checks indexing, reductions, numerics
@@ -15,12 +18,13 @@
   machine, registers a CUDA kernel for every function of csrc/ops.cpp, and
   ``fastgan.backends()`` reports ``cuda`` unavailable without error.
 
-Accuracy criterion (DESIGN.md): against a float64 "gold" run of the reference,
-the cuda backend's error is at most twice the reference's own error at the same
-dtype, plus a small floor.
+Accuracy criterion (``helpers.assert_matches``): against a float64 "gold" run
+of the reference, the cuda backend's error is at most twice the reference's own
+error at the same dtype, plus ``helpers.FLOOR``.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -32,43 +36,21 @@ import pytest
 import torch
 
 import fastgan
-from fastgan import backend
-from fastgan import functional as FG
-from fastgan import reference as R
-from fastgan.spec import ACTIVATIONS
+from fastgan.impl import reference as R
+from fastgan.ops import functional as FG
+from fastgan.ops.spec import ACTIVATIONS
+from helpers import FLOOR, HAS_CUDA, assert_matches, ran, rel_err, require
 
 ROOT = Path(__file__).resolve().parents[2]
-HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
-needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
-          pytest.param(torch.float16, id="fp16")]
-FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-SHAPES = [(2, 100, 256), (3, 784, 1024), (64, 1024, 784), (5, 7, 3), (1, 33, 65),
-          (2, 33, 65), (3, 33, 65)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Column tiles are 32 features by 16 rows: batches below a tile's rows, N = 2 * 32 + 1.
+TILE_EDGES = [(1, 33, 65), (2, 33, 65)]
+SHAPES = [(2, 100, 256), (3, 784, 1024), (64, 1024, 784), (5, 7, 3), *TILE_EDGES, (3, 33, 65)]
 SEED, OFFSET = 1234, 7
 
 
 # ----------------------------------------------------------------- helpers
-def rel_err(actual, gold, scale=0.0) -> float:
-    """max |actual - gold| / max(max |gold|, scale), in float64 on the CPU."""
-    a = actual.detach().to("cpu", torch.float64)
-    g = gold.detach().to("cpu", torch.float64)
-    assert a.shape == g.shape, (a.shape, g.shape)
-    if g.numel() == 0:
-        return 0.0
-    return float((a - g).abs().max() / max(float(g.abs().max()), scale, 1e-12))
-
-
-def assert_close_to_gold(what: str, got: dict, ref: dict, gold: dict, dtype, scales=None) -> None:
-    """``scales`` gives a key a larger denominator than max |gold| (see bias_grad_scale)."""
-    for k in gold:
-        scale = (scales or {}).get(k, 0.0)
-        e_got, e_ref = rel_err(got[k], gold[k], scale), rel_err(ref[k], gold[k], scale)
-        assert e_got <= 2 * e_ref + FLOOR[dtype], \
-            f"{what}: {k} error {e_got:.3g} > 2 x reference error {e_ref:.3g} + {FLOOR[dtype]:g}"
-
-
 def bias_grad_scale(inputs, p) -> float:
     """In training, the bias gradient of linear_bn_act sums dh over the batch, which is
     exactly 0 but for round-off, so its max |gold| is no scale at all. Its error is
@@ -78,6 +60,20 @@ def bias_grad_scale(inputs, p) -> float:
     rstd = (h.var(0, unbiased=False) + 1e-5).rsqrt()
     terms = rstd * inputs["bn_weight"].double().abs() * inputs["grad_y"].double().abs() / (1 - p)
     return float(terms.sum(0).max())
+
+
+def assert_close_to_gold(what, got, ref, gold, dtype, bias=None):
+    """``assert_matches`` on every key; ``bias = (key, scale)`` measures that key's
+    error against max(max |gold|, scale) instead (see bias_grad_scale)."""
+    keys = [k for k in gold if bias is None or k != bias[0]]
+    assert_matches(what, got, ref, gold, dtype, keys)
+    if bias is not None:
+        key, scale = bias
+        gmax = float(gold[key].abs().max())
+        shrink = max(gmax, 1e-12) / max(gmax, scale, 1e-12)  # rel_err divides by max |gold|
+        e_got, e_ref = (rel_err(r[key], gold[key]) * shrink for r in (got, ref))
+        assert e_got <= 2 * e_ref + FLOOR[dtype], \
+            f"{what}: {key} error {e_got:.3g} > 2 x reference error {e_ref:.3g} + {FLOOR[dtype]:g}"
 
 
 def make_bn_inputs(b, k, n, seed=0):
@@ -107,23 +103,8 @@ def rng(device, seed=SEED, offset=OFFSET):
             torch.tensor([offset], dtype=torch.int64, device=device))
 
 
-class ran:
-    """Run under ``use_backend(name)`` and assert every ``function`` dispatched to it."""
-
-    def __init__(self, name, *functions):
-        self.name, self.functions = name, functions
-
-    def __enter__(self):
-        self.before = {f: backend.calls[(self.name, f)] for f in self.functions}
-        self.ctx = fastgan.use_backend(self.name)
-        self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        if exc[0] is None:
-            for f in self.functions:
-                assert backend.calls[(self.name, f)] > self.before[f], \
-                    f"backend {self.name} did not run {f}"
+def _id(*parts):
+    return "-".join("x".join(map(str, p)) if isinstance(p, tuple) else str(p) for p in parts)
 
 
 # ------------------------------------------------- GPU: the public ops, eager
@@ -159,85 +140,89 @@ def run_linear_act(name, inputs, device, dtype, p, activation, training=True):
     return dict(y=y, x_grad=t["x"].grad, weight_grad=t["weight"].grad, bias_grad=t["bias"].grad)
 
 
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
-@pytest.mark.parametrize("training,momentum", [(True, 0.1), (True, None), (False, 0.1)],
-                         ids=["train-m0.1", "train-mNone", "eval"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_linear_bn_act_matches_reference(shape, training, momentum, p, dtype):
-    b, k, n = shape
-    inputs = make_bn_inputs(b, k, n)
-    if training and b == 1:
-        with pytest.raises(ValueError, match="more than 1 value per channel"):
-            run_linear_bn_act("cuda", inputs, "cuda", dtype, training, momentum, p, "leaky_relu")
-        return
-    args = (training, momentum, p, "leaky_relu")
+def check_linear_bn_act(shape, training, momentum, p, dtype, activation="leaky_relu", seed=0):
+    require("cuda", "cuda")
+    inputs = make_bn_inputs(*shape, seed=seed)
+    args = (training, momentum, p, activation)
     got = run_linear_bn_act("cuda", inputs, "cuda", dtype, *args)
     ref = run_linear_bn_act("reference", inputs, "cuda", dtype, *args)
     gold = run_linear_bn_act("reference", inputs, "cuda", torch.float64, *args)
     assert torch.equal(got.pop("num_batches_tracked"), gold.pop("num_batches_tracked"))
     ref.pop("num_batches_tracked")
-    scales = {"bias_grad": bias_grad_scale(inputs, p)} if training else None
-    assert_close_to_gold(f"linear_bn_act {shape}", got, ref, gold, dtype, scales)
+    bias = ("bias_grad", bias_grad_scale(inputs, p)) if training else None
+    assert_close_to_gold(f"linear_bn_act {shape} {activation}", got, ref, gold, dtype, bias)
+
+
+BN_MODES = {"train-m0.1": (True, 0.1), "train-mNone": (True, None), "eval": (False, 0.1)}
+
+
+def _bn_matrix():
+    """The kernels' matrix less what tests/ops/test_linear_bn_act.py runs on every
+    backend (one step with momentum 0.1 or eval, fp32 and bf16, its shapes):
+    momentum=None over two steps, fp16, and the tile edges."""
+    for shape, mode, p, dt in itertools.product(SHAPES, BN_MODES, (0.0, 0.2, 0.5), DTYPES):
+        if mode == "train-mNone" or dt == "fp16" or shape in TILE_EDGES:
+            yield pytest.param(shape, *BN_MODES[mode], p, DTYPES[dt], id=_id(shape, mode, p, dt))
 
 
 @gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,training,momentum,p,dtype", list(_bn_matrix()))
+def test_linear_bn_act_matches_reference(shape, training, momentum, p, dtype):
+    if training and shape[0] == 1:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            check_linear_bn_act(shape, training, momentum, p, dtype)
+        return
+    check_linear_bn_act(shape, training, momentum, p, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_linear_bn_act_activations(activation, training, dtype):
-    inputs = make_bn_inputs(3, 33, 65, seed=1)
-    args = (training, 0.1, 0.2, activation)
-    got = run_linear_bn_act("cuda", inputs, "cuda", dtype, *args)
-    ref = run_linear_bn_act("reference", inputs, "cuda", dtype, *args)
-    gold = run_linear_bn_act("reference", inputs, "cuda", torch.float64, *args)
-    scales = {"bias_grad": bias_grad_scale(inputs, 0.2)} if training else None
-    assert_close_to_gold(f"linear_bn_act {activation}", got, ref, gold, dtype, scales)
+    """Every activation in train and eval at every dtype (the shared matrix: fp32, train)."""
+    check_linear_bn_act((3, 33, 65), training, 0.1, 0.2, dtype, activation, seed=1)
+
+
+def _act_matrix():
+    """The kernels' matrix less what tests/ops/test_linear_act.py runs on every backend
+    (leaky_relu over its shapes in fp32 and bf16; the other activations in fp32 at
+    (3, 33, 65), p 0 or 0.2): fp16, the tile edges, and the other activations at low
+    precision, at p=0.5 and on the largest shape."""
+    for shape, p, act, dt in itertools.product(SHAPES, (0.0, 0.2, 0.5), sorted(ACTIVATIONS),
+                                               DTYPES):
+        if act != "leaky_relu" and shape not in ((3, 33, 65), (64, 1024, 784)):
+            continue  # the other activations run on two shapes
+        shared = dt != "fp16" and shape not in TILE_EDGES and (
+            act == "leaky_relu" or (dt == "fp32" and shape == (3, 33, 65) and p < 0.5))
+        if not shared:
+            yield pytest.param(shape, p, act, DTYPES[dt], id=_id(shape, p, act, dt))
 
 
 @gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape,p,activation,dtype", list(_act_matrix()))
 def test_linear_act_matches_reference(shape, p, activation, dtype):
-    if activation != "leaky_relu" and shape not in ((3, 33, 65), (64, 1024, 784)):
-        pytest.skip("activations other than leaky_relu run on two shapes")
+    require("cuda", "cuda")
     inputs = make_bn_inputs(*shape)
     got = run_linear_act("cuda", inputs, "cuda", dtype, p, activation)
     ref = run_linear_act("reference", inputs, "cuda", dtype, p, activation)
     gold = run_linear_act("reference", inputs, "cuda", torch.float64, p, activation)
-    assert_close_to_gold(f"linear_act {shape}", got, ref, gold, dtype)
+    assert_close_to_gold(f"linear_act {shape} {activation}", got, ref, gold, dtype)
+
+
+# The kernels' matrix less what tests/ops/test_gan_bce.py runs on every backend:
+# 8192 logits (16 per thread of the kernel's one block), and the G loss in fp16.
+GAN_BCE_MATRIX = [pytest.param(b, smoothing, DTYPES[dt], id=_id(b, smoothing, dt))
+                  for b, smoothing, dt in itertools.product((1, 2, 3, 64, 1000, 8192), (0.0, 0.1),
+                                                            DTYPES)
+                  if b == 8192 or dt == "fp16"]
 
 
 @gpu
-@needs_gpu
-@pytest.mark.parametrize("p", [0.2, 0.5])
-@pytest.mark.parametrize("op", ["linear_act", "linear_bn_act"])
-def test_dropout_mask_is_the_references(op, p):
-    """With the identity activation an output is zero exactly where it was dropped."""
-    b, k, n = 64, 100, 257
-    inputs = make_bn_inputs(b, k, n, seed=2)
-    if op == "linear_act":
-        y = run_linear_act("cuda", inputs, "cuda", torch.float32, p, "identity")["y"]
-    else:
-        y = run_linear_bn_act("cuda", inputs, "cuda", torch.float32, True, 0.1, p, "identity",
-                              steps=1)["y"]
-    seed, offset = rng("cuda")
-    keep = R.dropout_keep_mask(seed, offset, (b, n), p)
-    assert torch.equal(y != 0, keep)
-
-
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("b", [1, 2, 3, 64, 1000, 8192])
+@pytest.mark.parametrize("b,smoothing,dtype", GAN_BCE_MATRIX)
 def test_gan_bce_matches_reference(b, smoothing, dtype):
+    """The D and the G loss of the same logits, through one backward."""
+    require("cuda", "cuda")
     g = torch.Generator().manual_seed(b)
     real, fake = 3 * torch.randn(b, 1, generator=g), 3 * torch.randn(b, 1, generator=g)
 
@@ -257,8 +242,9 @@ def test_gan_bce_matches_reference(b, smoothing, dtype):
 
 
 @gpu
-@needs_gpu
-def test_rejects_bad_input_naming_the_argument():
+def test_entry_checks_on_cuda_tensors():
+    """What protects memory, at the C++ entry (csrc/checks.h), naming the argument."""
+    require("cuda", "cuda")
     x = torch.randn(4, 8, device="cuda", dtype=torch.float64)
     w = torch.randn(5, 8, device="cuda", dtype=torch.float64)
     seed, offset = rng("cuda")
@@ -269,23 +255,16 @@ def test_rejects_bad_input_naming_the_argument():
         C.linear_act_forward(x.float(), w.float()[:, :7], None, 2, 0.2, 0.0, seed, offset)
     with pytest.raises(RuntimeError, match="seed must be on the device of x"):
         C.linear_act_forward(x.float(), w.float(), None, 2, 0.2, 0.0, seed.cpu(), offset)
+    t = cast(make_bn_inputs(4, 8, 5), "cuda", torch.float32)
+    strided = torch.ones(10, device="cuda")[::2]
+    with pytest.raises(RuntimeError, match="running_var must be contiguous"):
+        C.linear_bn_act_forward(t["x"], t["weight"], t["bias"], t["bn_weight"], t["bn_bias"],
+                                t["running_mean"], strided,
+                                torch.zeros(1, dtype=torch.int64, device="cuda"), True, 0.1,
+                                1e-5, 2, 0.2, 0.0, seed, offset)
 
 
 # ------------------------------------------------- GPU: CUDA graph capture
-def _capture(step):
-    """Warm up on a side stream, then capture ``step`` in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    return graph, out
-
-
 def _assert_same(replayed, eager, what):
     for i, (a, b) in enumerate(zip(replayed, eager)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"{what}[{i}]: {m}")
@@ -293,9 +272,10 @@ def _assert_same(replayed, eager, what):
 
 
 @gpu
-@needs_gpu
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_graph_replay_linear_bn_act(momentum):
+    from fastgan.train.graphs import capture  # GPU only: not imported at collection
+    require("cuda", "cuda")
     inputs = cast(make_bn_inputs(64, 100, 256, seed=3), "cuda", torch.float32)
     params = [inputs[k].requires_grad_(True) for k in ("x", "weight", "bias", "bn_weight",
                                                       "bn_bias")]
@@ -310,13 +290,13 @@ def test_graph_replay_linear_bn_act(momentum):
         return (y,) + torch.autograd.grad(y, params, inputs["grad_y"])
 
     with fastgan.use_backend("cuda"):
-        graph, out = _capture(step)
+        graphed = capture(step, warmup=3)
         for new_seed, nbt in ((11, 4), (12, 9)):
             stats[0].copy_(stats0[0])
             stats[1].copy_(stats0[1])
             stats[2].fill_(nbt)
             seed.fill_(new_seed)  # a replay reads the seed from the device: a new mask
-            graph.replay()
+            out = graphed.replay()
             fresh = (stats0[0].clone(), stats0[1].clone(),
                      torch.full((1,), nbt, dtype=torch.int64, device="cuda"))
             eager = step(fresh, *rng("cuda", seed=new_seed))
@@ -325,8 +305,9 @@ def test_graph_replay_linear_bn_act(momentum):
 
 
 @gpu
-@needs_gpu
 def test_graph_replay_linear_act():
+    from fastgan.train.graphs import capture
+    require("cuda", "cuda")
     inputs = cast(make_bn_inputs(64, 100, 256, seed=4), "cuda", torch.float32)
     params = [inputs[k].requires_grad_(True) for k in ("x", "weight", "bias")]
     seed, offset = rng("cuda")
@@ -336,16 +317,16 @@ def test_graph_replay_linear_act():
         return (y,) + torch.autograd.grad(y, params, inputs["grad_y"])
 
     with fastgan.use_backend("cuda"):
-        graph, out = _capture(step)
+        graphed = capture(step, warmup=3)
         for new_offset in (100, 200):
             offset.fill_(new_offset)
-            graph.replay()
-            _assert_same(out, step(*rng("cuda", offset=new_offset)), "linear_act")
+            _assert_same(graphed.replay(), step(*rng("cuda", offset=new_offset)), "linear_act")
 
 
 @gpu
-@needs_gpu
 def test_graph_replay_gan_bce():
+    from fastgan.train.graphs import capture
+    require("cuda", "cuda")
     real = torch.randn(64, 1, device="cuda", requires_grad=True)
     fake = torch.randn(64, 1, device="cuda", requires_grad=True)
 
@@ -354,11 +335,10 @@ def test_graph_replay_gan_bce():
         return (d.loss, d.d_real, d.d_fake) + torch.autograd.grad(d.loss, [real, fake])
 
     with fastgan.use_backend("cuda"):
-        graph, out = _capture(step)
+        graphed = capture(step, warmup=3)
         with torch.no_grad():
             real.mul_(-2.0)  # new inputs in the static buffers
-        graph.replay()
-        _assert_same(out, step(), "gan_bce")
+        _assert_same(graphed.replay(), step(), "gan_bce")
 
 
 # ------------------------------------------------- CPU: the kernels, emulated
@@ -440,8 +420,8 @@ def test_emulated_linear_bn_act(emu, shape, mode, dtype):
         if mode[2] > 0:
             keep = R.dropout_keep_mask(*rng("cpu"), shape[::2], mode[2])
             assert not got["y"][~keep].any(), "dropped elements must be zero"
-        scales = {"db": bias_grad_scale(inputs, mode[2])} if mode[0] else None
-        assert_close_to_gold(f"emulated linear_bn_act {activation}", got, ref, gold, dtype, scales)
+        bias = ("db", bias_grad_scale(inputs, mode[2])) if mode[0] else None
+        assert_close_to_gold(f"emulated linear_bn_act {activation}", got, ref, gold, dtype, bias)
 
 
 @pytest.mark.slow
@@ -521,10 +501,10 @@ def test_emulated_entry_checks(emu):
 # ------------------------------------------------- CPU: the build
 def _extension_has_cuda_kernels():
     try:
-        from fastgan import cext
+        from fastgan.impl import cpu
     except ImportError:
         return None
-    return cext.registered("CUDA")
+    return cpu.registered("CUDA")
 
 
 def test_built_extension_lists_cuda_kernels_and_backend_reports_availability():
@@ -539,8 +519,8 @@ def test_built_extension_lists_cuda_kernels_and_backend_reports_availability():
         assert not expected, f"FASTGAN_EXPECT_CUDA_BUILD=1 but {why}"
         pytest.skip(f"{why}; test_cuda_build_loads_without_gpu builds them")
     assert all(registered.values()), registered
-    from fastgan import cext_cuda
-    ok, why = cext_cuda.available()
+    from fastgan.impl import cuda
+    ok, why = cuda.available()
     assert ok == HAS_CUDA, why
     if not HAS_CUDA:
         assert "cuda" not in fastgan.backends()
@@ -550,11 +530,11 @@ def test_built_extension_lists_cuda_kernels_and_backend_reports_availability():
 _LOAD_CHECK = textwrap.dedent("""
     import sys, torch
     import fastgan, fastgan._C
-    from fastgan import cext
+    from fastgan.impl import cpu
     assert fastgan._C.__file__.startswith(sys.argv[1]), fastgan._C.__file__
-    missing = [f for f, ok in cext.registered("CUDA").items() if not ok]
+    missing = [f for f, ok in cpu.registered("CUDA").items() if not ok]
     assert not missing, f"no CUDA kernel registered for {missing}"
-    assert all(cext.registered("CPU").values())
+    assert all(cpu.registered("CPU").values())
     if not torch.cuda.is_available():
         assert "cuda" not in fastgan.backends(), fastgan.backends()
         assert "no GPU" in fastgan.unavailable()["cuda"], fastgan.unavailable()

@@ -1,77 +1,178 @@
-"""Can this run fuse? Each check returns None, or the reason the report gives.
+"""What a run is, which modules can join one, and why not: what both passes share.
 
-The fused layer reads its children's tensors and hyper-parameters and runs
-one op instead of their forwards, so anything the kernels do not implement, or
-that a child's own forward would have done, keeps the run as it is.
+A run is ``Linear [-> BatchNorm1d] -> X`` where X is
+
+* ``act [-> Dropout]``,
+* ``Dropout -> act`` for a positively homogeneous act (``ACTIVATION_TABLE``
+  rows say which): the mask's kept values are scaled by 1/(1-p) > 0, so
+  act(mask * z) == mask * act(z) and the run equals ``act -> Dropout``;
+  cgan's ``Linear -> Dropout -> LeakyReLU`` is one,
+* or ``Dropout`` alone, or nothing after a BatchNorm1d (identity activation).
+
+Each module the passes meet becomes a ``Step``; ``match`` reads steps from
+a Linear on and returns the run's steps or the reason there is none. What
+is checked here is fixed by the model's structure; what can change between
+calls (hooks, dtypes, modes, the speed rule) is read on every call (``run``).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 
 from ...ops import spec
 
-
-def hooked(m: nn.Module) -> bool:
-    # The fused layer reads its children's tensors without calling their
-    # forward, so a hook (nn.utils.spectral_norm recomputes the weight in one)
-    # would silently stop running.
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+FUSABLE = ", ".join(f"nn.{row.module.__name__}" for row in spec.ACTIVATION_TABLE)
 
 
-def linear_problem(lin: nn.Module) -> str | None:
-    if type(lin) is not nn.Linear:
-        return f"{type(lin).__name__} is not a plain nn.Linear"
-    if hooked(lin):
-        return "the Linear has forward hooks (e.g. nn.utils.spectral_norm)"
-    if not lin.weight.is_floating_point():
-        return f"Linear weight has dtype {lin.weight.dtype}"
+@dataclass
+class Step:
+    kind: str                       # "linear", "bn", "act", "dropout" or "other"
+    label: str                      # as the report names it: "model.3 (BatchNorm1d)"
+    name: Optional[str] = None      # the child's path under the module that runs it
+    module: Optional[nn.Module] = None
+    act: Optional[tuple] = None     # (table row, slope) of an activation
+    p: Optional[float] = None       # dropout probability
+    follows_training: bool = True   # a functional dropout's training=self.training
+    problem: Optional[str] = None   # why it cannot join a run
+    node: object = None             # the fx node, for the fx pass
+
+
+def label(path: str, m: nn.Module) -> str:
+    return f"{path or '<root>'} ({type(m).__name__})"
+
+
+def stored(m: nn.Module, name: str):
+    """``m.<name>`` as stored, without running a parametrization of it (spectral
+    norm's would advance its power iteration)."""
+    params = m._modules.get("parametrizations")
+    if params is not None and name in params:
+        p = params[name]
+        original = getattr(p, "original", None)
+        return original if original is not None else next(p.parameters())
+    return getattr(m, name)
+
+
+def device_of(lin: nn.Module) -> torch.device:
+    return stored(lin, "weight").device
+
+
+def linear_problem(lin: nn.Module) -> Optional[str]:
+    if type(lin).forward is not nn.Linear.forward:
+        return f"{type(lin).__name__} has its own forward"
+    weight = stored(lin, "weight")
+    if isinstance(weight, UninitializedParameter):
+        return f"{type(lin).__name__} is not initialized yet (run one forward before fuse)"
+    if not weight.is_floating_point():
+        return f"the Linear's weight has dtype {weight.dtype}"
     return None
 
 
-def bn_problem(lin: nn.Linear, bn: nn.Module) -> str | None:
-    if type(bn) is not nn.BatchNorm1d:
+def bn_problem(lin: nn.Module, bn: nn.Module) -> Optional[str]:
+    if not isinstance(bn, nn.BatchNorm1d) or type(bn).forward is not nn.BatchNorm1d.forward:
         return f"{type(bn).__name__} is not nn.BatchNorm1d"
-    if hooked(bn):
-        return "the BatchNorm1d has forward hooks"
     if not bn.affine:
         return "BatchNorm1d(affine=False) is not supported by the fused kernels"
     if not bn.track_running_stats:
         return "BatchNorm1d(track_running_stats=False) is not supported by the fused kernels"
     if bn.num_features != lin.out_features:
         return f"BatchNorm1d({bn.num_features}) after Linear(out_features={lin.out_features})"
-    stat = torch.float64 if lin.weight.dtype == torch.float64 else torch.float32
-    if bn.weight.dtype != stat:
-        return (f"BatchNorm1d is {bn.weight.dtype} with a {lin.weight.dtype} Linear; the kernels "
-                f"keep statistics in {stat}")
-    if bn.weight.device != lin.weight.device:
-        return "Linear and BatchNorm1d are on different devices"
     if not (math.isfinite(bn.eps) and bn.eps > 0):
         return f"BatchNorm1d eps={bn.eps} is not finite and > 0"
     if bn.momentum is not None and not 0.0 <= bn.momentum <= 1.0:
         return f"BatchNorm1d momentum={bn.momentum} is not None or in [0, 1]"
-    if bn.training != lin.training:
-        return "Linear and BatchNorm1d are in different train/eval modes"
     return None
 
 
-def act_problem(act: nn.Module) -> str | None:
-    row = spec.activation_of_module(act)
-    if row is None:
-        return f"{type(act).__name__} is not a fusable activation"
-    if hooked(act):
-        return f"the {type(act).__name__} has forward hooks"
-    slope = row.slope_of(act)
+def slope_problem(row, slope) -> Optional[str]:
     if row.has_slope and not (math.isfinite(slope) and slope >= 0):
         # The kernels recover act'(z) from the output, which needs the sign kept.
-        return (f"{type(act).__name__} negative_slope={slope} < 0 is not supported by the fused "
-                "kernels")
+        return f"{row.module.__name__} negative_slope={slope} < 0 is not supported by the fused kernels"
     return None
 
 
-def dropout_ok(drop: nn.Module, ref: nn.Module) -> bool:
-    """``drop`` is a Dropout the fused layer can take over from ``ref``'s run."""
-    return (type(drop) is nn.Dropout and 0.0 <= drop.p < 1.0 and drop.training == ref.training
-            and not hooked(drop))
+def not_fusable(what: str) -> str:
+    """Why an activation outside the table cannot fuse."""
+    why = f"{what} is not a fused activation (the kernels implement {FUSABLE})"
+    if "igmoid" in what:
+        why += ("; for a discriminator, drop the Sigmoid and train on logits with "
+                "fastgan.functional.gan_bce_d / gan_bce_g or BCEWithLogitsLoss")
+    return why
+
+
+_OTHER_ACTIVATIONS = tuple(getattr(nn, n) for n in (
+    "Sigmoid", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Softplus", "Hardtanh", "ReLU6",
+    "PReLU", "RReLU", "Hardswish", "Hardsigmoid", "LogSigmoid", "Softsign", "Tanhshrink"))
+
+
+def module_step(name: str, path: str, m: nn.Module) -> Step:
+    """The step of child ``name`` (``path`` in the whole model) of a run's module."""
+    where = label(path, m)
+    if isinstance(m, nn.Linear):
+        return Step("linear", where, name, m, problem=linear_problem(m))
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        return Step("bn", where, name, m)       # checked against its Linear in match
+    row = spec.activation_of_module(m)
+    if row is not None:
+        slope = row.slope_of(m)
+        return Step("act", where, name, m, act=(row, slope), problem=slope_problem(row, slope))
+    if type(m) is nn.Dropout or (isinstance(m, nn.Dropout)
+                                 and type(m).forward is nn.Dropout.forward):
+        return Step("dropout", where, name, m, p=float(m.p), problem=dropout_problem(m.p))
+    if isinstance(m, _OTHER_ACTIVATIONS):
+        return Step("other", where, name, m, problem=not_fusable(type(m).__name__))
+    return Step("other", where, name, m)
+
+
+Next = Callable[[Step], Union[Step, str, None]]
+
+
+def match(first: Step, next_step: Next) -> tuple[Optional[list], Optional[str], Optional[Step]]:
+    """The run that starts at Linear step ``first``: (steps, None, None), or
+    (None, why not, the step after the Linear that stopped it, if one did).
+
+    ``next_step(step)`` gives the step that consumes ``step``'s output and
+    nothing else, or a str saying why none does, or None at the end.
+    """
+    if first.problem:
+        return None, first.problem, None
+    run = [first]
+    nxt = next_step(first)
+    if nxt is None:
+        return None, "nothing follows the Linear (a bare Linear has nothing to fuse)", None
+    if isinstance(nxt, str):
+        return None, nxt, None
+    if nxt.kind == "bn":
+        nxt.problem = bn_problem(first.module, nxt.module)
+        if nxt.problem:
+            return None, f"followed by {nxt.label}: {nxt.problem}", nxt
+        run.append(nxt)
+        nxt = next_step(nxt)
+    if isinstance(nxt, Step) and nxt.kind == "act" and not nxt.problem:
+        run.append(nxt)
+        after = next_step(nxt)
+        if isinstance(after, Step) and after.kind == "dropout" and not after.problem:
+            run.append(after)
+    elif isinstance(nxt, Step) and nxt.kind == "dropout" and not nxt.problem:
+        run.append(nxt)
+        after = next_step(nxt)
+        if isinstance(after, Step) and after.kind == "act" and not after.problem \
+                and after.act[0].positively_homogeneous:
+            run.append(after)
+    elif len(run) == 1:  # nothing fusable after the Linear itself
+        if not isinstance(nxt, Step):
+            return None, nxt or "nothing follows the Linear (a bare Linear has nothing to fuse)", None
+        if nxt.problem:
+            return None, f"followed by {nxt.label}: {nxt.problem}", nxt
+        return None, f"followed by {nxt.label}, not a fusable activation, BatchNorm1d or Dropout", nxt
+    return run, None, None
+
+
+def dropout_problem(p) -> Optional[str]:
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        return f"dropout p={p!r} is not a number in [0, 1)"
+    return None

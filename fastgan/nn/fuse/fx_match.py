@@ -1,12 +1,10 @@
-"""The torch.fx pass, part one: trace a module's own forward and find its runs.
+"""The torch.fx pass, part one: trace a module's own forward and read its nodes as steps.
 
 Only the module's own code is traced (every child is a leaf), once with its
 ``training`` flag on and once off: the two graphs may differ only in the
-``training`` argument of ``F.dropout``, which the fused layer takes over.
+``training`` argument of ``F.dropout``.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.fx
@@ -14,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops import spec
-from ..layers import activation_of
-from .checks import act_problem, bn_problem, dropout_ok, linear_problem
+from .checks import Step, dropout_problem, module_step, not_fusable, slope_problem
 from .report import join
 
 
@@ -31,6 +28,8 @@ class OwnCodeTracer(torch.fx.Tracer):
 FUNCTIONS = {fn: (row, slope) for row in spec.ACTIVATION_TABLE
              for fn, slope in row.functions.items()}
 METHODS = {method: row for row in spec.ACTIVATION_TABLE for method in row.methods}
+OTHER_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.elu, F.gelu, F.silu, F.softplus, F.selu,
+                   F.hardtanh, F.relu6, F.mish}
 
 
 def arg(node: torch.fx.Node, index: int, name: str, default):
@@ -44,46 +43,65 @@ def only_input(node: torch.fx.Node, prev: torch.fx.Node) -> bool:
     """``node`` reads ``prev`` as its first argument and no other node."""
     first = node.args[0] if node.args else node.kwargs.get("input")
     others = [a for a in list(node.args[1:]) + list(node.kwargs.values())
-              if isinstance(a, torch.fx.Node) and a is not first]
+              if isinstance(a, torch.fx.Node)]
     return first is prev and not others
 
 
-def single_user(node: torch.fx.Node):
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def describe(node: torch.fx.Node, path: str) -> str:
+def describe(node: torch.fx.Node, path: str, modules: dict) -> str:
     """A node as the report names it: a module path, ``Tensor.m()`` or ``F.f()``."""
     if node.op == "call_module":
-        return join(path, node.target)
+        return f"{join(path, node.target)} ({type(modules[node.target]).__name__})"
     if node.op == "call_method":
         return f"Tensor.{node.target}()"
     target = node.target
-    mod = "F." if target.__module__ == "torch.nn.functional" else "torch."
-    return f"{mod}{target.__name__}()"
+    mod = "F." if getattr(target, "__module__", "") == "torch.nn.functional" else "torch."
+    return f"{mod}{getattr(target, '__name__', target)}()"
 
 
-def functional_act(node, modules):
-    """An activation module equivalent to node, or a reason it is not one (str), or None."""
+def node_step(node: torch.fx.Node, path: str, modules: dict, modes: dict) -> Step:
+    """The step of one node of the traced forward."""
+    where = describe(node, path, modules) if node.op != "output" else "the output"
     if node.op == "call_module":
-        m = modules[node.target]
-        try:
-            activation_of(m)
-        except ValueError:
-            return None
-        return act_problem(m) or m
+        step = module_step(node.target, join(path, node.target), modules[node.target])
+        step.label, step.node = where, node
+        if step.kind == "linear" and step.problem is None and (len(node.args) != 1
+                                                               or node.kwargs):
+            step.problem = "the Linear is called with extra arguments"
+        return step
     if node.op == "call_function" and node.target in FUNCTIONS:
         row, slope = FUNCTIONS[node.target]
     elif node.op == "call_method" and node.target in METHODS:
         row, slope = METHODS[node.target], 0.0
+    elif node.op == "call_function" and node.target is F.dropout:
+        return dropout_step(node, where, modes)
+    elif node.op in ("call_function", "call_method") and node.target in OTHER_FUNCTIONS | {
+            "sigmoid"}:
+        return Step("other", where, node=node, problem=not_fusable(where))
     else:
-        return None
+        return Step("other", where, node=node)
     if row.has_slope:
         slope = arg(node, 1, "negative_slope", slope)
     if not isinstance(slope, (int, float)):
-        return "the activation's slope is computed at run time"
-    m = row.make_module(float(slope))
-    return act_problem(m) or m
+        return Step("act", where, node=node, act=(row, 0.0),
+                    problem="the activation's slope is computed at run time")
+    return Step("act", where, node=node, act=(row, float(slope)),
+                problem=slope_problem(row, float(slope)))
+
+
+def dropout_step(node, where, modes) -> Step:
+    p = arg(node, 1, "p", 0.5)
+    train_flag, eval_flag = modes.get(node, (None, None))
+    problem = dropout_problem(p)
+    if problem is None and arg(node, 3, "inplace", False) not in (False, True):
+        problem = "F.dropout's inplace flag is computed at run time"
+    if (train_flag, eval_flag) == (True, False):
+        follows = True                       # training=self.training
+    elif (train_flag, eval_flag) == (True, True):
+        follows = False                      # F.dropout(h, p): drops in eval too
+    else:
+        follows, problem = True, problem or "its training flag is neither self.training nor True"
+    return Step("dropout", where, node=node, p=float(p) if problem is None else None,
+                follows_training=follows, problem=problem)
 
 
 def trace(module: nn.Module, training: bool) -> torch.fx.Graph:
@@ -113,65 +131,19 @@ def dropout_modes(train_graph, eval_graph) -> dict | str:
     return modes
 
 
-def fx_run(lin_node, modules, uses, modes, shared):
-    """Nodes and modules of the run at lin_node: ([nodes], lin, bn, act, drop, names) or a reason."""
-    lin = modules[lin_node.target]
-    why = linear_problem(lin)
-    if why:
-        return why
-    if uses[lin_node.target] > 1 or id(lin) in shared:
-        return "the Linear is used in more than one place"
-    if "." in lin_node.target:
-        return "the Linear is not a direct child of the module"
-    if len(lin_node.args) != 1 or lin_node.kwargs:
-        return "the Linear is called with extra arguments"
-    nodes, names = [lin_node], [lin_node.target]
-    node, bn = single_user(lin_node), None
-    if node is None:
-        return "the Linear's output is used more than once"
-    if (node.op == "call_module" and "." not in node.target
-            and isinstance(modules[node.target], nn.modules.batchnorm._NormBase)):
-        bn = modules[node.target]
-        why = bn_problem(lin, bn)
-        if why is None and (uses[node.target] > 1 or id(bn) in shared):
-            why = "the BatchNorm1d is used in more than one place"
-        if why is None and not only_input(node, lin_node):
-            why = "the BatchNorm1d is called with extra arguments"
-        if why:
-            return f"followed by {node.target}: {why}"
-        nodes.append(node)
-        names.append(node.target)
-        node = single_user(node)
-        if node is None:
-            return "the BatchNorm1d's output is used more than once"
-    act = functional_act(node, modules)
-    if act is None:
-        if node.op == "output":
-            return "its output is returned as is (no activation to fuse)"
-        return f"followed by {describe(node, '')}, not a fusable activation"
-    if isinstance(act, str):
-        return act
-    if not only_input(node, nodes[-1]):
-        return "the activation reads more than the Linear's output"
-    if node.op == "call_module" and (uses[node.target] > 1 or "." in node.target):
-        act = copy.deepcopy(act)  # a shared activation module: give the layer its own
-        names.append(None)
-    else:
-        names.append(node.target if node.op == "call_module" else None)
-    nodes.append(node)
-    drop, node = None, single_user(node)
-    if node is not None and only_input(node, nodes[-1]):
-        if node.op == "call_module" and "." not in node.target and uses[node.target] == 1 \
-                and dropout_ok(modules[node.target], lin):
-            drop = modules[node.target]
-            names.append(node.target)
-            nodes.append(node)
-        elif node.op == "call_function" and node.target is F.dropout:
-            p = arg(node, 1, "p", 0.5)
-            if modes.get(node) == (True, False) and isinstance(p, (int, float)) \
-                    and 0 <= p < 1:
-                drop = nn.Dropout(float(p))
-                drop.training = lin.training
-                names.append(None)
-                nodes.append(node)
-    return nodes, lin, bn, act, drop, names
+def next_step_fn(path: str, modules: dict, modes: dict):
+    """``checks.match``'s next_step over the graph: the one node that reads a step's output."""
+    def next_step(step):
+        node = step.node
+        users = list(node.users)
+        if not users:
+            return None
+        if len(users) > 1:
+            return f"the output of {step.label} is used more than once"
+        user = users[0]
+        if user.op == "output":
+            return None
+        if not only_input(user, node):
+            return f"{describe(user, path, modules)} reads more than the output of {step.label}"
+        return node_step(user, path, modules, modes)
+    return next_step

@@ -1,94 +1,102 @@
-"""The torch.fx pass, part two: rewrite a module whose forward has runs.
+"""The torch.fx pass, part two: plan a module whose own forward has runs.
 
-The rewritten module is a shallow copy of the original (same tensors, same
-attributes, its own child table and hook tables) whose class is a subclass of
-the original with the generated forward (``fx_class``).
+The module stays the same object with the same children. Its class becomes
+the planned subclass whose forward is the traced forward with each run's
+nodes replaced by one call, ``plan.run_call(self, i, x)``; everything else
+the forward does is kept as traced. A ``F.dropout(..., training=self.training)``
+outside any run reads ``self.training`` again when it runs (the trace saw
+one value). Python values the forward read (``self.p``) are frozen at trace
+time, as in any fx graph; the plan checks them before every call and runs
+the original forward if one changed.
 """
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-
+import torch.fx
 from torch import nn
 
-from .fx_class import fx_class, portable
-from .fx_match import describe, dropout_modes, fx_run, trace
-from .keys import add_key_hooks
-from .report import FusedRun, FuseReport, LeftAlone, detail, join
-from .wrap import make_fused
+from .checks import device_of, match
+from .fx_match import dropout_modes, next_step_fn, node_step, trace
+from .plan import PLAN, FxPlan, frozen_attrs, original_class, planned_class, portable, run_call
+from .report import join
+from .run import Run, RunSpec
 
 
-def fuse_fx(module: nn.Module, path: str, shared: set, report: FuseReport):
-    """The module rewritten with torch.fx, or None (nothing to fuse / left alone, reported)."""
-    if not any(type(c) is nn.Linear for c in module.children()):
-        return None
-    where = f"{path or '<root>'} ({type(module).__name__})"
-    if module._forward_hooks or module._forward_pre_hooks:
-        report.left_alone.append(LeftAlone(where, "has forward hooks, which torch.fx would drop"))
-        return None
+def calls_linear(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in module.modules() if m is not module)
+
+
+def plan_fx(module: nn.Module, path: str, ctx) -> None:
+    """Plan ``module`` if its forward has runs; report why not otherwise."""
+    if not calls_linear(module):
+        return
+    direct = [n for n, c in module._modules.items() if isinstance(c, nn.Linear)]
     try:
         graph = trace(module, True)
         modes = dropout_modes(graph, trace(module, False))
     except Exception as e:  # any tracing failure means: leave it alone
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        report.left_alone.append(LeftAlone(where, f"torch.fx cannot trace its forward "
-                                                  f"({type(e).__name__}: {first})"))
-        return None
+        if direct:
+            ctx.left(path, module, f"torch.fx cannot trace its forward ({type(e).__name__}: "
+                                   f"{first}); it runs as written")
+            for n in direct:
+                ctx.left(join(path, n), module._modules[n],
+                         f"inside {path or '<root>'}, whose forward runs as written")
+        return
     if isinstance(modes, str):
-        report.left_alone.append(LeftAlone(where, modes))
-        return None
+        if direct:
+            ctx.left(path, module, f"{modes}; it runs as written")
+        return
     modules = dict(module.named_modules())
-    uses = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    # Direct attribute reads (weight tying, self.fc.weight in forward) pin a module.
-    for n in graph.nodes:
-        if n.op == "get_attr":
-            uses[n.target.rsplit(".", 1)[0]] += 2
-    runs = []
+    next_step = next_step_fn(path, modules, modes)
+    runs, taken = [], set()
     for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(modules.get(node.target), nn.Linear):
-            run = fx_run(node, modules, uses, modes, shared)
-            if isinstance(run, str):
-                report.left_alone.append(LeftAlone(
-                    f"{join(path, node.target)} ({type(modules[node.target]).__name__})", run))
-            else:
-                runs.append(run)
-    for n, (train_flag, eval_flag) in modes.items():
-        if train_flag is True and eval_flag is True:
-            report.left_alone.append(LeftAlone(
-                f"{path or '<root>'}: {describe(n, path)}",
-                "F.dropout with training=True also drops in eval mode; kept as written"))
+        if node.op != "call_module" or node in taken \
+                or not isinstance(modules.get(node.target), nn.Linear):
+            continue
+        run_steps, why, blocker = match(node_step(node, path, modules, modes), next_step)
+        if run_steps is None:
+            ctx.left(join(path, node.target), modules[node.target], why)
+            ctx.blocked(path, blocker)
+        else:
+            runs.append(run_steps)
+            taken.update(s.node for s in run_steps)
     if not runs:
-        return None
+        return
+    rewrite(graph, runs, modes, taken)
+    code = graph.python_code(root_module="self")
+    plans = [Run(RunSpec.of(steps), ctx.only_if_faster, device_of(steps[0].module))
+             for steps in runs]
+    names = dict.fromkeys(n for r in plans for n in r.spec.names())
+    children = tuple((n, original_class(type(modules[n]))) for n in names)
+    module.__class__ = planned_class(type(module), code.src, portable(code.globals))
+    module.__dict__[PLAN] = FxPlan(path, plans, children, frozen_attrs(module))
+    for steps, run in zip(runs, plans):
+        ctx.add_run(module, path, run, steps)
 
-    new = module.__class__.__new__(module.__class__)
-    new.__dict__ = dict(module.__dict__)
-    for key in ("_modules", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
-        new.__dict__[key] = OrderedDict(module.__dict__[key])
-    new._fastgan_fx_order = list(module._modules)  # unfuse restores this child order
-    for nodes, lin, bn, act, drop, names in runs:
-        lin_name = nodes[0].target
-        fused = make_fused(lin, bn, act, drop, names)
-        for n in names:
-            if n is not None:
-                del new._modules[n]
-        new._modules[lin_name] = fused
+
+def rewrite(graph: torch.fx.Graph, runs: list, modes: dict, taken: set) -> None:
+    """Each run's nodes become one ``run_call(owner, i, x)``; the owner comes in as a
+    first argument of the generated forward (the planned class passes ``self``)."""
+    first = next(iter(graph.nodes))
+    with graph.inserting_before(first):
+        owner = graph.placeholder("fastgan_module")
+    for i, steps in enumerate(runs):
+        nodes = [s.node for s in steps]
         with graph.inserting_after(nodes[-1]):
-            call = graph.call_module(lin_name, (nodes[0].args[0],))
+            call = graph.call_function(run_call, (owner, i, nodes[0].args[0]))
         nodes[-1].replace_all_uses_with(call)
         for n in reversed(nodes):
             graph.erase_node(n)
-        report.fused.append(FusedRun(
-            join(path, lin_name), type(fused).__name__,
-            tuple(describe(n, path) for n in nodes),
-            detail([m for m in (lin, bn, act, drop) if m is not None])))
+    # Dropout the runs did not take: training=self.training again (the trace froze True).
+    training = None
+    for node, flags in modes.items():
+        if node in taken or flags != (True, False):
+            continue
+        if training is None:
+            with graph.inserting_after(owner):
+                training = graph.get_attr("training")
+        if len(node.args) > 2:
+            node.args = node.args[:2] + (training,) + node.args[3:]
+        else:
+            node.kwargs = {**node.kwargs, "training": training}
     graph.lint()
-    # A fused layer sits where its Linear was, so keys keep their order.
-    order = [n for n in new._fastgan_fx_order if n in new._modules]
-    new._modules = OrderedDict((n, new._modules[n]) for n in order)
-    code = graph.python_code(root_module="self")
-    new.__class__ = fx_class(module.__class__, code.src, portable(code.globals))
-    add_key_hooks(new)
-    if list(new.state_dict()) != list(module.state_dict()):  # a safety net, not expected
-        report.fused[-len(runs):] = []
-        report.left_alone.append(LeftAlone(where, "the rewrite would change its state_dict keys"))
-        return None
-    return new

@@ -478,3 +478,27 @@ def test_dcgan_report_names_every_layer_and_changes_nothing(cls):
         or "Conv2d is not a Linear run" in str(report)
     x = inputs(cls, 2)
     torch.testing.assert_close(model(*x), ref(*x), rtol=0, atol=0)
+
+
+def test_seed_dropout_and_its_state_cover_fused_runs():
+    """fastgan.nn.seed_dropout sets the runs' streams explicitly; dropout_rng_state /
+    set_dropout_rng_state save and restore them, as for fused layers."""
+    def masks(D, x):
+        with fastgan.use_backend("reference"):
+            return [D(x) for _ in range(2)]
+
+    D, E = make(MnistDiscriminator), make(MnistDiscriminator)
+    for m in (D, E):
+        fuse(m, **ALL)
+    x = inputs(MnistDiscriminator, 8)[0]
+    fastgan.nn.seed_dropout(D, 7)
+    fastgan.nn.seed_dropout(E, 7)
+    torch.manual_seed(1)
+    first = masks(D, x)
+    torch.manual_seed(2)   # the explicit seeds, not torch's generator, decide
+    assert all(torch.equal(a, b) for a, b in zip(first, masks(E, x)))
+    state = fastgan.nn.dropout_rng_state(D)
+    assert len(state) == 3
+    after = masks(D, x)
+    fastgan.nn.set_dropout_rng_state(D, state)
+    assert all(torch.equal(a, b) for a, b in zip(after, masks(D, x)))

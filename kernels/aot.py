@@ -29,18 +29,27 @@ from . import linear_bn_act as LBA
 from . import matmul as MM
 
 
-def compile_one(kernel, args: dict, constexprs: dict, arch: int):
+def compile_one(kernel, args: dict, constexprs: dict, arch: int, num_warps: int = 4,
+                num_stages: int = 3, specialize_ones: bool = False):
     """Compile ``kernel`` (a JITFunction or an Autotuner around one) for sm_<arch>.
-    ``args``: pointer args as type strings (``"*bf16"``), scalars as sample values."""
+    ``args``: pointer args as type strings (``"*bf16"``), scalars as sample values.
+    ``specialize_ones``: an int argument equal to 1 becomes a constexpr, as the JIT
+    does at launch unless the parameter is listed in ``do_not_specialize`` (how a
+    batch of one logit is compiled on a GPU)."""
     fn = kernel if isinstance(kernel, JITFunction) else kernel.fn
-    sig = {}
-    for name in fn.arg_names:
+    sig, constexprs = {}, dict(constexprs)
+    for param in fn.params:
+        name = param.name
+        v = args.get(name)
+        if (specialize_ones and isinstance(v, int) and not isinstance(v, bool) and v == 1
+                and not param.do_not_specialize):
+            constexprs[name] = 1
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        v = args[name]
         sig[name] = v if isinstance(v, str) else "i32" if isinstance(v, int) else "fp32"
-    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32))
+    return triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def jobs(dt: str = "*bf16"):

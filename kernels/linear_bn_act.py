@@ -128,7 +128,7 @@ def _bwd_dh(dz, xhat, rstd, gamma, sum_dz, sum_dz_xhat, M, TRAINING: tl.constexp
 # ---------------------------------------------------------------- forward kernels
 @triton.autotune(configs=configs.gemm_configs(with_block_m=False), key=["M", "N", "K"],
                  prune_configs_by=configs.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr: M.to() fails
 def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                        y_ptr, h_ptr, mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, K,
                        stride_xm, stride_xk, stride_wn, stride_wk, momentum, unbias, eps, slope,
@@ -172,7 +172,7 @@ def _fwd_stats_kernel(x_ptr, w_ptr, b_ptr, h_ptr, psum_ptr, pm2_ptr, M, N, K,
 
 @triton.autotune(configs=configs.elementwise_configs(), key=["M", "N"],
                  prune_configs_by=configs.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr: M.to() fails
 def _fwd_apply_kernel(h_ptr, psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                       y_ptr, mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, R, STATS_M,
                       momentum, unbias, eps, slope, p, scale, CUMULATIVE: tl.constexpr,
@@ -246,7 +246,7 @@ def _bwd_reduce_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pd
 
 @triton.autotune(configs=configs.elementwise_configs(), key=["M", "N", "SINGLE"],
                  prune_configs_by=configs.PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr: M.to() fails
 def _bwd_kernel(g_ptr, h_ptr, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, pdbeta_ptr,
                 pdgamma_ptr, dh_ptr, db_ptr, pdb_ptr, dgamma_ptr, dbeta_ptr, seed_ptr,
                 offset_ptr, M, N, R, stride_gm, stride_gn, slope, p, scale,

@@ -1,0 +1,197 @@
+"""Static resource check of every Triton kernel for sm_90 and sm_80, no GPU.
+
+``python -m fastgan.kernels.resources [--arch 90 80] [--dtype fp32 bf16 fp16]
+[--out TABLE.md] [--jobs N]`` compiles, through the AOT path of
+``fastgan.kernels.aot``, every kernel x every autotune config of that
+architecture x dtype, reads each compiled kernel back (shared memory from
+Triton's metadata plus the cubin's static shared memory; registers, stack and
+local memory from the bundled ``cuobjdump --dump-resource-usage``: spilled
+registers live in the stack frame / local memory) and checks them against the
+hardware:
+
+- shared memory per block within the opt-in limit (227 KB sm_90, 163 KB sm_80),
+- at most 255 registers per thread,
+- no spills, unless ``SPILL_ALLOWANCE`` names the kernel and says why,
+- ``num_warps * 32 <= 1024`` threads per block.
+
+Activation and dropout are fixed at the costliest variant (tanh + dropout:
+the most live values); ``python -m fastgan.kernels.aot --all`` compiles the
+others. A second pass compiles every kernel as the JIT does for a batch of one
+(int arguments equal to 1 turn into constexprs unless ``do_not_specialize``).
+Compiles are cached by Triton (``TRITON_CACHE_DIR``), so a rerun only reads.
+Must run with TRITON_INTERPRET unset. Exit status 1 on any violation.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("fastgan.kernels.resources needs TRITON_INTERPRET unset")
+
+import triton
+from triton.runtime.jit import JITFunction
+
+from . import aot
+from . import configs as C
+
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in max dynamic shared memory per block
+MAX_REGS = 255
+MAX_THREADS = 1024
+# kernel name -> why its spills are acceptable (empty: none is)
+SPILL_ALLOWANCE: dict[str, str] = {}
+# num_warps of the launches that are not autotuned (the launchers' defaults)
+LAUNCH_WARPS = {"_gan_bce_kernel": 4, "_col_sum_kernel": 4}
+WORST_ACT, WORST_DROPOUT = 3, True  # tanh + dropout: the most live values per element
+
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _name(kernel) -> str:
+    return (kernel if isinstance(kernel, JITFunction) else kernel.fn).__name__
+
+
+def _configs(kernel, arch: int):
+    """The autotune configs of ``kernel`` that run on sm_<arch> (None: not autotuned)."""
+    cfgs = getattr(kernel, "configs", None)
+    if cfgs is None:
+        return [None]
+    tag = f"sm{arch}"
+    kept = [c for c in cfgs if C._ARCH_OF_CONFIG.get(id(c), tag) == tag]
+    return kept or list(cfgs)
+
+
+def plan(archs, dtypes):
+    """One entry per compile: (arch, dtype, job index, config index or None, ones)."""
+    out = []
+    for dt in dtypes:
+        todo = aot.jobs("*" + dt)
+        for j, (k, _, c) in enumerate(todo):
+            if c.get("ACT", WORST_ACT) != WORST_ACT or c.get("HAS_DROPOUT", WORST_DROPOUT) != WORST_DROPOUT:
+                continue
+            for arch in archs:
+                for ci, _ in enumerate(_configs(k, arch)):
+                    out.append((arch, dt, j, None if _configs(k, arch) == [None] else ci, False))
+                if dt == dtypes[0]:  # batch of one: the first config of each kernel suffices
+                    out.append((arch, dt, j, None if _configs(k, arch) == [None] else 0, True))
+    return out
+
+
+def _usage(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if m is None:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage: {text!r}")
+    reg, stack, shared, local = map(int, m.groups())
+    return dict(regs=reg, stack=stack, static_smem=shared, local=local)
+
+
+def run_one(entry) -> dict:
+    arch, dt, j, ci, ones = entry
+    kernel, args, consts = aot.jobs("*" + dt)[j]
+    name = _name(kernel)
+    warps, stages = LAUNCH_WARPS.get(name, 4), 3
+    consts = dict(consts)
+    if ci is not None:
+        cfg = _configs(kernel, arch)[ci]
+        consts.update(cfg.kwargs)
+        warps, stages = cfg.num_warps, cfg.num_stages
+    variant = {k: v for k, v in consts.items()
+               if not k.startswith("BLOCK") and k not in ("ACT", "HAS_DROPOUT")}
+    row = dict(kernel=name, arch=f"sm_{arch}", dtype=dt, batch_of_one=ones,
+               variant=",".join(f"{k}={int(v)}" for k, v in variant.items()),
+               config=",".join(f"{k[6:]}{v}" for k, v in consts.items() if k.startswith("BLOCK")),
+               num_warps=warps, num_stages=stages, threads=warps * 32)
+    t = time.time()
+    try:
+        ck = aot.compile_one(kernel, args, consts, arch, warps, stages, specialize_ones=ones)
+    except Exception as e:  # a compile failure is a finding, reported in the table
+        row.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+        return row
+    use = _usage(ck.asm["cubin"])
+    row.update(regs=use["regs"], spill_bytes=use["stack"] + use["local"],
+               smem=ck.metadata.shared + use["static_smem"], seconds=round(time.time() - t, 2))
+    return row
+
+
+def violations(row: dict) -> list[str]:
+    if "error" in row:
+        return [f"does not compile: {row['error']}"]
+    out = []
+    arch = int(row["arch"][3:])
+    if row["smem"] > SMEM_LIMIT[arch]:
+        out.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[arch]} B")
+    if row["regs"] > MAX_REGS:
+        out.append(f"{row['regs']} registers > {MAX_REGS}")
+    if row["spill_bytes"] and row["kernel"] not in SPILL_ALLOWANCE:
+        out.append(f"spills {row['spill_bytes']} B (no allowance)")
+    if row["threads"] > MAX_THREADS:
+        out.append(f"{row['threads']} threads > {MAX_THREADS}")
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| kernel | variant | arch | dtype | b=1 | config | warps | stages | regs | spill B "
+            "| smem B | verdict |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        bad = violations(r)
+        lines.append("| " + " | ".join(str(x) for x in (
+            r["kernel"], r["variant"] or "-", r["arch"], r["dtype"], "yes" if r["batch_of_one"] else "",
+            r["config"] or "-", r["num_warps"], r["num_stages"], r.get("regs", "-"),
+            r.get("spill_bytes", "-"), r.get("smem", "-"), "; ".join(bad) or "ok")) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SMEM_LIMIT))
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16", "fp16"],
+                    choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--out", help="write the table (markdown) here, and the rows as JSON beside it")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    todo = plan(a.arch, a.dtype)
+    # fork: the workers inherit the imported kernels (nothing here touches CUDA)
+    ctx = multiprocessing.get_context("fork")
+    with cf.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
+        rows = list(pool.map(run_one, todo, chunksize=4))
+    rows.sort(key=lambda r: (r["kernel"], r["variant"], r["arch"], r["dtype"], r["batch_of_one"],
+                             r["config"]))
+    text = table(rows)
+    bad = [(r, v) for r in rows for v in violations(r)]
+    wall = time.time() - t0
+    summary = (f"{len(rows)} compiles ({len({r['kernel'] for r in rows})} kernels, archs "
+               f"{a.arch}, dtypes {a.dtype}) in {wall:.0f} s with {a.jobs} workers; "
+               f"{len(bad)} violations; max regs {max(r.get('regs', 0) for r in rows)}, "
+               f"max smem {max(r.get('smem', 0) for r in rows)} B")
+    print(text)
+    print(summary)
+    for r, v in bad:
+        print(f"VIOLATION {r['kernel']} {r['variant']} {r['arch']} {r['dtype']} {r['config']}: {v}")
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(f"# Triton kernels: static resources per compile\n\n"
+                    f"`python -m fastgan.kernels.resources --out {a.out}` (Triton {triton.__version__}, "
+                    f"no GPU: PTX + bundled ptxas, read back with cuobjdump).\n\n"
+                    f"{summary}\n\n{text}\n")
+        with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+            json.dump(dict(summary=summary, rows=rows), f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

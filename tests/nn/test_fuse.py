@@ -679,3 +679,47 @@ def test_gpu_eval_and_train_equal(name, backend_name):
     torch.backends.cuda.matmul.allow_tf32 = False
     _check_eval(name, backend_name, device="cuda")
     _check_train(name, backend_name, device="cuda")
+
+
+def test_runs_through_a_module_list_in_forward():
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = F.leaky_relu(layer(x), 0.1)
+            return x
+
+    torch.manual_seed(0)
+    orig = Stack()
+    ref = copy.deepcopy(orig)
+    model, report = fuse(orig, **ALL)
+    assert [r.path for r in report.fused] == ["layers.0", "layers.1", "layers.2"]
+    x = torch.randn(4, 6)
+    before = op_calls()
+    with fastgan.use_backend("reference"):
+        torch.testing.assert_close(model(x), ref(x))
+    assert op_calls() == before + 3
+    model.layers[1] = nn.Conv1d(6, 6, 1)
+    with pytest.warns(RuntimeWarning, match="layers.1 is now a Conv1d"):
+        with pytest.raises(RuntimeError):   # the edit takes effect: a Conv1d on 2-D input
+            model(x[None])
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_the_fused_ops():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.LeakyReLU(0.2),
+                          nn.Linear(32, 8), nn.Tanh())
+    model, _ = fuse(copy.deepcopy(plain), **ALL)
+    compiled = torch.compile(model)
+    x = torch.randn(8, 16)
+    before = op_calls()
+    with fastgan.use_backend(CPU_BACKENDS[-1]):
+        y = compiled(x)
+    assert op_calls() == before + 2
+    torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert model[0].weight.grad is not None

@@ -264,6 +264,11 @@ def test_a_module_used_twice_fuses_at_both_places():
         model(x).sum().backward()
     ref(x).sum().backward()
     torch.testing.assert_close(lin.weight.grad, ref[0].weight.grad)
+    block = nn.Sequential(nn.Linear(5, 5), nn.ReLU())    # a container used twice: planned once
+    model, report = fuse(nn.Sequential(block, block), **ALL)
+    assert [r.path for r in report.fused] == ["0.0"]
+    with fastgan.use_backend("reference"):
+        torch.testing.assert_close(model(x), F.relu(block[0](F.relu(block[0](x)))))
 
 
 def test_already_fused_layers_left_alone():

@@ -33,6 +33,7 @@ class Context:
         self.report = FuseReport()
         self.reasons: dict = {}     # path -> (module, reason) of modules left alone
         self.covered: set = set()   # paths of modules inside a run
+        self.seen: set = set()      # ids of the modules walked
 
     def left(self, path: str, module: nn.Module, reason: str) -> None:
         self.reasons.setdefault(path or "<root>", (module, reason))
@@ -96,8 +97,9 @@ class Context:
 
 
 def walk(module: nn.Module, path: str, ctx: Context) -> None:
-    if isinstance(module, _Fused) or library_module(module):
-        return
+    if isinstance(module, _Fused) or library_module(module) or id(module) in ctx.seen:
+        return  # (a module used in two places is planned once, where it is met first)
+    ctx.seen.add(id(module))
     for name, child in module._modules.items():
         if child is not None:
             walk(child, join(path, name), ctx)

@@ -25,25 +25,30 @@ LATENT, CLASSES = 100, 10
 
 
 # ----------------------------------------------------------------------------- gan.py
+def block(in_feat, out_feat, normalize=True):
+    layers = [nn.Linear(in_feat, out_feat)]
+    if normalize:
+        layers.append(nn.BatchNorm1d(out_feat, 0.8))
+    layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return layers
+
+
+def generator_model(in_dim):
+    """gan.py's and cgan.py's generator body (the two scripts share it)."""
+    return nn.Sequential(
+        *block(in_dim, 128, normalize=False),
+        *block(128, 256),
+        *block(256, 512),
+        *block(512, 1024),
+        nn.Linear(1024, int(np.prod(IMG))),
+        nn.Tanh()
+    )
+
+
 class GanGenerator(nn.Module):
     def __init__(self):
         super().__init__()
-
-        def block(in_feat, out_feat, normalize=True):
-            layers = [nn.Linear(in_feat, out_feat)]
-            if normalize:
-                layers.append(nn.BatchNorm1d(out_feat, 0.8))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-            return layers
-
-        self.model = nn.Sequential(
-            *block(LATENT, 128, normalize=False),
-            *block(128, 256),
-            *block(256, 512),
-            *block(512, 1024),
-            nn.Linear(1024, int(np.prod(IMG))),
-            nn.Tanh()
-        )
+        self.model = generator_model(LATENT)
 
     def forward(self, z):
         img = self.model(z)
@@ -74,22 +79,7 @@ class CganGenerator(nn.Module):
     def __init__(self):
         super().__init__()
         self.label_emb = nn.Embedding(CLASSES, CLASSES)
-
-        def block(in_feat, out_feat, normalize=True):
-            layers = [nn.Linear(in_feat, out_feat)]
-            if normalize:
-                layers.append(nn.BatchNorm1d(out_feat, 0.8))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-            return layers
-
-        self.model = nn.Sequential(
-            *block(LATENT + CLASSES, 128, normalize=False),
-            *block(128, 256),
-            *block(256, 512),
-            *block(512, 1024),
-            nn.Linear(1024, int(np.prod(IMG))),
-            nn.Tanh()
-        )
+        self.model = generator_model(LATENT + CLASSES)
 
     def forward(self, noise, labels):
         gen_input = torch.cat((self.label_emb(labels), noise), -1)

@@ -92,6 +92,12 @@ inline dim3 elementwise_grid(int64_t numel) {
                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
+// A contiguous copy of an optional tensor (the Linear's bias); none stays none.
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  if (t.has_value() && t->defined()) return t->contiguous();
+  return std::nullopt;
+}
+
 // What the entries take: tensors of kDeviceType (CPU ones when emulated),
 // no float64 (there are no float64 kernels).
 constexpr Backend kBackend{"cuda", kDeviceType, /*float64=*/false};

@@ -68,9 +68,8 @@ at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
 
   const DeviceScope device_scope(x.device());
   const Stream stream = current_stream();
-  const std::optional<at::Tensor> bc =
-      bias.has_value() && bias->defined() ? std::optional(bias->contiguous()) : std::nullopt;
-  at::Tensor y = at::linear(x.contiguous(), weight.contiguous(), bc).contiguous();  // z, then y
+  // z, then y in place
+  at::Tensor y = at::linear(x.contiguous(), weight.contiguous(), contiguous(bias)).contiguous();
   const int64_t numel = y.numel();
   if (numel == 0) return y;
   FASTGAN_DISPATCH_FLOATING(x.scalar_type(), "linear_act_forward", [&] {

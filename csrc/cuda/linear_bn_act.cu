@@ -180,10 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward
 
   const DeviceScope device_scope(x.device());
   const Stream stream = current_stream();
-  const std::optional<at::Tensor> bc =
-      bias.has_value() && bias->defined() ? std::optional(bias->contiguous()) : std::nullopt;
-
-  const at::Tensor h = at::linear(x.contiguous(), weight.contiguous(), bc).contiguous();  // (B, N)
+  const at::Tensor h =  // (B, N) in x.dtype
+      at::linear(x.contiguous(), weight.contiguous(), contiguous(bias)).contiguous();
   at::Tensor y = at::empty_like(h);
   at::Tensor mean = at::empty({n}, bn_weight.options());
   at::Tensor rstd = at::empty({n}, bn_weight.options());

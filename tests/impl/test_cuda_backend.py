@@ -559,9 +559,12 @@ def test_cuda_build_loads_without_gpu(tmp_path):
                                     if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
     if nvcc is None:
         pytest.skip("nvcc not found: cannot compile the CUDA kernels here")
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    # The working tree as it is: tracked files and untracked ones git does not ignore.
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
     for f in filter(None, files):
+        if not (ROOT / f).is_file():
+            continue  # tracked but deleted here
         (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, tmp_path / f)
     env = dict(os.environ, FASTGAN_BUILD_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"),

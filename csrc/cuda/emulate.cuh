@@ -17,6 +17,8 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -75,6 +77,17 @@ void launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, int /*stream*/
             Args&&... args) {
   const std::tuple<KernelArgs...> kernel_args(std::forward<Args>(args)...);
   const unsigned threads = block.x * block.y * block.z;
+  // The hardware's launch limits (every CUDA GPU since sm_30): a launch the
+  // GPU would refuse fails here too, so the CPU tests catch host-side grids
+  // that outgrow them.
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > 2147483647u || grid.y > 65535u ||
+      grid.z > 65535u || block.x < 1 || block.y < 1 || block.z < 1 || block.x > 1024u ||
+      block.y > 1024u || block.z > 64u || threads > 1024u)
+    throw std::invalid_argument("emulated launch: grid (" + std::to_string(grid.x) + ", " +
+                                std::to_string(grid.y) + ", " + std::to_string(grid.z) +
+                                ") x block (" + std::to_string(block.x) + ", " +
+                                std::to_string(block.y) + ", " + std::to_string(block.z) +
+                                ") exceeds the CUDA launch limits");
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {

@@ -10,9 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 (DESIGN.md, numerics)
+torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 (docs/design.md, Numerics)
 torch.backends.cudnn.allow_tf32 = False
 
 

@@ -10,7 +10,6 @@ GPU). A backend that cannot run on this machine is skipped with its reason;
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

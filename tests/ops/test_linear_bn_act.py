@@ -89,7 +89,9 @@ def check(backend, device, dtype, shape, **kw):
     if kw.get("training", True) and "b_grad" in got:
         # BN cancels the Linear bias: its gradient is zero up to round-off, so
         # compare absolute errors, on the scale of the weight gradient.
-        err = lambda r: float((r["b_grad"].double().cpu() - gold["b_grad"].cpu()).abs().max())
+        def err(r):
+            return float((r["b_grad"].double().cpu() - gold["b_grad"].cpu()).abs().max())
+
         scale = float(gold["w_grad"].abs().max())
         assert err(got) <= 2 * err(ref) + FLOOR[dtype] * scale, (err(got), err(ref))
     if kw.get("p", 0) > 0:

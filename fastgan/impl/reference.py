@@ -21,6 +21,7 @@ Numerics shared by all backends
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -193,6 +194,14 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
     """
     dz, xhat = bn_act_dropout_backward(grad_y, h, mean, rstd, bn_weight, bn_bias, activation,
                                        negative_slope, p, seed, offset)
+    return bn_linear_backward(dz, xhat, x, weight, bn_weight, rstd, training, compute_dx)
+
+
+def bn_linear_backward(dz: Tensor, xhat: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
+                       rstd: Tensor, training: bool,
+                       compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dW, db, dgamma, dbeta)`` from ``dz``, the gradient at the BN output
+    (batch statistics in training: their own gradient terms; running ones in eval)."""
     dgamma = (dz * xhat).sum(0)
     dbeta = dz.sum(0)
     dxhat = dz * bn_weight
@@ -288,10 +297,19 @@ def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, ac
 def _bce_term(logits: Tensor, target: float) -> tuple[Tensor, Tensor, Tensor]:
     z = logits.to(acc_dtype(logits))
     # softplus(z) - t*z, written so exp never overflows
-    loss = (z.clamp_min(0) - z * target + torch.log1p(torch.exp(-z.abs()))).mean()
+    terms = z.clamp_min(0) - z * target + torch.log1p(torch.exp(-z.abs()))
+    # An infinite logit gives inf - inf = nan there; its limit is (1 - t) * inf
+    # for +inf and t * inf for -inf: inf, or 0 where the target matches it.
+    terms = torch.where(z == math.inf, math.inf if target < 1 else 0.0, terms)
+    terms = torch.where(z == -math.inf, math.inf if target > 0 else 0.0, terms)
+    loss = terms.mean()
     prob = torch.sigmoid(z)
-    grad = ((prob - target) / z.numel()).to(logits.dtype)
-    return loss, prob.mean(), grad
+    return loss, prob.mean(), _bce_grad(prob, target, logits.dtype)
+
+
+def _bce_grad(prob: Tensor, target: float, dtype: torch.dtype) -> Tensor:
+    """d mean BCE / d logits from ``sigmoid(logits)``."""
+    return ((prob - target) / prob.numel()).to(dtype)
 
 
 def gan_bce_forward(logits_a: Tensor, logits_b: Optional[Tensor], target_a: float,
@@ -307,3 +325,63 @@ def gan_bce_forward(logits_a: Tensor, logits_b: Optional[Tensor], target_a: floa
         return loss, prob_a, torch.zeros_like(prob_a), grad_a, logits_a.new_empty(0)
     loss_b, prob_b, grad_b = _bce_term(logits_b, target_b)
     return loss + loss_b, prob_a, prob_b, grad_a, grad_b
+
+
+# --------------------------------------------------------------------------
+# Differentiable gradients: the backward formulas above as functions of the
+# forward's *inputs*, in plain differentiable PyTorch. The autograd Functions
+# of fastgan.ops.registry call them when a backward builds a graph
+# (create_graph=True: gradient penalties, double backward), so the graph of the
+# gradient reaches x, W, b and the BN parameters, not only the saved outputs.
+# The backends' kernels return numbers, not graphs, so they serve first-order
+# backward only. ``keep`` is the forward's dropout multiplier, (B, N) fp32:
+# ``1 / (1 - p)`` where its mask keeps an element and 0 where it drops it
+# (the backend's own mask), or None without dropout.
+# --------------------------------------------------------------------------
+def _masked(grad_y: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    g = grad_y.to(dtype)
+    return g if keep is None else g * keep.to(dtype)
+
+
+def linear_act_grads(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     activation: str, negative_slope: float, keep: Optional[Tensor],
+                     compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dW, db)`` of ``linear_act``, differentiable in every tensor argument.
+    The activation's derivative comes from the recomputed pre-activation."""
+    z = F.linear(x, weight, bias).to(acc_dtype(x))
+    dz = act_backward(_masked(grad_y, keep, z.dtype), z, activation, negative_slope)
+    return linear_backward(dz.to(x.dtype), x, weight, compute_dx)
+
+
+def linear_bn_act_grads(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, rstd: Tensor,
+                        training: bool, eps: float, activation: str, negative_slope: float,
+                        keep: Optional[Tensor], compute_dx: bool
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dW, db, dgamma, dbeta)`` of ``linear_bn_act``, differentiable in every
+    tensor argument. In training the batch statistics are recomputed from ``x``
+    (they depend on it); in eval ``mean``/``rstd`` are the forward's running
+    statistics, constants (and the running statistics are not updated again)."""
+    h = F.linear(x, weight, bias).to(mean.dtype)
+    if training:
+        var, mean = torch.var_mean(h, dim=0, correction=0)
+        rstd = torch.rsqrt(var + eps)
+    else:
+        mean, rstd = mean.detach(), rstd.detach()
+    xhat = (h - mean) * rstd
+    z = xhat * bn_weight + bn_bias
+    dz = act_backward(_masked(grad_y, keep, mean.dtype), z, activation, negative_slope)
+    return bn_linear_backward(dz, xhat, x, weight, bn_weight, rstd, training, compute_dx)
+
+
+def gan_bce_grads(grad_loss: Tensor, logits_a: Tensor, logits_b: Optional[Tensor],
+                  target_a: float, target_b: float, compute_da: bool) -> tuple[Tensor, Tensor]:
+    """``(dlogits_a, dlogits_b)`` of ``gan_bce`` scaled by ``grad_loss``,
+    differentiable in the logits (``dlogits_b`` is empty without ``logits_b``)."""
+    def grad(logits, target):
+        prob = torch.sigmoid(logits.to(acc_dtype(logits)))
+        return _bce_grad(prob, target, logits.dtype) * grad_loss.to(logits.dtype)
+
+    da = grad(logits_a, target_a) if compute_da else logits_a.new_empty(0)
+    db = logits_a.new_empty(0) if logits_b is None else grad(logits_b, target_b)
+    return da, db

@@ -6,10 +6,29 @@ hyper-parameters. So its ``state_dict`` keys, printing and indexing are those of
 the plain Sequential, weights load both ways, and ``unfuse`` only has to
 change the class. ``LinearAct`` is the same without the BatchNorm1d.
 
+The children stay in charge, as in the plain Sequential: each forward reads
+the Linear's weight (a parametrization such as ``spectral_norm`` applies), the
+activation's slope, the BatchNorm1d's and the Dropout's own ``training`` flags
+(``.eval()`` on the Dropout alone turns dropout off) and hyper-parameters.
+Structural edits take effect: after ``append``, ``insert``, ``del`` or
+``layer[i] = m`` the layer fuses the leading children that still form its
+pattern and runs the rest after it as plain modules (all of them, if the
+pattern is gone). A child with hooks runs the whole layer as the plain
+Sequential, so every hook sees its call. Hyper-parameters that no forward
+could accept are rejected at construction, by the ops' own check.
+
 Dropout randomness: each layer holds a non-persistent ``dropout_rng`` buffer
 ``[seed, counter]`` (int64, on the layer's device, not in the state_dict).
-Every training forward uses ``(seed, counter)`` and advances the counter on the
-device, so a CUDA graph replay draws a fresh mask with no host involvement.
+Its seed is drawn from torch's default generator of the layer's device the
+first time the layer drops anything (its first training forward with
+``p > 0``), so ``torch.manual_seed`` governs fused dropout as it governs
+``nn.Dropout``, and building a model draws nothing (its weights equal the
+plain model's under one seed). Every training forward then uses ``(seed,
+counter)`` and advances the counter on the device, so a CUDA graph replay
+draws a fresh mask with no host involvement; the draw itself is a device op
+too (a graph captured before any training forward holds it). ``seed_dropout``
+sets the streams explicitly; ``dropout_rng_state`` / ``set_dropout_rng_state``
+save and restore them (checkpoints).
 """
 from __future__ import annotations
 
@@ -19,8 +38,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import functional as FG
-from ..ops import spec
+from ..ops import checks, spec
+from ..ops.registry import LinearActFunction, LinearBNActFunction
 
 _instances = itertools.count()
 
@@ -39,28 +58,65 @@ def activation_of(module: nn.Module) -> tuple[str, float]:
 
 
 def _new_rng_state(device=None) -> Tensor:
-    # Draw the seed without consuming torch's default generator, so building a
-    # fused model leaves the same RNG state (and weights) as the plain one; the
-    # instance counter keeps layers of one model on different streams.
+    # The stream a layer starts with until its first draw (a restored copy of
+    # this buffer keeps it): distinct per layer, drawn without consuming
+    # torch's default generator, so building a fused model leaves the same RNG
+    # state (and weights) as the plain one.
     with torch.random.fork_rng(devices=[]):
         seed = int(torch.randint(0, 2**61, (1,)))
     seed = (seed + next(_instances) * 0x9E3779B97F4A7C15) % 2**62
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 
-def _next_key(state: Tensor) -> tuple[Tensor, Tensor]:
-    # Copies, not views: autograd saves them for backward, and a later forward's
-    # in-place advance of the buffer must not invalidate an earlier graph.
-    seed, offset = state[:1].clone(), state[1:].clone()
-    state[1:].add_(1)
-    return seed, offset
+def draw_seed_(state: Tensor) -> None:
+    """Start the dropout stream ``state`` (``[seed, counter]``) at a seed drawn from
+    torch's default generator of its device, as ``nn.Dropout`` draws its masks.
+    A device op: nothing is read on the host (a CUDA graph may capture it)."""
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=state.device)
+    state.copy_(torch.cat([seed, seed.new_zeros(1)]))
+
+
+_STEPS: dict = {}      # device -> tensor([0, 1]): one advance of a [seed, counter] stream
+_ZERO_KEYS: dict = {}  # device -> (seed, offset) handed to ops that drop nothing
+
+
+def _per_device(cache: dict, device: torch.device, make):
+    value = cache.get(device)
+    if value is None:
+        value = cache[device] = make()
+    return value
+
+
+def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
+    """``(seed, offset)`` of the next mask of stream ``state``, which advances on the device.
+
+    A copy, not a view: autograd saves the key for backward, and a later
+    forward's in-place advance of the stream must not invalidate an earlier graph.
+    """
+    key = state.clone()
+    state.add_(_per_device(_STEPS, state.device,
+                           lambda: torch.tensor([0, 1], dtype=torch.int64, device=state.device)))
+    return key.unbind()
+
+
+def zero_key(device: torch.device) -> tuple[Tensor, Tensor]:
+    """A ``(seed, offset)`` for ops with ``p == 0``: the kernels read no key then, so one
+    shared, never-modified pair per device saves two allocations per call."""
+    return _per_device(_ZERO_KEYS, device,
+                       lambda: torch.zeros(2, dtype=torch.int64, device=device).unbind())
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """``(x, weight, bias)`` in the autocast dtype while autocast is on for ``x``'s
     device, as they are otherwise: the fused ops take one dtype for all three and
     are not autocast-aware themselves."""
-    if torch.is_autocast_enabled(x.device.type):
+    if not torch.compiler.is_compiling() and not _any_autocast():
+        return x, weight, bias  # the common case, without asking x for its device
+    # Devices without autocast (meta, for shape inference) cannot ask about it.
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         return x.to(dt), weight.to(dt), (None if bias is None else bias.to(dt))
     return x, weight, bias
@@ -83,9 +139,14 @@ def linear_bn_act_sequential(in_features, out_features, bias=True, eps=1e-5, mom
                              activation="leaky_relu", negative_slope=0.2, dropout=0.0,
                              device=None, dtype=None) -> nn.Sequential:
     """The plain-PyTorch block ``LinearBNAct`` fuses (the reference)."""
+    checks.hyper(activation, negative_slope, dropout)
+    checks.batch_norm(eps, momentum)
     kw = dict(device=device, dtype=dtype)
+    # BatchNorm1d in fp32 (its statistics), in fp64 for an fp64 Linear
+    bn_dtype = torch.float64 if dtype == torch.float64 else None
     return nn.Sequential(nn.Linear(in_features, out_features, bias=bias, **kw),
-                         nn.BatchNorm1d(out_features, eps=eps, momentum=momentum, device=device),
+                         nn.BatchNorm1d(out_features, eps=eps, momentum=momentum, device=device,
+                                        dtype=bn_dtype),
                          activation_module(activation, negative_slope), nn.Dropout(dropout))
 
 
@@ -93,6 +154,7 @@ def linear_act_sequential(in_features, out_features, bias=True, activation="leak
                           negative_slope=0.2, dropout=0.0, device=None,
                           dtype=None) -> nn.Sequential:
     """The plain-PyTorch block ``LinearAct`` fuses (the reference)."""
+    checks.hyper(activation, negative_slope, dropout)
     layers = [nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype),
               activation_module(activation, negative_slope)]
     if dropout > 0:
@@ -100,8 +162,59 @@ def linear_act_sequential(in_features, out_features, bias=True, activation="leak
     return nn.Sequential(*layers)
 
 
+class _Plan(NamedTuple):
+    """How a fused layer runs its children (made again whenever they change)."""
+    kids: tuple                  # the children it was made for, by identity
+    n: int                       # leading children the fused op runs; 0: none (plain Sequential)
+    linear: Optional[nn.Module]
+    bn: Optional[nn.Module]
+    act: Optional[nn.Module]
+    row: Optional[spec.Activation]
+    dropout: Optional[nn.Module]
+    tail: tuple                  # children after the fused ones, run as plain modules
+
+
+def _hooked(modules) -> bool:
+    """Whether a module or the global registry has a forward or backward hook,
+    which a fused op (one call for several modules) would skip."""
+    for m in modules:
+        if m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or \
+                m._backward_hooks:
+            return True
+    mm = nn.modules.module
+    return bool(mm._global_forward_pre_hooks or mm._global_forward_hooks
+                or mm._global_backward_pre_hooks or mm._global_backward_hooks)
+
+
+def _linear_tensors(lin: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+    """``(lin.weight, lin.bias)`` as the Linear's own forward reads them. A plain
+    nn.Linear's come from its parameter dict (two dict reads instead of two
+    ``Module.__getattr__`` calls: this runs on every forward); anything else
+    (a parametrized weight, a plain tensor attribute) through getattr."""
+    if lin.__class__ is nn.Linear:
+        params = lin._parameters
+        weight, bias = params.get("weight"), params.get("bias", lin)
+        if weight is not None and bias is not lin:
+            return weight, bias
+    return lin.weight, lin.bias
+
+
+def _bn_tensors(bn: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(weight, bias, running_mean, running_var, num_batches_tracked)`` of a BatchNorm1d."""
+    if bn.__class__ is nn.BatchNorm1d:
+        params, buffers = bn._parameters, bn._buffers
+        got = (params.get("weight"), params.get("bias"), buffers.get("running_mean"),
+               buffers.get("running_var"), buffers.get("num_batches_tracked"))
+        if all(t is not None for t in got):  # (`None in got` would compare tensors)
+            return got
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+
 class _Fused(nn.Sequential):
     act_index = 1   # position of the activation child (after the Linear [and BatchNorm1d])
+    has_bn = False
+    _plan: Optional[_Plan] = None
+    _dropout_seeded = False   # drawn from torch's generator yet (or set explicitly)?
 
     def __init__(self, *layers: nn.Module):
         super().__init__(*layers)
@@ -120,44 +233,120 @@ class _Fused(nn.Sequential):
         """The plain-PyTorch equivalent, sharing this layer's parameters."""
         return nn.Sequential(*self)
 
+    # ------------------------------------------------------------ structure
+    def _make_plan(self) -> _Plan:
+        kids = tuple(self._modules.values())
+        lin = bn = act = row = drop = None
+        n = 0
+        if kids and isinstance(kids[0], nn.Linear):
+            i = 1
+            if self.has_bn:
+                cand = kids[1] if len(kids) > 1 else None
+                if type(cand) is nn.BatchNorm1d and cand.affine and cand.track_running_stats:
+                    bn, i = cand, 2
+            if bn is not None or not self.has_bn:
+                row = spec.activation_of_module(kids[i]) if len(kids) > i else None
+            if row is not None:
+                lin, act, n = kids[0], kids[i], i + 1
+                if len(kids) > n and type(kids[n]) is nn.Dropout:
+                    drop, n = kids[n], n + 1
+        if n == 0:
+            bn = row = None
+        plan = _Plan(kids, n, lin, bn, act, row, drop, kids[n:] if n else ())
+        self._plan = plan
+        return plan
+
+    def plan(self) -> _Plan:
+        """The plan for the children as they are now."""
+        plan = self._plan
+        if plan is None or plan.kids != tuple(self._modules.values()):
+            plan = self._make_plan()
+        return plan
+
+    def _validate(self):
+        """The children are exactly this layer's pattern, with hyper-parameters the op accepts."""
+        plan = self._make_plan()
+        if plan.n != len(self) or (self.has_bn and plan.dropout is None):
+            if len(self) > self.act_index:
+                self.activation()  # ValueError naming an activation that is not fusable
+            raise ValueError(f"{type(self).__name__} needs children {self.pattern}, got "
+                             f"{tuple(type(k).__name__ for k in plan.kids)}")
+        slope = plan.row.slope_of(plan.act)
+        checks.hyper(plan.row.name, slope, float(plan.dropout.p) if plan.dropout else 0.0)
+        if plan.bn is not None:
+            checks.batch_norm(plan.bn.eps, plan.bn.momentum)
+
     def activation(self) -> tuple[str, float]:
         """(name, negative_slope) of the activation child."""
         return activation_of(self[self.act_index])
 
+    # ------------------------------------------------------------ dropout
     def dropout_p(self) -> float:
-        """The dropout probability of a forward now: the Dropout child's in training, else 0."""
-        last = self[-1]
-        return float(last.p) if isinstance(last, nn.Dropout) and self.training else 0.0
+        """The dropout probability of a forward now: the Dropout child's while it is
+        in training mode (its own flag, as for nn.Dropout), else 0."""
+        drop = self.plan().dropout
+        return float(drop.p) if drop is not None and drop.training else 0.0
 
     def dropout_key(self, p: float) -> tuple[Tensor, Tensor]:
-        """(seed, offset) of the next dropout mask; advances the stream when ``p > 0``."""
+        """(seed, offset) of the next dropout mask; advances the stream when ``p > 0``
+        (its first use draws the seed from torch's default generator)."""
+        state = self._buffers["dropout_rng"]
         if p > 0:
-            return _next_key(self.dropout_rng)
-        return self.dropout_rng[:1].clone(), self.dropout_rng[1:].clone()  # unused by the kernels
+            if not self._dropout_seeded:
+                draw_seed_(state)
+                self._dropout_seeded = True
+            return next_key(state)
+        return zero_key(state.device)
 
+    def seed_dropout(self, seed: int) -> None:
+        """Restart this layer's dropout stream at ``seed`` (instead of a draw from
+        torch's generator at its first use)."""
+        self.dropout_rng.copy_(torch.tensor([seed % 2**62, 0], dtype=torch.int64))
+        self._dropout_seeded = True
+
+    # ------------------------------------------------------------ forward
     def op_inputs(self, x: Tensor) -> FusedInputs:
         """The arguments of this forward's op call (draws the dropout key, so call
         it once per forward)."""
-        lin = self[0]
-        activation, slope = self.activation()
-        x, weight, bias = autocast_inputs(x, lin.weight, lin.bias)
-        p = self.dropout_p()
-        seed, offset = self.dropout_key(p)
-        return FusedInputs(x, weight, bias, activation, slope, p, seed, offset)
+        plan = self.plan()
+        if plan.n == 0:
+            raise ValueError(f"{type(self).__name__}'s children {tuple(type(k).__name__ for k in plan.kids)} "
+                             f"no longer start with {self.pattern}: nothing to fuse")
+        return FusedInputs(*self._inputs(plan, x))
 
-    def seed_dropout(self, seed: int) -> None:
-        """Restart this layer's dropout stream at ``seed``."""
-        self.dropout_rng.copy_(torch.tensor([seed % 2**62, 0], dtype=torch.int64))
+    def _inputs(self, plan: _Plan, x: Tensor) -> tuple:
+        """The fields of ``FusedInputs``, as a plain tuple (cheaper, once per forward)."""
+        weight, bias = _linear_tensors(plan.linear)
+        x, weight, bias = autocast_inputs(x, weight, bias)
+        drop = plan.dropout
+        p = float(drop.p) if drop is not None and drop.training else 0.0
+        seed, offset = self.dropout_key(p)
+        return x, weight, bias, plan.row.name, plan.row.slope_of(plan.act), p, seed, offset
+
+    def forward(self, x: Tensor) -> Tensor:
+        plan = self._plan
+        if plan is None or plan.kids != tuple(self._modules.values()):
+            plan = self._make_plan()
+        if plan.n == 0 or _hooked(plan.kids):
+            return super().forward(x)  # every child runs as itself
+        y = self._fused(plan, x)
+        for m in plan.tail:
+            y = m(y)
+        return y
 
 
 class LinearBNAct(_Fused):
     """Fused Linear -> BatchNorm1d -> activation -> Dropout.
 
-    Children ``0`` Linear, ``1`` BatchNorm1d (kept in fp32), ``2`` activation,
-    ``3`` Dropout, exactly as ``linear_bn_act_sequential`` builds them.
+    Children ``0`` Linear, ``1`` BatchNorm1d (kept in fp32; fp64 for an fp64
+    Linear), ``2`` activation, ``3`` Dropout, exactly as
+    ``linear_bn_act_sequential`` builds them. The BatchNorm1d's ``training``
+    flag chooses batch or running statistics, the Dropout's whether to drop.
     """
 
     act_index = 2
+    has_bn = True
+    pattern = "(Linear, BatchNorm1d(affine=True, track_running_stats=True), activation, Dropout)"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  eps: float = 1e-5, momentum: float | None = 0.1,
@@ -168,22 +357,16 @@ class LinearBNAct(_Fused):
                                                    dropout, device, dtype))
         self._validate()
 
-    def _validate(self):
-        lin, bn, _, drop = self  # raises ValueError if the shape of the block differs
-        if not (isinstance(lin, nn.Linear) and type(bn) is nn.BatchNorm1d
-                and type(drop) is nn.Dropout):
-            raise ValueError("LinearBNAct needs children (Linear, BatchNorm1d, activation, Dropout)")
-        self.activation()  # ValueError if the activation is not fusable
-        if not (bn.affine and bn.track_running_stats):
-            raise ValueError("LinearBNAct needs BatchNorm1d(affine=True, track_running_stats=True)")
-
     def _apply(self, fn, recurse=True):
-        # BN parameters and running statistics stay fp32 whatever dtype the
-        # Linear is cast to: the kernels keep statistics in fp32.
+        # BN parameters and running statistics stay fp32 when the Linear is cast
+        # to a half dtype (the kernels keep statistics in fp32), and follow it
+        # to fp64 (the fp64 contract, for gradcheck).
         super()._apply(fn, recurse)
-        bn = self[1]
-        if bn.weight.dtype != torch.float32:
-            bn.float()
+        lin, bn = self._modules.get("0"), self._modules.get("1")
+        if isinstance(lin, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and bn.weight is not None:
+            want = torch.float64 if lin.weight.dtype == torch.float64 else torch.float32
+            if bn.weight.dtype != want:
+                bn.to(want)
         return self
 
     # Cross-process batch statistics: fastgan.distributed.convert_sync_batchnorm
@@ -193,16 +376,20 @@ class LinearBNAct(_Fused):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.sync_stats is not None and self.sync_stats.active():
             return self.sync_stats(self, x)
-        a, bn = self.op_inputs(x), self[1]
-        return FG.linear_bn_act(a.x, a.weight, a.bias, bn.weight, bn.bias, bn.running_mean,
-                                bn.running_var, bn.num_batches_tracked, self.training,
-                                bn.momentum, bn.eps, a.activation, a.negative_slope, a.p,
-                                a.seed, a.offset)
+        return super().forward(x)
+
+    def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
+        x, weight, bias, activation, slope, p, seed, offset = self._inputs(plan, x)
+        bn = plan.bn
+        return LinearBNActFunction.call(x, weight, bias, *_bn_tensors(bn), bn.training,
+                                        bn.momentum, bn.eps, activation, slope, p, seed, offset)
 
 
 class LinearAct(_Fused):
     """Fused Linear -> activation (-> Dropout): children ``0`` Linear, ``1``
     activation and, when ``dropout > 0``, ``2`` Dropout."""
+
+    pattern = "(Linear, activation[, Dropout])"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "leaky_relu", negative_slope: float = 0.2,
@@ -211,33 +398,41 @@ class LinearAct(_Fused):
                                                 negative_slope, dropout, device, dtype))
         self._validate()
 
-    def _validate(self):
-        if len(self) not in (2, 3) or not isinstance(self[0], nn.Linear):
-            raise ValueError("LinearAct needs children (Linear, activation[, Dropout])")
-        self.activation()  # ValueError if the activation is not fusable
-        if len(self) == 3 and type(self[2]) is not nn.Dropout:
-            raise ValueError("LinearAct's third child must be nn.Dropout")
+    def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
+        return LinearActFunction.call(*self._inputs(plan, x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        a = self.op_inputs(x)
-        return FG.linear_act(a.x, a.weight, a.bias, a.activation, a.negative_slope, a.p, True,
-                             a.seed, a.offset)
+
+def _fused_layers(model: nn.Module) -> list:
+    """The fused layers of ``model`` and, in their place, the dropout streams of the
+    runs ``fastgan.fuse`` planned (they have a layer's seed_dropout, dropout_rng and
+    _dropout_seeded)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, _Fused):
+            out.append(m)
+        elif hasattr(type(m), "_fastgan_dropout_streams"):
+            out.extend(m._fastgan_dropout_streams())
+    return out
 
 
 def seed_dropout(model: nn.Module, seed: int) -> None:
-    """Give every fused layer of ``model`` its own dropout stream derived from ``seed``."""
-    for i, m in enumerate(m for m in model.modules() if isinstance(m, _Fused)):
+    """Give every fused layer of ``model`` its own dropout stream derived from
+    ``seed``, for explicit control (otherwise each layer draws its seed from
+    torch's default generator when it first drops)."""
+    for i, m in enumerate(_fused_layers(model)):
         m.seed_dropout(seed * 1_000_003 + i)
 
 
 def dropout_rng_state(model: nn.Module) -> list[Tensor]:
     """The dropout RNG buffers of ``model``'s fused layers (for checkpoints)."""
-    return [m.dropout_rng.detach().cpu().clone() for m in model.modules() if isinstance(m, _Fused)]
+    return [m.dropout_rng.detach().cpu().clone() for m in _fused_layers(model)]
 
 
 def set_dropout_rng_state(model: nn.Module, states: list[Tensor]) -> None:
-    layers = [m for m in model.modules() if isinstance(m, _Fused)]
+    """Restore what ``dropout_rng_state`` returned; the layers keep these streams."""
+    layers = _fused_layers(model)
     if len(layers) != len(states):
         raise ValueError(f"dropout RNG state has {len(states)} entries, model has {len(layers)} fused layers")
     for m, s in zip(layers, states):
         m.dropout_rng.copy_(s)
+        m._dropout_seeded = True

@@ -27,6 +27,12 @@ MAX_OUTPUT_NUMEL = 2**32
 
 
 # ----------------------------------------------------------------- shared helpers
+# Each helper first asks a quick question whose "yes" means the full check
+# would pass (the common case, a few attribute reads: this runs on every op
+# call); on "no" the full check runs and names what is wrong.
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def tensor(t, name: str, *, ndim: int | None = None, dtype=None, device=None, numel=None,
            like: str = "x"):
     """``t`` is a Tensor with the given ndim, dtype (one or a tuple), numel and
@@ -43,6 +49,13 @@ def tensor(t, name: str, *, ndim: int | None = None, dtype=None, device=None, nu
         raise ValueError(f"{name} must have {numel} elements, got shape {tuple(t.shape)}")
 
 
+def _fits(t, ndim, dtype, device, numel) -> bool:
+    """Quick: ``tensor(t, ndim=ndim, dtype=dtype, device=device, numel=numel)``
+    passes (ndim or numel None: not asked; dtype one dtype)."""
+    return (t.__class__ in _PLAIN and t.dtype is dtype and t.device == device
+            and (ndim is None or t.dim() == ndim) and (numel is None or t.numel() == numel))
+
+
 def finite(value, name: str) -> bool:
     """Whether the number ``value`` is finite; TypeError naming it if it is no number."""
     try:
@@ -52,7 +65,13 @@ def finite(value, name: str) -> bool:
 
 
 def hyper(activation: str, negative_slope: float, p: float):
-    """The epilogue's hyper-parameters: a known activation, slope >= 0, dropout p in [0, 1)."""
+    """The epilogue's hyper-parameters: a known activation, slope >= 0, dropout p in
+    [0, 1). The fused layers run it (and ``batch_norm``) at construction too, so a
+    layer no forward could run is never built."""
+    if (negative_slope.__class__ is float and p.__class__ is float
+            and 0.0 <= negative_slope < math.inf and 0.0 <= p < 1.0
+            and activation.__class__ is str and activation in spec.ACTIVATION):
+        return  # (NaN fails the comparisons)
     spec.activation(activation)  # ValueError naming `activation`
     if not finite(negative_slope, "negative_slope") or negative_slope < 0:
         raise ValueError(f"negative_slope must be finite and >= 0, got {negative_slope}")
@@ -60,28 +79,44 @@ def hyper(activation: str, negative_slope: float, p: float):
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
 
 
+def batch_norm(eps: float, momentum: Optional[float]):
+    """BatchNorm's hyper-parameters: eps finite and > 0, momentum None or in [0, 1]."""
+    if eps.__class__ is float and 0.0 < eps < math.inf and (
+            momentum is None or (momentum.__class__ is float and 0.0 <= momentum <= 1.0)):
+        return
+    if not (finite(eps, "eps") and eps > 0):
+        raise ValueError(f"eps must be finite and > 0, got {eps}")
+    if momentum is not None and not (finite(momentum, "momentum") and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be None or in [0, 1], got {momentum}")
+
+
 def rng(seed: Tensor, offset: Tensor, device: torch.device):
     """The dropout key: two 1-element int64 tensors on x's device."""
-    tensor(seed, "seed", dtype=torch.int64, device=device, numel=1)
-    tensor(offset, "offset", dtype=torch.int64, device=device, numel=1)
+    if not _fits(seed, None, torch.int64, device, 1):
+        tensor(seed, "seed", dtype=torch.int64, device=device, numel=1)
+    if not _fits(offset, None, torch.int64, device, 1):
+        tensor(offset, "offset", dtype=torch.int64, device=device, numel=1)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor, offset: Tensor):
     """The Linear of both linear ops: x (B, K) float, weight (N, K) and bias (N,) of
     x's dtype and device, the dropout key, and B * N within the dropout counter."""
-    tensor(x, "x", ndim=2)
-    if x.dtype not in FLOAT_DTYPES:
+    if not (x.__class__ in _PLAIN and x.dim() == 2):
+        tensor(x, "x", ndim=2)
+    dtype, device = x.dtype, x.device
+    if dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16, bfloat16 (or float64), got {x.dtype}")
-    tensor(weight, "weight", ndim=2, dtype=x.dtype, device=x.device)
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight has in_features={weight.shape[1]} but x has {x.shape[1]} "
-                         "columns (K mismatch)")
-    n = weight.shape[0]
-    if bias is not None:
-        tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device, numel=n)
-    rng(seed, offset, x.device)
-    if x.shape[0] * n >= MAX_OUTPUT_NUMEL:
-        raise ValueError(f"batch * out_features must be below 2**32, got {x.shape[0]} * {n}")
+    if not _fits(weight, 2, dtype, device, None):
+        tensor(weight, "weight", ndim=2, dtype=dtype, device=device)
+    b, k = x.shape
+    n, k_w = weight.shape
+    if k_w != k:
+        raise ValueError(f"weight has in_features={k_w} but x has {k} columns (K mismatch)")
+    if bias is not None and not _fits(bias, 1, dtype, device, n):
+        tensor(bias, "bias", ndim=1, dtype=dtype, device=device, numel=n)
+    rng(seed, offset, device)
+    if b * n >= MAX_OUTPUT_NUMEL:
+        raise ValueError(f"batch * out_features must be below 2**32, got {b} * {n}")
 
 
 # ----------------------------------------------------------------- one check per op
@@ -98,17 +133,17 @@ def linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     parameters and statistics ((N,), fp32; fp64 for fp64 x), eps, momentum and,
     in training, a batch of more than one row."""
     linear(x, weight, bias, seed, offset)
-    n = weight.shape[0]
-    stat_dtype = spec.acc_dtype(x)
+    n, device = weight.shape[0], x.device
+    stat_dtype = torch.float64 if x.dtype is torch.float64 else torch.float32  # spec.acc_dtype
     for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
                     (running_mean, "running_mean"), (running_var, "running_var")):
-        tensor(t, name, ndim=1, dtype=stat_dtype, device=x.device, numel=n)
-    tensor(num_batches_tracked, "num_batches_tracked", dtype=torch.int64, device=x.device, numel=1)
+        if not _fits(t, 1, stat_dtype, device, n):
+            tensor(t, name, ndim=1, dtype=stat_dtype, device=device, numel=n)
+    if not _fits(num_batches_tracked, None, torch.int64, device, 1):
+        tensor(num_batches_tracked, "num_batches_tracked", dtype=torch.int64, device=device,
+               numel=1)
     hyper(activation, negative_slope, p)
-    if not (finite(eps, "eps") and eps > 0):
-        raise ValueError(f"eps must be finite and > 0, got {eps}")
-    if momentum is not None and not (finite(momentum, "momentum") and 0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be None or in [0, 1], got {momentum}")
+    batch_norm(eps, momentum)
     if training and x.shape[0] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{list(x.shape)} (x batch size must be > 1 for batch statistics)")
@@ -131,3 +166,32 @@ def gan_bce(logits_a, logits_b, target_a, target_b):
     for t, name in ((target_a, "target_a"), (target_b, "target_b")):
         if not (finite(t, name) and 0.0 <= t <= 1.0):
             raise ValueError(f"{name} (label) must be in [0, 1], got {t}")
+
+
+# Autograd nodes that only reshape, select, copy or cast: a sigmoid behind them
+# still produced the values.
+_SHAPE_ONLY = frozenset({"View", "UnsafeView", "ReshapeAlias", "Squeeze", "Unsqueeze", "Expand",
+                         "T", "Transpose", "Permute", "Select", "Slice", "Clone", "ToCopy",
+                         "AsStrided", "Alias"})
+
+
+def logits(t, name: str):
+    """Refuse tensors that are evidently probabilities where logits are due: the
+    output of a sigmoid (read from the autograd graph, so no value is looked at;
+    logits that happen to lie in [0, 1] are legal). The functional losses run
+    it before the op (the op's own check sees tensors cut from their graph)."""
+    if torch.compiler.is_compiling():
+        return  # (the graph being traced is not the one autograd records)
+    node = getattr(t, "grad_fn", None)
+    for _ in range(8):
+        if node is None:
+            return
+        kind = node.name().rstrip("0123456789")
+        if kind == "SigmoidBackward":
+            raise ValueError(f"{name} is the output of a sigmoid, i.e. probabilities, but the "
+                             "GAN losses take logits (the discriminator's output before any "
+                             "sigmoid): drop the final nn.Sigmoid, or use "
+                             "F.binary_cross_entropy on probabilities")
+        if kind[:-len("Backward")] not in _SHAPE_ONLY:
+            return
+        node = node.next_functions[0][0] if node.next_functions else None

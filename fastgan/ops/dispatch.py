@@ -17,6 +17,11 @@ Choice, first match wins:
 
 Every dispatch is counted in ``calls`` (``(backend, function) -> n``) so tests can
 prove which backend actually ran.
+
+The override is per thread, and autograd runs the backward of CUDA tensors on
+its own worker thread, which sees none: the ops' autograd Functions therefore
+remember the backend their forward ran on and pass it back here
+(``select(device, name)``) for their backward.
 """
 from __future__ import annotations
 
@@ -37,6 +42,16 @@ calls: collections.Counter = collections.Counter()
 _local = threading.local()
 _warned: set = set()
 _cache: dict = {}
+# Every op call asks: the answers, per device, once found (what is installed
+# does not change while the process runs).
+_runs_on: set = set()    # (backend, device) pairs checked to work
+_chosen: dict = {}       # device -> the backend chosen without an override
+_resolved: dict = {}     # (override or None, device, function) -> resolve()'s answer + its count key
+_ENV = "FASTGAN_BACKEND"
+# os.environ.get of a missing variable raises and catches a KeyError inside:
+# slow for a per-call question. Its backing dict answers the same, directly.
+_environ = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV) if _environ is not None else None
 
 
 def _load(name: str):
@@ -81,21 +96,40 @@ def use_backend(name: str):
 
 def forced() -> str | None:
     """The backend forced by ``use_backend`` (innermost) or ``FASTGAN_BACKEND``, or None."""
-    name = getattr(_local, "forced", None) or os.environ.get("FASTGAN_BACKEND") or None
+    name = getattr(_local, "forced", None) or _env_backend()
     return _check_name(name) if name else None
 
 
-def select(device: torch.device) -> str:
-    """Name of the backend that runs ops on ``device`` right now."""
-    name = forced()
+def _env_backend() -> str | None:
+    if _environ is None:
+        return os.environ.get(_ENV) or None
+    value = _environ.get(_ENV_KEY)
+    return os.environ.decodevalue(value) if value else None
+
+
+def select(device: torch.device, name: str | None = None) -> str:
+    """Name of the backend that runs ops on ``device`` right now, or of backend
+    ``name`` (the one a forward ran on, for its backward) after checking it can."""
+    if name is None:
+        name = forced()
     if name is not None:
+        if (name, device) in _runs_on:
+            return name
         mod, why = _load(name)
         if mod is None:
             raise RuntimeError(f"fastgan backend {name!r} was requested but is unavailable: {why}")
         if not mod.supports(device):
             raise RuntimeError(f"fastgan backend {name!r} was requested but cannot run on "
                                f"{device.type} tensors")
+        _runs_on.add((name, device))
         return name
+    chosen = _chosen.get(device)
+    if chosen is None:
+        chosen = _chosen[device] = _choose(device)
+    return chosen
+
+
+def _choose(device: torch.device) -> str:
     for name in _PREFERENCE.get(device.type, ()):
         mod, _ = _load(name)
         if mod is not None and mod.supports(device):
@@ -104,12 +138,32 @@ def select(device: torch.device) -> str:
         _warned.add(device.type)
         tried = ", ".join(f"{n}: {_load(n)[1]}" for n in _PREFERENCE.get(device.type, ()))
         warnings.warn(f"fastgan: no fused backend for {device.type} tensors ({tried or 'none exists'}); "
-                      "using the slow reference backend", RuntimeWarning, stacklevel=3)
+                      "using the slow reference backend", RuntimeWarning, stacklevel=4)
     return "reference"
 
 
-def get(function: str, device: torch.device):
+def resolve(function: str, device: torch.device, name: str | None = None):
+    """``(backend name, its implementation of function)`` for ``device`` (or the
+    given backend, see ``select``); counts the call."""
+    if name is None:
+        name = getattr(_local, "forced", None) or _env_backend()
+    key = (name, device, function)
+    hit = _resolved.get(key)
+    if hit is None:  # first call of its kind: check, choose, look up
+        chosen = select(device, None if name is None else _check_name(name))
+        hit = _resolved[key] = (chosen, getattr(_load(chosen)[0], function), (chosen, function))
+    calls[hit[2]] += 1
+    return hit[0], hit[1]
+
+
+def get(function: str, device: torch.device, name: str | None = None):
     """The implementation of backend ``function`` chosen for ``device``; counts the call."""
-    name = select(device)
-    calls[(name, function)] += 1
-    return getattr(_load(name)[0], function)
+    return resolve(function, device, name)[1]
+
+
+def module(name: str):
+    """The module of backend ``name``; RuntimeError if it is unavailable."""
+    mod, why = _load(_check_name(name))
+    if mod is None:
+        raise RuntimeError(f"fastgan backend {name!r} is unavailable: {why}")
+    return mod

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import checks
 from .registry import GanBCEFunction, LinearActFunction, LinearBNActFunction
 
 
@@ -65,7 +66,7 @@ def linear_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 
 class DLoss(NamedTuple):
-    loss: Tensor     # BCE(D(x), 1 - smoothing) + BCE(D(G(z)), 0), fp32 scalar
+    loss: Tensor     # BCE(D(x), 1 - smoothing) + BCE(D(G(z)), 0): the SUM of the two, fp32
     d_real: Tensor   # mean sigmoid(real_logits): mean D(x)
     d_fake: Tensor   # mean sigmoid(fake_logits): mean D(G(z))
 
@@ -76,13 +77,30 @@ class GLoss(NamedTuple):
 
 
 def gan_bce_d(real_logits: Tensor, fake_logits: Tensor, smoothing: float = 0.0) -> DLoss:
-    """Discriminator loss from logits, with optional one-sided label smoothing."""
+    """Discriminator loss from **logits**, with optional one-sided label smoothing.
+
+    ``loss = mean BCE(real_logits, 1 - smoothing) + mean BCE(fake_logits, 0)``:
+    the **sum** of the real and the fake term, as the seed GAN (the MLP GAN of
+    ``fastgan.nn.models``) computes it. Many GAN codes average the two
+    (``0.5 * (real + fake)``, e.g. PyTorch-GAN); for those, use ``0.5 * loss``
+    (or halve the discriminator's learning rate under plain SGD) to keep their
+    numbers. The logits are the discriminator's output *before* any sigmoid,
+    what ``F.binary_cross_entropy_with_logits`` takes: a sigmoid's output is
+    refused (ValueError) when the autograd graph shows it; logits that happen
+    to lie in [0, 1] are legal and cannot be told apart, so a discriminator
+    that ends in ``nn.Sigmoid`` under ``torch.no_grad`` goes unnoticed.
+    """
+    checks.logits(real_logits, "real_logits")
+    checks.logits(fake_logits, "fake_logits")
     loss, d_real, d_fake = GanBCEFunction.call(real_logits, fake_logits, 1.0 - float(smoothing),
                                                0.0)
     return DLoss(loss, d_real.detach(), d_fake.detach())
 
 
 def gan_bce_g(fake_logits: Tensor) -> GLoss:
-    """Generator's non-saturating loss from the discriminator's logits on fakes."""
+    """Generator's non-saturating loss ``mean BCE(fake_logits, 1)`` from the
+    discriminator's **logits** on fakes (refused if they are a sigmoid's output,
+    as in ``gan_bce_d``)."""
+    checks.logits(fake_logits, "fake_logits")
     loss, d_fake, _ = GanBCEFunction.call(fake_logits, None, 1.0, 0.0)
     return GLoss(loss, d_fake.detach())

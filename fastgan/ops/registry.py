@@ -10,7 +10,8 @@ Every op is wired the same way, by ``define`` from one ``OpDef`` row:
   unchecked: it only sees tensors its forward produced. It takes the gradient
   of the op's first output, then forward inputs and outputs *by name* (what
   the autograd Function saves), then whether the first input that gets a
-  gradient needs it (``compute_dx``). No mask is ever stored: backward
+  gradient needs it (``compute_dx``) and the backend the forward ran on
+  (``backend``, "" for the one chosen now). No mask is ever stored: backward
   recomputes dropout from ``(seed, offset)`` and the activation's derivative
   from the saved tensors.
 * ``<Op>Function``, the op's one ``autograd.Function`` over those two ops;
@@ -22,6 +23,19 @@ Every op is wired the same way, by ``define`` from one ``OpDef`` row:
   ``register_autograd`` refuses mutating ops: it is differentiable through
   ``LinearBNActFunction`` only.
 
+Backward runs on the backend the forward ran on: the Function keeps its name
+on the autograd context, because ``use_backend`` is per thread and autograd
+runs CUDA backward nodes on a worker thread of its own.
+
+Double backward (gradient penalties: R1, WGAN-GP). The kernels return
+gradients as numbers, with no graph behind them. So when a backward itself
+builds a graph (``create_graph=True``; autograd runs the backward with grad
+mode on exactly then), the Function computes the gradient with the plain,
+differentiable formulas of ``fastgan.impl.reference`` (``<op>_grads``) from
+the saved *inputs*, on the same device, with the forward's own dropout mask
+(drawn by the forward's backend). Higher derivatives are then exact on every
+backend; first-order backward keeps the fused kernels.
+
 ``gan_bce`` has no backward op: its forward already returns ``dloss/dlogits``
 (the kernels compute loss and gradient in one pass), so its backward is
 ``dloss/dlogits * grad_loss``, two multiplies by a scalar. Plain tensor math
@@ -30,7 +44,9 @@ function to every ``fastgan.impl`` module for nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import operator
 import typing
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -41,22 +57,28 @@ from torch.library import custom_op, infer_schema, register_fake
 
 from . import checks, dispatch, spec
 
+# Plain eager tensors: an op's body may run on them directly (see ``_plain``).
+_PLAIN = (Tensor, torch.nn.Parameter)
+# Every backward (and differentiable backward) ends with these two parameters:
+# whether the first input that gets a gradient needs it, and the forward's backend.
+_TRAILING = ("compute_dx", "backend")
 
-def _eager(*args) -> bool:
-    """Whether an autograd.Function may call an op's body directly.
+
+def _plain(tensors) -> bool:
+    """Whether an autograd.Function may call an op's body directly on these.
 
     The custom-op round trip (Python -> dispatcher -> Python) costs tens of
     microseconds per call, as much as the fused kernels of a small layer on
-    the CPU. In plain eager code on plain tensors the body (same check, same
-    backend) runs directly; under torch.compile, or with fake, meta or
-    subclass tensors among the arguments, the registered op is called.
+    the CPU. On plain tensors and Parameters (not meta, not fake or other
+    subclasses) the body (same check, same backend) runs directly; the caller
+    also takes the op under torch.compile. ``tensors[0]`` (x, or the gradient)
+    stands for the device: the check puts every tensor on its device.
     """
-    if torch.compiler.is_compiling():
-        return False
-    for t in args:
-        if isinstance(t, Tensor) and (type(t) is not Tensor or t.is_meta):
+    for t in tensors:
+        if t.__class__ not in _PLAIN and isinstance(t, Tensor):
             return False
-    return True
+    x = tensors[0]  # (non-tensors are left for the check to name)
+    return not (x.__class__ in _PLAIN and x.is_meta)
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,8 @@ class OpDef:
 
     The backend functions are ``spec.OPS[name]``: a forward, and a backward
     unless the op's backward is plain tensor math (``backward_fake`` None).
+    ``backward`` and ``double`` take the gradient, then forward inputs and
+    outputs by name, then ``_TRAILING``.
     """
     name: str
     signature: Callable          # typed signature of fastgan::<name> (body unused): schema, names
@@ -72,17 +96,26 @@ class OpDef:
     fake: Callable               # (forward args) -> empty outputs, after the check
     grads: tuple[str, ...]       # inputs that get gradients, in the backward's output order
     backward: Callable           # typed signature of fastgan::<name>_backward, or its math
+    double: Callable             # the backward in differentiable plain PyTorch (create_graph)
     backward_fake: Optional[Callable] = None
     mutates: tuple[str, ...] = ()
     contiguous: tuple[str, ...] = ()   # inputs made contiguous before the backend sees them
     results: Optional[int] = None      # leading outputs the Function returns (None: all)
 
 
+def _params(fn: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
+def _tensor_hint(hint) -> bool:
+    return hint is Tensor or hint == Optional[Tensor]
+
+
 def _register_forward(op: OpDef):
     """``fastgan::<name>`` and its fake; returns (its OpOverload, its body, the CustomOpDef)."""
     check = getattr(checks, op.name)
     forward_fn = spec.OPS[op.name][0]
-    names = tuple(inspect.signature(op.signature).parameters)
+    names = _params(op.signature)
     contiguous = tuple(names.index(n) for n in op.contiguous)
 
     def body(*args):
@@ -109,13 +142,19 @@ def _register_backward(op: OpDef):
     Without a backend backward function, ``op.backward`` is plain math: both."""
     functions = spec.OPS[op.name]
     assert (len(functions) == 2) == (op.backward_fake is not None), op.name
+    assert _params(op.backward)[-2:] == _params(op.double)[-2:] == _TRAILING, op.name
     if len(functions) == 1:
         return op.backward, op.backward
     backward_fn = functions[1]
 
+    n = len(_params(op.backward)) - 2  # arguments between the gradient and `backend`
+
     def body(grad, *args):
+        # `backend` has a default: the op's caller may leave it out
+        backend = args[n] if len(args) > n else ""
         # autograd may hand us an expanded or strided gradient
-        return dispatch.get(backward_fn, args[0].device)(grad.contiguous(), *args)
+        return dispatch.get(backward_fn, args[0].device, backend or None)(grad.contiguous(),
+                                                                         *args[:n])
 
     qualname = f"fastgan::{op.name}_backward"
     custom_op(qualname, body, mutates_args=(), schema=infer_schema(op.backward, mutates_args=()))
@@ -124,21 +163,43 @@ def _register_backward(op: OpDef):
 
 
 def _saved(op: OpDef):
-    """Where the backward's arguments come from, between the gradient and the
-    trailing flag: each names a forward input or output. Returns the sources
-    of the saved tensors (save_for_backward), of the saved constants (the
-    hyper-parameters, kept on ctx), and for each argument (is_tensor, index)
-    into one of the two."""
-    inputs = tuple(inspect.signature(op.signature).parameters)
+    """Where the arguments of ``op.backward`` and ``op.double`` come from, between
+    the gradient and ``_TRAILING``: each names a forward input or output.
+    Returns the sources of the saved tensors (save_for_backward) and of the
+    saved constants (the hyper-parameters, kept on ctx), each an (is_output,
+    index) pair, and for each of the two functions its arguments as
+    (is_tensor, index) into one of the two."""
+    inputs = _params(op.signature)
     hints = typing.get_type_hints(op.signature)
-    tensors, constants, layout = [], [], []
-    for name in tuple(inspect.signature(op.backward).parameters)[1:-1]:
-        is_output = name in op.outputs
-        is_tensor = is_output or hints[name] is Tensor
-        into = tensors if is_tensor else constants
-        layout.append((is_tensor, len(into)))
-        into.append((is_output, op.outputs.index(name) if is_output else inputs.index(name)))
-    return tuple(tensors), tuple(constants), tuple(layout)
+    tensors, constants, layouts = [], [], []
+    for fn in (op.backward, op.double):
+        layout = []
+        for name in _params(fn)[1:-len(_TRAILING)]:
+            is_output = name in op.outputs
+            source = (is_output, op.outputs.index(name) if is_output else inputs.index(name))
+            into = tensors if is_output or _tensor_hint(hints[name]) else constants
+            if source not in into:
+                into.append(source)
+            layout.append((into is tensors, into.index(source)))
+        layouts.append(tuple(layout))
+    return tuple(tensors), tuple(constants), *layouts
+
+
+def _picker(indices) -> Callable[[tuple], tuple]:
+    """``pool -> tuple(pool[i] for i in indices)``, at itemgetter's speed in eager
+    code (dynamo cannot trace an itemgetter)."""
+    indices = tuple(indices)
+    getter = operator.itemgetter(*indices) if len(indices) > 1 else None
+
+    def pick(pool):
+        if getter is None or torch.compiler.is_compiling():
+            return tuple(pool[i] for i in indices)
+        return getter(pool)
+    return pick
+
+
+def _unpack(layout, tensors, constants) -> list:
+    return [tensors[k] if is_tensor else constants[k] for is_tensor, k in layout]
 
 
 def define(class_name: str, op: OpDef) -> type:
@@ -146,14 +207,28 @@ def define(class_name: str, op: OpDef) -> type:
     functional op) its autograd formula; return the op's ``autograd.Function``."""
     forward_op, forward_body, custom = _register_forward(op)
     backward_op, backward_body = _register_backward(op)
-    tensor_sources, constant_sources, layout = _saved(op)
-    inputs = tuple(inspect.signature(op.signature).parameters)
+    tensor_sources, constant_sources, layout, double_layout = _saved(op)
+    inputs = _params(op.signature)
+    hints = typing.get_type_hints(op.signature)
     grad_index = tuple(inputs.index(n) for n in op.grads)
+    check = getattr(checks, op.name)
+    forward_fn = spec.OPS[op.name][0]
+    tensor_args = _picker(i for i, n in enumerate(inputs) if _tensor_hint(hints[n]))
+    contiguous = tuple(inputs.index(n) for n in op.contiguous)
+
+    # what save() keeps, as indices into (*inputs, *outputs)
+    pick_tensors = _picker([len(inputs) + i if out else i for out, i in tensor_sources])
+    pick_constants = _picker([len(inputs) + i if out else i for out, i in constant_sources])
+
+    def save(ctx, inputs, output, backend):
+        pool = (*inputs, *output) if isinstance(output, tuple) else (*inputs, output)
+        ctx.save_for_backward(*pick_tensors(pool))
+        ctx.constants = pick_constants(pool)
+        ctx.backend = backend
 
     def setup_context(ctx, inputs, output):
-        outs = output if isinstance(output, tuple) else (output,)
-        ctx.save_for_backward(*[outs[i] if out else inputs[i] for out, i in tensor_sources])
-        ctx.constants = tuple(outs[i] if out else inputs[i] for out, i in constant_sources)
+        # Under torch.compile the backward op dispatches when it runs.
+        save(ctx, inputs, output, None if torch.compiler.is_compiling() else dispatch.forced())
 
     def results(out):
         if op.results is None:
@@ -161,16 +236,35 @@ def define(class_name: str, op: OpDef) -> type:
         return out[0] if op.results == 1 else out[:op.results]
 
     def forward(ctx, *args):
-        out = (forward_body if _eager(*args) else forward_op)(*args)
-        setup_context(ctx, args, out)
+        if torch.compiler.is_compiling():
+            out, backend = forward_op(*args), None
+        elif not _plain(tensor_args(args)):
+            out, backend = forward_op(*args), dispatch.forced()
+        else:  # the op's body, inlined: check, dispatch, backend
+            check(*args)
+            backend, fn = dispatch.resolve(forward_fn, args[0].device)
+            if contiguous:
+                call_args = list(args)
+                for i in contiguous:
+                    call_args[i] = None if args[i] is None else args[i].contiguous()
+                out = fn(*call_args)
+            else:
+                out = fn(*args)
+        save(ctx, args, out, backend)
         return results(out)
 
     def backward(ctx, grad, *_not_differentiable):
         tensors, constants = ctx.saved_tensors, ctx.constants
-        args = [tensors[k] if is_tensor else constants[k] for is_tensor, k in layout]
         needs = ctx.needs_input_grad
-        out = (backward_body if _eager(grad, *tensors) else backward_op)(
-            grad, *args, needs[grad_index[0]])
+        if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
+            with _no_autocast(grad.device.type):
+                out = op.double(grad, *_unpack(double_layout, tensors, constants),
+                                needs[grad_index[0]], ctx.backend)
+        else:
+            args = _unpack(layout, tensors, constants)
+            eager = not torch.compiler.is_compiling() and _plain((grad, *tensors))
+            out = (backward_body if eager else backward_op)(grad, *args, needs[grad_index[0]],
+                                                            ctx.backend or "")
         grads = [None] * len(needs)
         for i, g in zip(grad_index, out):
             if needs[i]:
@@ -191,13 +285,43 @@ def define(class_name: str, op: OpDef) -> type:
 
     function = type(class_name, (torch.autograd.Function,), {
         "__doc__": f"The autograd of ``torch.ops.fastgan.{op.name}``: its forward and "
-                   "backward ops, or their bodies in plain eager code. Call it with ``call``.",
+                   "backward ops, or their bodies in plain eager code; differentiable "
+                   "twice. Call it with ``call``.",
         "__module__": __name__,
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
         "call": staticmethod(call),
     })
     return function
+
+
+# ------------------------------------------------------------------ double backward
+def _no_autocast(device_type: str):
+    """The differentiable backward recomputes the forward's math in the forward's
+    dtypes, whatever autocast region the backward was called from."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _reference():
+    return dispatch.module("reference")
+
+
+def _keep(backend: Optional[str], shape, p: float, seed: Tensor, offset: Tensor):
+    """The forward's dropout multiplier, (B, N) fp32: ``1 / (1 - p)`` where its
+    mask keeps an element, 0 where it drops it; None without dropout. It is the
+    forward backend's own ``linear_act`` on a column of ones (K = 1, identity),
+    so the mask comes from the same Philox call and element numbering."""
+    if p == 0.0:
+        return None
+    rows = torch.ones(shape[0], 1, device=seed.device)
+    cols = torch.ones(shape[1], 1, device=seed.device)
+    args = (rows, cols, None, "identity", 0.0, p, seed, offset)
+    with torch.no_grad():
+        if not torch.compiler.is_compiling() and _plain((seed, offset)):
+            return dispatch.get("linear_act_forward", seed.device, backend)(*args)
+        return torch.ops.fastgan.linear_act(*args)
 
 
 # ------------------------------------------------------------------ linear_bn_act
@@ -225,20 +349,34 @@ def _linear_bn_act_fake(x, weight, bias, bn_weight, *_):
 def _linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
                             bn_bias: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
                             training: bool, activation: str, negative_slope: float, p: float,
-                            seed: Tensor, offset: Tensor, compute_dx: bool
+                            seed: Tensor, offset: Tensor, compute_dx: bool, backend: str = ""
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db, dgamma, dbeta); dx is empty unless compute_dx."""
 
 
-def _linear_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, *args):
-    return (*_linear_grads_fake(x, weight, args[-1]), bn_weight.new_empty(bn_weight.shape),
+def _linear_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training,
+                                 activation, negative_slope, p, seed, offset, compute_dx,
+                                 backend=""):
+    return (*_linear_grads_fake(x, weight, compute_dx), bn_weight.new_empty(bn_weight.shape),
             bn_bias.new_empty(bn_bias.shape))
+
+
+def _linear_bn_act_double(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, rstd: Tensor,
+                          training: bool, eps: float, activation: str, negative_slope: float,
+                          p: float, seed: Tensor, offset: Tensor, compute_dx: bool,
+                          backend: Optional[str]):
+    keep = _keep(backend, grad_y.shape, p, seed, offset)
+    return _reference().linear_bn_act_grads(grad_y, x, weight, bias, bn_weight, bn_bias, mean,
+                                            rstd, training, eps, activation, negative_slope,
+                                            keep, compute_dx)
 
 
 LinearBNActFunction = define("LinearBNActFunction", OpDef(
     "linear_bn_act", _linear_bn_act, outputs=("y", "h", "mean", "rstd"),
     fake=_linear_bn_act_fake, grads=("x", "weight", "bias", "bn_weight", "bn_bias"),
-    backward=_linear_bn_act_backward, backward_fake=_linear_bn_act_backward_fake,
+    backward=_linear_bn_act_backward, double=_linear_bn_act_double,
+    backward_fake=_linear_bn_act_backward_fake,
     mutates=("running_mean", "running_var", "num_batches_tracked"),
     results=1))  # h, mean and rstd are only saved for backward
 
@@ -255,19 +393,28 @@ def _linear_act_fake(x, weight, *_):
 
 def _linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str,
                          negative_slope: float, p: float, seed: Tensor, offset: Tensor,
-                         compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         compute_dx: bool, backend: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dW, db); dx is empty unless compute_dx. The activation's
     derivative comes from the output y, so no pre-activation is stored."""
 
 
-def _linear_act_backward_fake(grad_y, x, weight, *args):
-    return _linear_grads_fake(x, weight, args[-1])
+def _linear_act_backward_fake(grad_y, x, weight, y, activation, negative_slope, p, seed, offset,
+                              compute_dx, backend=""):
+    return _linear_grads_fake(x, weight, compute_dx)
+
+
+def _linear_act_double(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                       activation: str, negative_slope: float, p: float, seed: Tensor,
+                       offset: Tensor, compute_dx: bool, backend: Optional[str]):
+    keep = _keep(backend, grad_y.shape, p, seed, offset)
+    return _reference().linear_act_grads(grad_y, x, weight, bias, activation, negative_slope,
+                                         keep, compute_dx)
 
 
 LinearActFunction = define("LinearActFunction", OpDef(
     "linear_act", _linear_act, outputs=("y",), fake=_linear_act_fake,
-    grads=("x", "weight", "bias"),
-    backward=_linear_act_backward, backward_fake=_linear_act_backward_fake))
+    grads=("x", "weight", "bias"), backward=_linear_act_backward, double=_linear_act_double,
+    backward_fake=_linear_act_backward_fake))
 
 
 # ------------------------------------------------------------------ gan_bce
@@ -284,16 +431,25 @@ def _gan_bce_fake(logits_a, logits_b, target_a, target_b):
             logits_a.new_empty(logits_a.shape), grad_b)
 
 
-def _gan_bce_backward(grad_loss: Tensor, grad_a: Tensor, grad_b: Tensor, compute_da: bool
-                      ) -> tuple[Tensor, Tensor]:
-    """(dlogits_a, dlogits_b): the forward's gradients scaled by the loss's.
+def _gan_bce_backward(grad_loss: Tensor, grad_a: Tensor, grad_b: Tensor, compute_dx: bool,
+                      backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """(dlogits_a, dlogits_b): the forward's gradients scaled by the loss's
+    (``compute_dx``: whether logits_a needs its gradient; no backend runs).
     The mean probabilities are diagnostics: no gradient flows through them."""
-    da = grad_a * grad_loss.to(grad_a.dtype) if compute_da else grad_a.new_empty(0)
+    da = grad_a * grad_loss.to(grad_a.dtype) if compute_dx else grad_a.new_empty(0)
     return da, grad_b * grad_loss.to(grad_b.dtype)
+
+
+def _gan_bce_double(grad_loss: Tensor, logits_a: Tensor, logits_b: Optional[Tensor],
+                    target_a: float, target_b: float, compute_dx: bool,
+                    backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    return _reference().gan_bce_grads(grad_loss, logits_a, logits_b, target_a, target_b,
+                                      compute_dx)
 
 
 GanBCEFunction = define("GanBCEFunction", OpDef(
     "gan_bce", _gan_bce, outputs=("loss", "prob_a", "prob_b", "grad_a", "grad_b"),
     fake=_gan_bce_fake, grads=("logits_a", "logits_b"), backward=_gan_bce_backward,
+    double=_gan_bce_double,
     contiguous=("logits_a", "logits_b"),  # the kernels walk the logits as flat vectors
     results=3))  # dloss/dlogits are only saved for backward

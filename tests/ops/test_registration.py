@@ -161,9 +161,8 @@ def test_compile_fullgraph_no_graph_break(bd):
     eager = torch.nn.Sequential(fnn.LinearBNAct(6, 8, dropout=0.2),
                                 fnn.LinearAct(8, 3, activation="tanh")).to(device)
     eager.load_state_dict(model.state_dict())
-    for a, b in zip(model.modules(), eager.modules()):
-        if isinstance(a, fnn._Fused):
-            b.dropout_rng.copy_(a.dropout_rng)
+    fnn.seed_dropout(model, 3)
+    fnn.seed_dropout(eager, 3)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 6, device=device)
     with ran(backend, "linear_bn_act_forward", "linear_bn_act_backward"):

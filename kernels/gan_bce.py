@@ -36,7 +36,14 @@ def _bce_pass(z_ptr, grad_ptr, n, target, BLOCK: tl.constexpr):
         ok = offs < n
         z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         e = tl.exp(-tl.abs(z))  # in (0, 1]: never overflows
-        term = tl.maximum(z, 0.0) - z * target + _log1p(e)
+        # An infinite logit would give inf - inf = nan below; its limit is (1 - t) * inf
+        # for +inf and t * inf for -inf: inf, or 0 where the target matches it.
+        big = tl.abs(z) == float("inf")
+        zf = tl.where(big, 0.0, z)
+        term = tl.maximum(zf, 0.0) - zf * target + _log1p(e)
+        limit = tl.where(z > 0, tl.where(target < 1.0, float("inf"), 0.0),
+                         tl.where(target > 0.0, float("inf"), 0.0))
+        term = tl.where(big, limit, term)
         sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         loss += tl.where(ok, term, 0.0)
         prob += tl.where(ok, sig, 0.0)

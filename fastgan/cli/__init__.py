@@ -4,13 +4,17 @@ Each subcommand is a module ``fastgan/cli/<name>.py`` with ``add_parser(subparse
 and ``run(args) -> int``. ``train`` and ``sample`` are always there; ``eval`` and
 ``bench`` are registered when their modules are present.
 
-User mistakes (missing data, a bad checkpoint, an impossible setting) end with
-one ``fastgan <command>: error: ...`` line and exit status 1, never a traceback.
+User mistakes (missing data, a bad checkpoint, an impossible setting) and
+failures of the machine (a full disk, a lost peer process, no memory) end with
+one ``fastgan <command>: error: ...`` line and exit status 1, never a
+traceback; Ctrl-C with ``fastgan <command>: interrupted`` and status 130.
+Under torchrun, ranks other than 0 say which rank they are.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -20,6 +24,11 @@ OPTIONAL = ("eval", "bench")
 
 class CLIError(Exception):
     """A user mistake: main() prints the message on one line and exits 1."""
+
+
+class AgreedError(CLIError):
+    """An error every rank of a torchrun run raises alike (they agreed on it):
+    rank 0 alone prints it."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -66,15 +75,45 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename is not None else ""
+        return f"{where}: {e.strerror}" if where else e.strerror
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or "can't allocate memory" in text or \
+            type(e).__name__ == "OutOfMemoryError":
+        return f"out of memory ({text[:200] or type(e).__name__}); try a smaller --batch-size or model"
+    return text or type(e).__name__
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _one_line_warnings()
+    rank = _rank()
+    who = f"rank {rank}: " if rank else ""
     try:
         return int(args._run(args) or 0)
     except _user_errors() as e:
-        print(f"fastgan {args.command}: error: {e}", file=sys.stderr)
+        if not (rank and isinstance(e, AgreedError)):
+            print(f"fastgan {args.command}: error: {who}{_one_line(e)}", file=sys.stderr)
         return 1
+    except (OSError, MemoryError) as e:  # the machine's, not the user's: a full disk, no memory
+        print(f"fastgan {args.command}: error: {who}{_one_line(e)}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if _one_line(e).startswith("out of memory"):
+            print(f"fastgan {args.command}: error: {who}{_one_line(e)}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
-        print(f"fastgan {args.command}: interrupted", file=sys.stderr)
+        print(f"fastgan {args.command}: {who}interrupted", file=sys.stderr)
         return 130

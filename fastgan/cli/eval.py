@@ -16,7 +16,9 @@ import argparse
 import json
 import pickle
 import zipfile
+from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -85,18 +87,26 @@ def run(args) -> int:
     from ..tools import quality
     from ..train.data import load_mnist
     from . import CLIError
+    from .train import check_seed, resolve_device
 
     if args.n < 2:
         raise CLIError(f"--n must be at least 2, got {args.n}")
     if args.classifier_epochs < 1:
         raise CLIError(f"--classifier-epochs must be at least 1, got {args.classifier_epochs}")
-    G = load_generator(args.checkpoint).to(args.device)
+    check_seed(args.seed, "--seed")
+    device = resolve_device(args.device)
+    if args.json and not Path(args.json).parent.is_dir():  # before the minutes of scoring
+        raise CLIError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    G = load_generator(args.checkpoint).to(device)
     ds = load_mnist(args.data)
     log = None if args.quiet else (lambda s: print(s, flush=True))
     judge = quality.load_judge(ds.images, ds.labels, cache_dir=args.cache_dir, source=ds.source,
                                retrain=args.retrain_classifier,
                                epochs=args.classifier_epochs, log=log)
-    gen = quality.evaluate_generator(G, judge, n=args.n, seed=args.seed, device=args.device)
+    try:
+        gen = quality.evaluate_generator(G, judge, n=args.n, seed=args.seed, device=device)
+    except (ValueError, np.linalg.LinAlgError) as e:  # e.g. images that are not finite
+        raise CLIError(f"{args.checkpoint}: its digits cannot be scored: {e}") from None
     floor = quality.real_floor(judge)
     print(f"data: {ds.source}")
     print(format_scores(gen, floor, judge.info))

@@ -5,9 +5,8 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `fastgan train`")
     p.add_argument("--n", type=int, default=64, help="number of digits (default 64)")
-    p.add_argument("--nrow", type=int, default=None, help="digits per row (default sqrt(n))")
+    p.add_argument("--nrow", type=int, default=None,
+                   help="digits per row (default: about sqrt(n))")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
     return p
+
+
+MAX_N = 10_000   # digits in one grid: 100 x 100 cells, a 6,000-pixel-square PNG
 
 
 def grid_image(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> np.ndarray:
@@ -42,19 +45,14 @@ def grid_image(images, nrow: int | None = None, pad: int = 2, scale: int = 2) ->
 
 
 def save_grid(images, path, nrow: int | None = None) -> Path:
-    """Write the grid PNG atomically (temp file + os.replace)."""
+    """Write the grid PNG atomically (``fastgan.train.checkpoint.write_atomic``:
+    temp file, fsync, os.replace; mode 0o666 less the umask)."""
     from PIL import Image
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".",
-                               prefix="." + path.name + ".", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(grid_image(images, nrow)).save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    from ..train.checkpoint import write_atomic
+    buf = io.BytesIO()
+    Image.fromarray(grid_image(images, nrow)).save(buf, format="PNG")
+    return write_atomic(path, buf.getbuffer())
 
 
 def run(args) -> int:
@@ -62,15 +60,21 @@ def run(args) -> int:
 
     from .. import backends
     from ..train import checkpoint
-    from ..train import ConfigError, TrainConfig, build_models
+    from ..train import ConfigError, build_models
     from . import CLIError
-    from .train import resolve_device
+    from .train import check_seed, config_of, resolve_device
 
-    if args.n < 1:
-        raise CLIError(f"--n must be at least 1, got {args.n}")
+    if not 1 <= args.n <= MAX_N:
+        raise CLIError(f"--n must be in [1, {MAX_N:,}], got {args.n}")
+    if args.nrow is not None and args.nrow < 1:
+        raise CLIError(f"--nrow must be at least 1, got {args.nrow}")
+    check_seed(args.seed, "--seed")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CLIError(f"--out {out}: folder {out.parent} does not exist")
     device = resolve_device(args.device)
     state = checkpoint.load(args.checkpoint)
-    cfg = TrainConfig.from_dict(state["config"])
+    cfg = config_of(state, args.checkpoint)
     # The fused model only where a fused backend runs on this device; otherwise
     # the plain model (same state_dict keys, same eval-mode math) avoids the
     # slow reference path.
@@ -87,9 +91,6 @@ def run(args) -> int:
     z = torch.randn(args.n, cfg.latent_dim, generator=g).to(device)
     with torch.no_grad():
         images = G(z).float().cpu()
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise CLIError(f"--out {out}: folder {out.parent} does not exist")
     try:
         save_grid(images, out, args.nrow)
     except OSError as e:

@@ -6,15 +6,24 @@
     fastgan train --data synthetic --steps 500 --no-graphs   # throughput only
     torchrun --nproc_per_node 4 -m fastgan train --sync-bn   # 4 processes (DDP)
 
-Writes to --out: checkpoint.pt (each epoch, at the end and on Ctrl-C; atomic),
-metrics.jsonl (one JSON object per log line), samples/epoch_NNNN.png (the
-same 64 latent vectors every epoch).
+Writes to --out: checkpoint.pt (each epoch, at the end and on Ctrl-C or
+SIGTERM; atomic and checksummed), metrics.jsonl (one JSON object per log line),
+samples/epoch_NNNN.png (the same 64 latent vectors every epoch).
+
+A run stops with one error line and the last good checkpoint kept when its
+losses or state stop being finite (checked at each log line and before each
+save), when a disk is full, or under torchrun when another process dies or
+stalls longer than --dist-timeout. A second Ctrl-C stops at once (a
+checkpoint being written is finished first).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import re
 import signal
 import tempfile
 import time
@@ -100,6 +109,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: G's BatchNorm statistics over all processes' batches "
                         "(default: each process its own)")
+    from ..train.distributed import COLLECTIVE_TIMEOUT_S
+    e.add_argument("--dist-timeout", type=float, default=None, metavar="S",
+                   help="under torchrun: the longest wait in a collective for another process "
+                        "before the run ends with an error (default "
+                        f"{COLLECTIVE_TIMEOUT_S:g} s)")
     return p
 
 
@@ -153,26 +167,112 @@ _CONFIG_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "betas": "--betas",
                  "reference": "--reference", "sync_bn": "--sync-bn"}
 
 
-def _config(args, saved=None):
-    """The run's TrainConfig: flags over defaults, or the checkpoint's (flags must agree)."""
+def _config(args, saved=None, source=None):
+    """The run's TrainConfig: flags over defaults, or the checkpoint's (flags must
+    agree); every setting checked (``check_config``)."""
     from ..train import TrainConfig
     from . import CLIError
-    given = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) not in (None, False)}
+    # "is not": 0 == False, and --dropout 0 or --lr 0 must not read as "not given".
+    given = {k: getattr(args, k) for k in _CONFIG_FLAGS
+             if getattr(args, k) is not None and getattr(args, k) is not False}
     if saved is None:
         cfg = TrainConfig(**given)
     else:
-        cfg = TrainConfig.from_dict(saved)
+        try:
+            cfg = TrainConfig.from_dict(saved)
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"{source}: its config is not valid: {e}") from None
+        check_config(cfg, source)  # the file's own values first, then the flags against them
         show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else v  # noqa: E731
         for k, v in given.items():
             if getattr(cfg, k) != v:
                 raise CLIError(f"{_CONFIG_FLAGS[k]} {show(v)} contradicts the checkpoint's "
                                f"{show(getattr(cfg, k))} (drop the flag to resume, or start a "
                                "new run in another --out folder)")
-    if not (cfg.lr > 0 and len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas)):
-        raise CLIError(f"--lr must be > 0 and --betas two numbers in [0, 1), got lr={cfg.lr}, "
-                       f"betas={cfg.betas}")
-    if not 0 <= cfg.dropout < 1:
-        raise CLIError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    check_config(cfg)
+    return cfg
+
+
+# What each TrainConfig field must be: (test, what it must be). Checked up front,
+# for flags and for a checkpoint's config alike, so a run never starts with a
+# setting that can only give NaN (an infinite --lr) or a traceback (a negative width).
+def _whole(lo):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _number(lo, hi, lo_open=False, hi_open=True):
+    def test(v):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+    return test
+
+
+def _widths(v):
+    return isinstance(v, tuple) and len(v) > 0 and all(_whole(1)(w) for w in v)
+
+
+SEED_RANGE = (-2**63, 2**64)   # what torch.Generator.manual_seed takes
+MAX_WIDTH = 1 << 16            # latent, hidden and image widths: a 65,536 x 65,536 layer is 16 GB
+
+_FIELD_RULES = {
+    "latent_dim": (lambda v: _whole(1)(v) and v <= MAX_WIDTH, f"a whole number in [1, {MAX_WIDTH}]"),
+    "g_hidden": (lambda v: _widths(v) and max(v) <= MAX_WIDTH,
+                 f"comma-separated whole numbers in [1, {MAX_WIDTH}]"),
+    "d_hidden": (lambda v: _widths(v) and max(v) <= MAX_WIDTH,
+                 f"comma-separated whole numbers in [1, {MAX_WIDTH}]"),
+    "image_dim": (lambda v: _whole(1)(v) and v <= MAX_WIDTH, f"a whole number in [1, {MAX_WIDTH}]"),
+    "batch_size": (_whole(1), "a whole number >= 1"),
+    "lr": (_number(0, 1, lo_open=True, hi_open=False), "a finite number in (0, 1]"),
+    "betas": (lambda v: isinstance(v, tuple) and len(v) == 2 and all(_number(0, 1)(b) for b in v),
+              "two numbers in [0, 1)"),
+    "smoothing": (_number(0, 1), "a number in [0, 1)"),
+    "dropout": (_number(0, 1), "a number in [0, 1)"),
+    "negative_slope": (_number(-math.inf, math.inf), "a finite number"),
+    "g_negative_slope": (lambda v: v is None or _number(-math.inf, math.inf)(v), "a finite number"),
+    "bn_eps": (_number(0, math.inf, lo_open=True), "a finite number > 0"),
+    "bn_momentum": (lambda v: v is None or _number(0, 1, hi_open=False)(v), "a number in [0, 1]"),
+    "adam_eps": (_number(0, math.inf, lo_open=True), "a finite number > 0"),
+    "seed": (lambda v: _whole(SEED_RANGE[0])(v) and v < SEED_RANGE[1],
+             "a whole number in [-2**63, 2**64)"),
+    "reference": (lambda v: isinstance(v, bool), "true or false"),
+    "sync_bn": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_config(cfg, source=None) -> None:
+    """CLIError naming the flag (or the checkpoint ``source`` and the field)
+    of the first setting of ``cfg`` that is not finite or out of range."""
+    import dataclasses
+
+    from . import CLIError
+    for f in dataclasses.fields(cfg):
+        rule = _FIELD_RULES.get(f.name)
+        value = getattr(cfg, f.name)
+        if rule is None or rule[0](value):
+            continue
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        if source is None:
+            flag = _CONFIG_FLAGS.get(f.name, f.name)
+            raise CLIError(f"{flag} must be {rule[1]}, got {shown}")
+        raise CLIError(f"{source}: its config has {f.name}={shown!r}, which must be {rule[1]} "
+                       "(a damaged or hand-edited checkpoint)")
+
+
+def check_seed(seed, flag: str) -> None:
+    from . import CLIError
+    if not (SEED_RANGE[0] <= seed < SEED_RANGE[1]):
+        raise CLIError(f"{flag} must be a whole number in [-2**63, 2**64), got {seed}")
+
+
+def config_of(state: dict, source):
+    """The checked TrainConfig of a loaded checkpoint (``fastgan sample`` and ``eval``)."""
+    from ..train import ConfigError, TrainConfig
+    from . import CLIError
+    try:
+        cfg = TrainConfig.from_dict(state["config"])
+    except (ConfigError, TypeError, ValueError) as e:
+        raise CLIError(f"{source}: its config is not valid: {e}") from None
+    check_config(cfg, source)
     return cfg
 
 
@@ -185,26 +285,81 @@ def _load_data(args):
 
 # ------------------------------------------------------------------ run
 class _Interrupt:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop now."""
+    """SIGINT (Ctrl-C) and SIGTERM ask the run to stop at a step boundary with a
+    checkpoint: in one process after the current step; under torchrun at the
+    next log line, where the ranks agree (``fastgan.train.distributed.agree``)
+    so that all stop at the same step and save one checkpoint together (a rank
+    that started the collective save alone would wait for the others forever).
+
+    A repeat within ``REPEAT_S`` is the same request: torchrun forwards the
+    terminal's Ctrl-C to workers that got it already. A later one stops at once,
+    without a checkpoint, except during a checkpoint write, which finishes first
+    (``deferred``)."""
+
+    REPEAT_S = 1.0
+    SIGNALS = ("SIGINT", "SIGTERM")
 
     def __init__(self):
-        self.requested = False
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a library): no handler
-            self._old = None
+        self.signal = 0          # the first signal received (0: none)
+        self._first = 0.0
+        self._deferring = self._pending = False
+        self._old = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            try:
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a library): no handler
+                pass
 
     def _handle(self, signum, frame):
-        if self.requested:
+        now = time.monotonic()
+        if not self.signal:
+            self.signal, self._first = signum, now
+        elif now - self._first >= self.REPEAT_S:
+            if not self._deferring:
+                raise KeyboardInterrupt
+            self._pending = True
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A block that a second signal does not cut short (a checkpoint write);
+        the run stops right after it."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
             raise KeyboardInterrupt
-        self.requested = True
 
     def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _reason(e: BaseException) -> str:
+    """The informative part of a gloo/NCCL/CUDA error: its first sentence
+    without the source-file prefix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". ")[0].rstrip(".")
 
 
 def run(args) -> int:
+    from ..train import distributed
+    try:
+        return _run(args)
+    finally:
+        # Leave the process group on every way out: a rank that exits with its
+        # group still up aborts in gloo's threads instead of exiting cleanly.
+        distributed.shutdown()
+
+
+def _run(args) -> int:
+    import datetime
+
     import torch
     from tqdm import tqdm
 
@@ -214,12 +369,15 @@ def run(args) -> int:
     from .sample import save_grid
 
     from ..train import distributed
+    timeout_s = distributed.COLLECTIVE_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise CLIError(f"--dist-timeout must be a number of seconds > 0, got {timeout_s}")
     ctx = None
     if distributed.launched():  # torchrun: NCCL on cuda:LOCAL_RANK, or gloo on CPUs
         try:
-            ctx = distributed.init(args.device)
+            ctx = distributed.init(args.device, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:
-            raise CLIError(f"torch.distributed: {e}") from None
+            raise CLIError(f"torch.distributed: {_reason(e)}") from None
         device = ctx.device
     else:
         device = resolve_device(args.device)
@@ -227,14 +385,21 @@ def run(args) -> int:
     out = Path(args.out)
     _writable_folder(out)
     ckpt_path = out / CHECKPOINT
-    saved = None
+    if ctx is None or ctx.is_main:
+        # A process killed while saving (SIGKILL, power loss) leaves its temp file.
+        stale = (checkpoint.remove_stale_temps(out, CHECKPOINT)
+                 + checkpoint.remove_stale_temps(out / "samples", "*.png"))
+        if stale:
+            say(f"removed {len(stale)} temp file(s) of an interrupted save: "
+                f"{', '.join(p.name for p in stale)}", flush=True)
+    saved, src = None, None
     if args.resume is not None:
         src = Path(args.resume) if args.resume else ckpt_path
         saved = checkpoint.load(src)
     elif ckpt_path.exists() and not args.overwrite:
         raise CLIError(f"{ckpt_path} already exists: pass --resume to continue that run or "
                        "--overwrite to start a new one there")
-    cfg = _config(args, saved and saved["config"])
+    cfg = _config(args, saved and saved["config"], src)
 
     if args.backend and cfg.reference:
         raise CLIError("--backend has no effect with --reference (plain PyTorch only)")
@@ -269,10 +434,8 @@ def run(args) -> int:
         if (total - trainer.steps) % args.steps_per_graph:
             raise CLIError(f"--steps-per-graph {args.steps_per_graph} must divide the "
                            f"{total - trainer.steps} steps left to run")
-        try:
-            return _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch)
-        finally:
-            distributed.shutdown()
+        on_disk = trainer.steps if src is not None and src == ckpt_path else None
+        return _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch, on_disk)
 
 
 def _backend_context(name):
@@ -282,41 +445,75 @@ def _backend_context(name):
     return use_backend(name) if name else contextlib.nullcontext()
 
 
-def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch) -> int:
-    spe, B = trainer.steps_per_epoch, trainer.cfg.batch_size
+def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch, on_disk=None) -> int:
+    """Train to step ``total``, logging, sampling and checkpointing; returns the
+    exit status. ``on_disk``: the step of ``OUT/checkpoint.pt`` when the run
+    resumed from it (for the messages of a run that fails)."""
+    from ..train import distributed
+    from . import AgreedError, CLIError
+    spe, B, ctx = trainer.steps_per_epoch, trainer.cfg.batch_size, trainer.dist
     z = trainer.fixed_noise(64)
     # A resumed run appends to its metrics; a new run starts the file afresh.
     metrics = open(out / METRICS if trainer.is_main else os.devnull,
                    "a" if args.resume is not None else "w")
     ckpt_path = out / CHECKPOINT
+    kept = [on_disk]  # the step of the checkpoint this run leaves on disk, if any
 
-    def save_checkpoint():
+    def intact() -> str:
+        if kept[0] is None:
+            return "no checkpoint of this run was written before it"
+        return f"{ckpt_path} (step {kept[0]}) is intact"
+
+    def diverged(what: str) -> AgreedError:
+        return AgreedError(f"training diverged at step {trainer.steps}: {what} not finite; "
+                           f"stopped without saving it, {intact()} (lower --lr, or resume "
+                           "from that checkpoint)")
+
+    def save_checkpoint(png: Path) -> None:
         state = trainer.state_dict()  # on every rank: it gathers their RNG streams
+        bad = checkpoint.first_nonfinite(state)
+        # Decided together: rank 0 must not write while another rank stops.
+        if distributed.agree(ctx, bad is not None)[0]:
+            raise diverged(bad or "another rank's state")
         if trainer.is_main:
-            checkpoint.save(state, ckpt_path)
+            with stop.deferred():  # a second Ctrl-C waits for the write to finish
+                try:
+                    save_grid(trainer.sample(z), png)
+                except OSError as e:
+                    raise CLIError(f"{png}: cannot write the sample grid "
+                                   f"({e.strerror or e}); {intact()}") from None
+                checkpoint.save(state, ckpt_path)
+        kept[0] = trainer.steps
 
     def log(kind, **extra):
         nonlocal t_last, s_last
         now = time.perf_counter()
         means = trainer.step.read_means()  # the one host sync per log line
+        bad = [k for k, v in means.items() if not math.isfinite(v)]
         steps = trainer.steps - s_last
         rate = steps / max(now - t_last, 1e-9)
+        # JSON has no NaN: a non-finite mean is written as null and named.
         rec = {"kind": kind, "step": trainer.steps, "epoch": trainer.steps / spe,
-               **{k: round(v, 5) for k, v in means.items()},
+               **{k: (round(v, 5) if math.isfinite(v) else None) for k, v in means.items()},
                "steps_per_s": round(rate, 3), "images_per_s": round(rate * B, 1),
-               "elapsed_s": round(now - t0, 2), **extra}
+               "elapsed_s": round(now - t0, 2), **extra, **({"nonfinite": bad} if bad else {})}
         if trainer.is_main:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(rec, allow_nan=False) + "\n")
+                metrics.flush()
+            except OSError as e:
+                raise CLIError(f"{out / METRICS}: cannot write ({e.strerror or e}); "
+                               f"{intact()}") from None
         t_last, s_last = now, trainer.steps
-        return rec
+        return rec, bad
 
     bar = tqdm(total=total, initial=trainer.steps, unit="step", dynamic_ncols=True,
                disable=args.no_progress or not trainer.is_main)
     stop = _Interrupt()
     t0 = t_last = time.perf_counter()
     s_last = trainer.steps
-    status = 0
+    stopped = 0      # the signal that stopped the run (agreed by all ranks)
+    logging = False  # where an error surfaced: in the log's host sync or in a step
     try:
         while trainer.steps < total:
             trainer.train_step()
@@ -327,34 +524,55 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch) -> int:
             if epoch_end or crossed or trainer.steps == total:
                 png = out / "samples" / f"epoch_{trainer.steps // spe:04d}.png"
                 # Log first, so the rates do not include writing the grid and checkpoint.
-                rec = log("epoch", sample=str(png)) if epoch_end else log("log")
+                logging = True
+                rec, bad = log("epoch", sample=str(png)) if epoch_end else log("log")
+                logging = False
+                # The ranks' one decision point: a signal on any rank, NaN on any rank.
+                sig, nonfinite = distributed.agree(ctx, stop.signal, bool(bad))
+                if nonfinite:
+                    raise diverged(", ".join(bad) if bad else "another rank's losses")
                 if epoch_end:
-                    if trainer.is_main:
-                        save_grid(trainer.sample(z), png)
-                    save_checkpoint()
+                    save_checkpoint(png)
                 bar.set_postfix_str(
                     f"ep {trainer.steps / spe:.1f} | {rec['images_per_s']:.0f} img/s | "
                     f"D {rec['d_loss']:.3f} G {rec['g_loss']:.3f} | "
                     f"D(x) {rec['d_real']:.2f} D(G(z)) {rec['d_fake']:.2f}", refresh=False)
-            if stop.requested:
-                status = 130
+                if sig:
+                    stopped = sig
+                    break
+            elif stop.signal and not ctx.distributed:
+                stopped = stop.signal
                 break
+        if trainer.steps % spe != 0:  # stopped mid-epoch: a last grid and checkpoint
+            save_checkpoint(out / "samples" / f"step_{trainer.steps:07d}.png")
+    except RuntimeError as e:
+        if ctx.distributed and distributed.is_comm_error(e):
+            wait = args.dist_timeout or distributed.COLLECTIVE_TIMEOUT_S
+            raise CLIError(f"lost contact with the other processes after step {trainer.steps} "
+                           f"({_reason(e)}): another rank died, was stopped or stalled longer "
+                           f"than --dist-timeout {wait:g} s; {intact()}") from None
+        if getattr(trainer.step, "graphs", False):
+            k = trainer.step.steps_per_call
+            steps = (f"steps {s_last + 1}-{trainer.steps}" if logging
+                     else f"step {trainer.steps + 1}" if k == 1
+                     else f"steps {trainer.steps + 1}-{trainer.steps + k}")
+            raise CLIError(f"the CUDA graph replay failed in {steps} ({_reason(e)}); "
+                           f"{intact()}; run with --no-graphs to find the failing op") from None
+        raise
     finally:
         # An exception (or a second Ctrl-C) may have stopped a step half way:
         # then no checkpoint is written, so the last good one stays intact.
         stop.restore()
         bar.close()
         metrics.close()
-    if trainer.steps % spe != 0:  # stopped mid-epoch: a last grid and checkpoint
-        if trainer.is_main:
-            save_grid(trainer.sample(z), out / "samples" / f"step_{trainer.steps:07d}.png")
-        save_checkpoint()
     elapsed = time.perf_counter() - t0
+    status = 128 + stopped if stopped else 0
     if not trainer.is_main:
         return status
-    if status:
-        print(f"interrupted at step {trainer.steps}; checkpoint saved to {ckpt_path} "
-              f"(continue with --resume)")
+    if stopped:
+        name = signal.Signals(stopped).name
+        print(f"interrupted at step {trainer.steps} ({name}{' on a rank' if ctx.distributed else ''}"
+              f"); checkpoint saved to {ckpt_path} (continue with --resume)")
     else:
         print(f"done: {trainer.steps} steps ({trainer.steps / spe:.1f} epochs) in "
               f"{elapsed:.0f} s; checkpoint {ckpt_path}, samples in {out / 'samples'}")

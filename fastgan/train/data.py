@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import os
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -171,6 +172,29 @@ def load_idx(folder: Path, split: str = "train", verify: bool = True,
                    f"MNIST {split} ({images.shape[0]:,} images) from {folder} ({note})", verified)
 
 
+def _pixels(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """``x`` as uint8: other dtypes only when every value is a whole number in
+    [0, 255] (a cast would wrap 256 to 0 and truncate 0.5 to 0)."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{path}: {key} has dtype {x.dtype}, expected uint8 pixels 0..255")
+    if x.size and x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"{path}: {key} holds NaN or inf, expected uint8 pixels 0..255")
+    lo, hi = (x.min(), x.max()) if x.size else (0, 0)
+    if lo < 0 or hi > 255 or (x.dtype.kind == "f" and not (x == np.round(x)).all()):
+        raise DataError(f"{path}: {key} has dtype {x.dtype} with values in [{lo:g}, {hi:g}]; "
+                        "expected pixels 0..255 (whole numbers), as MNIST stores them")
+    return x.astype(np.uint8)
+
+
+def _labels(y: np.ndarray, path: Path, key: str) -> np.ndarray:
+    if y.dtype.kind not in "iu" and not (y.dtype.kind == "f" and np.isfinite(y).all()
+                                         and (y == np.round(y)).all()):
+        raise DataError(f"{path}: {key} has dtype {y.dtype}, expected integer class labels")
+    return y.astype(np.int64)
+
+
 def load_npz(path: Path, split: str = "train", verify: bool = True,
              checksums: Mapping[str, tuple[str, str]] = CHECKSUMS) -> Dataset:
     """Keras's ``mnist.npz``."""
@@ -184,12 +208,14 @@ def load_npz(path: Path, split: str = "train", verify: bool = True,
     try:
         with np.load(path, allow_pickle=False) as f:
             x, y = f[x_key], f[y_key]
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise DataError(f"{path}: cannot read {x_key}/{y_key} ({e})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot read {x_key}/{y_key} ({reason}; truncated or "
+                        "not an .npz file?)") from None
     if x.ndim != 3 or x.shape[1:] != (28, 28) or y.shape != (x.shape[0],):
         raise DataError(f"{path}: {x_key} has shape {x.shape}, expected (N, 28, 28)")
     note = "checksum verified" if verified else "checksum not checked"
-    return Dataset(to_unit_range(x.astype(np.uint8)), torch.from_numpy(y.astype(np.int64)),
+    return Dataset(to_unit_range(_pixels(x, path, x_key)), torch.from_numpy(_labels(y, path, y_key)),
                    f"MNIST {split} ({x.shape[0]:,} images) from {path} ({note})", verified)
 
 
@@ -274,22 +300,19 @@ def load_mnist(path: str | os.PathLike | None = None, split: str = "train", *,
 
 # ------------------------------------------------------------------ download
 def _fetch(url: str, dest: Path, checksums) -> None:
-    """Download ``url`` to ``dest`` through a temp file; only a verified file lands."""
+    """Download ``url`` to ``dest`` (in memory: MNIST's files are a few MB);
+    only a verified file lands, atomically."""
+    from .checkpoint import write_atomic
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix="." + dest.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
-            shutil.copyfileobj(r, out)
-        known = checksums.get(dest.name)
-        if known is not None:
-            actual = file_digest(Path(tmp), known[0])
-            if actual != known[1]:
-                raise DataError(f"{url}: {known[0]} checksum {actual} does not match the "
-                                f"published {known[1]}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r:
+        data = r.read()
+    known = checksums.get(dest.name)
+    if known is not None:
+        actual = hashlib.new(known[0], data).hexdigest()
+        if actual != known[1]:
+            raise DataError(f"{url}: {known[0]} checksum {actual} does not match the "
+                            f"published {known[1]}")
+    write_atomic(dest, data)
 
 
 def download_mnist(folder: Path, split: str = "train",
@@ -306,7 +329,8 @@ def download_mnist(folder: Path, split: str = "train",
             try:
                 _fetch(mirror + name, folder / name, checksums)
                 break
-            except (urllib.error.URLError, OSError, ValueError, DataError) as e:
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError,
+                    DataError) as e:
                 errors.append(f"{mirror}: {getattr(e, 'reason', e)}")
         else:
             raise DataError(f"could not download {name} ({'; '.join(errors)}); without internet, "

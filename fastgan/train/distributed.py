@@ -41,9 +41,20 @@ backward with its NCCL all-reduces; NCCL >= 2.9.6):
    collective. On PyTorch < 2.2 also set ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``
    before ``init()`` (newer versions handle the watchdog during capture).
 
-A failing rank: ``torchrun`` stops the other ranks and exits non-zero with
-the failing rank's traceback; nothing here waits forever on a dead peer
-(collectives also time out after ``timeout``).
+A failing rank
+--------------
+Nothing here waits forever on a peer. ``init`` sets a collective timeout
+(``COLLECTIVE_TIMEOUT_S``, gloo and NCCL alike; PyTorch's default is 30
+minutes for gloo), so a rank that stalls or dies mid-collective fails the
+others' next collective within it; a gloo peer that exits or is killed fails
+them at once (its sockets close). ``is_comm_error`` tells such a failure from
+others, so the trainer reports it in one line, and torchrun then stops the
+remaining ranks. NCCL's watchdog ends a process whose collective timed out.
+
+Decisions that change what the ranks do next (stop on a signal, stop on
+divergence) are taken together: ``agree`` all-reduces a few integers (MAX)
+at the log lines, where the host reads the losses anyway, so every rank stops
+at the same step and the collective checkpoint save finds all of them there.
 """
 from __future__ import annotations
 
@@ -63,6 +74,15 @@ from ..ops import checks as _checks
 from ..nn.layers import LinearBNAct
 
 GRAPH_WARMUP = 11   # eager DDP iterations before a CUDA graph capture (rule 2 above)
+# Longest wait in a collective for a peer (init's default). Long enough for
+# rank 0's checkpoint write and a first step's kernel compilation, which the
+# others wait out in their next collective; short enough that a stalled rank
+# ends the run in about a minute.
+COLLECTIVE_TIMEOUT_S = 60.0
+
+# Words of the errors gloo, NCCL and c10d raise when a peer is gone or silent.
+_COMM_WORDS = ("gloo", "nccl", "c10d", "processgroup", "connection closed", "connection reset",
+               "connection refused", "broken pipe", "timed out", "timeout", "socket")
 
 
 # ----------------------------------------------------------------------------- process group
@@ -114,6 +134,24 @@ class Context:
         return out
 
 
+def agree(ctx: Context, *values: int) -> list[int]:
+    """The maximum of each integer over all ranks: one small all-reduce that
+    every rank must call at the same point. In one process, the values as given."""
+    if not ctx.distributed:
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def is_comm_error(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed (a peer died, left or timed out)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in _COMM_WORDS)
+
+
 def launched() -> bool:
     """Started by torchrun (or an equivalent launcher) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -125,7 +163,8 @@ def init(device=None, timeout: Optional[datetime.timedelta] = None) -> Context:
     ``device``: ``"cpu"`` forces gloo on CPUs; ``None`` or ``"cuda"`` takes
     ``cuda:LOCAL_RANK`` with NCCL when GPUs are present. Outside torchrun (or
     with one process) nothing is initialized and a one-process ``Context`` on
-    ``device`` is returned.
+    ``device`` is returned. ``timeout``: the longest wait for a peer in a
+    collective (default ``COLLECTIVE_TIMEOUT_S``).
     """
     want = torch.device(device) if device is not None else None
     if not launched() and not (dist.is_available() and dist.is_initialized()):
@@ -149,6 +188,8 @@ def init(device=None, timeout: Optional[datetime.timedelta] = None) -> Context:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
+    if timeout is None:
+        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     if not dist.is_initialized():
         kw = {"device_id": dev} if use_cuda else {}
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
@@ -269,6 +310,10 @@ class SyncLinearBNActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph: these formulas hold no graph
+            raise RuntimeError("LinearBNAct with synchronized BN statistics cannot be "
+                               "differentiated twice (gradient penalty); use local "
+                               "statistics (convert_sync_batchnorm(model, enabled=False))")
         x, weight, bn_weight, bn_bias, h, mean, rstd, n, seed, offset = ctx.saved_tensors
         activation, negative_slope, p, group, has_bias = ctx.hyper
         dz, xhat = R.bn_act_dropout_backward(grad_y, h, mean, rstd, bn_weight, bn_bias,

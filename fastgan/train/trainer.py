@@ -70,9 +70,10 @@ class Trainer:
         fdist.convert_sync_batchnorm(self.G, enabled=cfg.sync_bn)
         self.G.to(self.device).train()
         self.D.to(self.device).train()
+        # The run owns torch's global generator (the reference's nn.Dropout draws
+        # from it, checkpoints hold it): seeded, so same-seed runs save the same bytes.
+        torch.manual_seed(mix_seed(cfg.seed, 4))
         if cfg.reference:
-            # nn.Dropout draws from torch's global generator: seed it for the run.
-            torch.manual_seed(mix_seed(cfg.seed, 4))
             self.g_opt = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=cfg.betas)
             self.d_opt = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=cfg.betas)
         else:
@@ -189,12 +190,15 @@ class Trainer:
             fnn.seed_dropout(self.G, self.dist.seed(self.cfg.seed, 2, steps))
             fnn.seed_dropout(self.D, self.dist.seed(self.cfg.seed, 3, steps))
         else:
-            self.step.noise.set_state(rng["noise"])
-            fnn.set_dropout_rng_state(self.G, rng["g_dropout"])
-            fnn.set_dropout_rng_state(self.D, rng["d_dropout"])
-            torch.set_rng_state(rng["torch"])
-            if rng.get("cuda") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            try:
+                self.step.noise.set_state(rng["noise"])
+                fnn.set_dropout_rng_state(self.G, rng["g_dropout"])
+                fnn.set_dropout_rng_state(self.D, rng["d_dropout"])
+                torch.set_rng_state(rng["torch"])
+                if rng.get("cuda") is not None and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"], self.device)
+            except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ConfigError(f"checkpoint RNG state is not valid: {_first_reason(e)}") from None
         self.steps = int(state["steps"])
         if self.steps % self.step.steps_per_call:
             raise ConfigError(f"checkpoint is at step {self.steps}, not a multiple of "

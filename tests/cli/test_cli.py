@@ -156,3 +156,9 @@ def test_parser_registers_commands():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(sub.choices) == {"train", "sample", "eval", "bench"}
+
+
+def test_zero_valued_flags_are_values(npz, tmp_path):
+    """--dropout 0 is a value, not "not given": it used to train with the default 0.2."""
+    assert main(train_args(npz, tmp_path / "r", "--steps", 1, "--dropout", 0)) == 0
+    assert checkpoint.load(tmp_path / "r" / "checkpoint.pt")["config"]["dropout"] == 0.0

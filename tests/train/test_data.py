@@ -165,3 +165,68 @@ def test_synthetic_and_fingerprint():
     a, b = data.synthetic(100, seed=1), data.synthetic(100, seed=1)
     assert a.images.shape == (100, 784) and a.images.abs().max() <= 1
     assert a.fingerprint() == b.fingerprint() != data.synthetic(100, seed=2).fingerprint()
+
+
+def test_truncated_or_foreign_npz_unverified_is_one_error(tmp_path):
+    """--no-verify skips the checksum, not the structure: a broken archive is a
+    DataError naming the file, never BadZipFile or zlib.error."""
+    write_npz(tmp_path / "full.npz")
+    good = (tmp_path / "full.npz").read_bytes()
+    for n in (0, 10, 100, len(good) // 2, len(good) - 30):
+        p = tmp_path / "cut.npz"
+        p.write_bytes(good[:n])
+        with pytest.raises(DataError, match="cut.npz: cannot read x_train/y_train"):
+            load_mnist(p, verify=False)
+    x = _images(4)
+    np.savez_compressed(tmp_path / "z.npz", x_train=x, y_train=np.arange(4))
+    raw = bytearray((tmp_path / "z.npz").read_bytes())
+    raw[len(raw) // 3: len(raw) // 3 + 40] = b"\xff" * 40   # inside the deflate stream
+    (tmp_path / "z.npz").write_bytes(raw)
+    with pytest.raises(DataError, match="z.npz: cannot read"):
+        load_mnist(tmp_path / "z.npz", verify=False)
+    np.savez(tmp_path / "keys.npz", images=x)
+    with pytest.raises(DataError, match="keys.npz: cannot read x_train/y_train"):
+        load_mnist(tmp_path / "keys.npz", verify=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.uint16])
+def test_npz_pixels_of_other_dtypes_exact_or_refused(tmp_path, dtype):
+    """A cast to uint8 would wrap 256 to 0 and truncate 0.5: whole numbers in
+    [0, 255] are taken exactly, anything else is refused by name."""
+    x = _images(4)
+    np.savez(tmp_path / "ok.npz", x_train=x.astype(dtype), y_train=np.arange(4))
+    ds = load_mnist(tmp_path / "ok.npz", verify=False)
+    assert torch.equal(ds.images, data.to_unit_range(x))
+    for bad in (256, -1, 0.5, float("nan")):
+        if np.dtype(dtype).kind != "f" and not float(bad).is_integer():
+            continue
+        if np.dtype(dtype).kind == "u" and bad < 0:
+            continue
+        y = x.astype(dtype)
+        y[0, 0, 0] = bad
+        np.savez(tmp_path / "bad.npz", x_train=y, y_train=np.arange(4))
+        with pytest.raises(DataError, match="bad.npz: x_train .*pixels 0..255"):
+            load_mnist(tmp_path / "bad.npz", verify=False)
+
+
+def test_npz_of_strings_or_float_labels(tmp_path):
+    np.savez(tmp_path / "s.npz", x_train=np.full((2, 28, 28), "a"), y_train=np.arange(2))
+    with pytest.raises(DataError, match="s.npz: x_train has dtype <U1"):
+        load_mnist(tmp_path / "s.npz", verify=False)
+    np.savez(tmp_path / "l.npz", x_train=_images(2), y_train=np.array([0.5, 1.0]))
+    with pytest.raises(DataError, match="l.npz: y_train has dtype float64, expected integer"):
+        load_mnist(tmp_path / "l.npz", verify=False)
+
+
+def test_downloaded_files_honour_the_umask(tmp_path):
+    import os
+    import stat
+    src = tmp_path / "mirror"
+    _, _, table = write_idx(src)
+    old = os.umask(0o027)
+    try:
+        load_mnist(tmp_path / "dl", download=True, checksums=table, mirrors=[src.as_uri() + "/"])
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "dl" / "train-images-idx3-ubyte.gz").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o640

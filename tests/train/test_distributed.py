@@ -225,6 +225,77 @@ def test_context_shard_and_seeds():
         fdist.Context(rank=0, world_size=4).shard(torch.arange(3))
 
 
+# ----------------------------------------------------------------------------- failing peers
+def _agree_worker(rank, world, port, out_dir):
+    """agree() takes the maximum over ranks; a rank that stalls past the
+    timeout fails the other's next collective with an error is_comm_error knows."""
+    import datetime
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    ctx = fdist.init("cpu", timeout=datetime.timedelta(seconds=2))
+    got = fdist.agree(ctx, rank * 5, 3 - rank, 0)
+    if rank == 1:
+        time.sleep(6)        # alive, but in no collective
+        result = {"agree": got}
+    else:
+        t0 = time.monotonic()
+        try:
+            fdist.agree(ctx, 1)
+            result = {"agree": got, "error": None}
+        except RuntimeError as e:
+            result = {"agree": got, "error": str(e), "comm": fdist.is_comm_error(e),
+                      "seconds": time.monotonic() - t0}
+    torch.save(result, Path(out_dir) / f"agree{rank}.pt")
+    fdist.shutdown()
+
+
+def test_agree_and_collective_timeout(tmp_path):
+    _spawn(_agree_worker, 2, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"agree{r}.pt") for r in (0, 1))
+    assert r0["agree"] == r1["agree"] == [5, 3, 0]
+    assert r0["error"] is not None and r0["comm"] and 1.5 < r0["seconds"] < 5.5, r0
+
+
+def test_agree_in_one_process_is_the_values():
+    assert fdist.agree(fdist.Context(), 2, True, 0) == [2, 1, 0]
+
+
+def test_is_comm_error():
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection "
+                        "closed by peer [127.0.0.1]:49369")
+    assert fdist.is_comm_error(gloo)
+    assert fdist.is_comm_error(RuntimeError("Timed out waiting 3000ms for recv operation"))
+    assert not fdist.is_comm_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not fdist.is_comm_error(ValueError("gloo"))
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "nccl")])
+def test_init_sets_a_collective_timeout(monkeypatch, device, backend):
+    """gloo and NCCL alike: a dead peer ends the run in COLLECTIVE_TIMEOUT_S, not
+    PyTorch's default (30 minutes for gloo). NCCL without a GPU: the calls faked."""
+    import datetime
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(fdist.dist, "is_initialized", lambda: bool(seen))
+    monkeypatch.setattr(fdist.dist, "init_process_group",
+                        lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(fdist.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(fdist.dist, "get_world_size", lambda: 2)
+    if device == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    ctx = fdist.init(device)
+    assert seen["backend"] == backend and ctx.world_size == 2
+    assert seen["timeout"] == datetime.timedelta(seconds=fdist.COLLECTIVE_TIMEOUT_S) <= \
+        datetime.timedelta(minutes=1)
+    seen.clear()
+    fdist.init(device, timeout=datetime.timedelta(seconds=7))
+    assert seen["timeout"] == datetime.timedelta(seconds=7)
+
+
 # ----------------------------------------------------------------------------- torchrun
 def _torchrun(args, timeout=120, **kw):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

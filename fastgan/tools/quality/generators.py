@@ -17,7 +17,12 @@ def generator_from_state(state: dict):
 
     if "generator" in state and isinstance(state["generator"], dict):
         state = state["generator"]
-    weights = sorted((k for k in state if k.endswith(".weight") and state[k].dim() == 2),
+    bad = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+                and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a diverged run's weights: no score means anything
+        raise ValueError(f"checkpoint: generator weight {bad} holds NaN or inf")
+    weights = sorted((k for k in state if isinstance(k, str) and k.endswith(".weight")
+                      and torch.is_tensor(state[k]) and state[k].dim() == 2),
                      key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")])
     if not weights:
         raise ValueError("checkpoint: no generator Linear weights found (expected keys net.<i>.0.weight)")

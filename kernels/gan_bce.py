@@ -52,7 +52,9 @@ def _bce_pass(z_ptr, grad_ptr, n, target, BLOCK: tl.constexpr):
     return div_ieee(tl.sum(loss, axis=0), nf), div_ieee(tl.sum(prob, axis=0), nf)
 
 
-@triton.jit
+# n_a, n_b: a batch of one logit would make them constexprs (Triton specializes ints
+# equal to 1), and n.to() in _bce_pass fails on a constexpr.
+@triton.jit(do_not_specialize=["n_a", "n_b"])
 def _gan_bce_kernel(a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, loss_ptr, prob_a_ptr, prob_b_ptr,
                     n_a, n_b, target_a, target_b, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     loss, prob_a = _bce_pass(a_ptr, grad_a_ptr, n_a, target_a, BLOCK)

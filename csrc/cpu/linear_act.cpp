@@ -1,17 +1,18 @@
 // linear_act on the CPU: y = dropout(act(x @ W.T + b)).
 // Spec: fastgan/impl/reference.py (linear_act_forward / _backward).
 //
-// Forward:  z = at::linear (MKL/OpenBLAS, like nn.Linear), then one parallel
+// Forward:  z = x W^T + b (csrc/cpu/gemm.h: oneDNN or ATen), then one parallel
 //           pass over row blocks that overwrites z with dropout(act(z)).
 // Backward: one parallel pass over column blocks computes dz from grad_y and
 //           the saved output y (mask recomputed from (seed, offset), the
 //           activation derivative recovered from y) and the column sums of dz
-//           (db); then dW = dz^T x and dx = dz W through ATen.
+//           (db); then dW = dz^T x and dx = dz W through csrc/cpu/gemm.h.
 #include <torch/library.h>
 
 #include <vector>
 
 #include "cpu_common.h"
+#include "gemm.h"
 
 namespace fastgan {
 namespace cpu {
@@ -60,7 +61,7 @@ at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
                               const at::Tensor& offset) {
   const int64_t N = check_linear(kBackend, x, weight, bias, seed, offset);
   const int64_t B = x.size(0);
-  at::Tensor y = at::linear(x, weight, bias);  // fresh and contiguous: the epilogue runs in place
+  at::Tensor y = gemm::linear(x, weight, bias);  // fresh and contiguous: the epilogue runs in place
   if (activation == kIdentity && p == 0.0) return y;
   const Dropout drop(p, seed, offset);
 
@@ -138,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   });
 
   const at::Tensor xc = x.contiguous();
-  at::Tensor dweight = at::mm(dz.t(), xc);
-  at::Tensor dx = compute_dx ? at::mm(dz, weight) : at::empty({0}, x.options());
+  at::Tensor dweight = gemm::mm(dz.t(), xc);
+  at::Tensor dx = compute_dx ? gemm::mm(dz, weight) : at::empty({0}, x.options());
   return {dx, dweight, db};
 }
 

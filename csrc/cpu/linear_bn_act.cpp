@@ -1,7 +1,7 @@
 // linear_bn_act on the CPU: y = dropout(act(BN(x @ W.T + b))).
 // Spec: fastgan/impl/reference.py (linear_bn_act_forward / _backward).
 //
-// Forward:  h = at::linear (MKL/OpenBLAS, like nn.Linear), then one parallel
+// Forward:  h = x W^T + b (csrc/cpu/gemm.h: oneDNN or ATen), then one parallel
 //           region over column blocks; each thread owns its columns, so it
 //           (1) sums h and h^2 down its columns (shifted by the first row, in
 //           double: no cancellation), (2) updates the running statistics of
@@ -11,12 +11,13 @@
 //           * act'(z), z recomputed from h/mean/rstd and the mask from
 //           (seed, offset), with the column sums of dz and dz * xhat,
 //           (2) dh from dz and those sums, with the column sums of dh (db);
-//           then dW = dh^T x and dx = dh W through ATen.
+//           then dW = dh^T x and dx = dh W through csrc/cpu/gemm.h.
 #include <torch/library.h>
 
 #include <vector>
 
 #include "cpu_common.h"
+#include "gemm.h"
 
 namespace fastgan {
 namespace cpu {
@@ -113,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward
                                   running_var, num_batches_tracked, training, seed, offset);
   const int64_t B = x.size(0);
 
-  const at::Tensor h = at::linear(x, weight, bias);  // (B, N) in x.dtype, contiguous
+  const at::Tensor h = gemm::linear(x, weight, bias);  // (B, N) in x.dtype, contiguous
   at::Tensor y = at::empty_like(h);
   at::Tensor mean = at::empty({N}, bn_weight.options());
   at::Tensor rstd = at::empty({N}, bn_weight.options());
@@ -273,8 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   });
 
   const at::Tensor xc = x.contiguous();
-  at::Tensor dweight = at::mm(dh.t(), xc);
-  at::Tensor dx = compute_dx ? at::mm(dh, weight) : at::empty({0}, x.options());
+  at::Tensor dweight = gemm::mm(dh.t(), xc);
+  at::Tensor dx = compute_dx ? gemm::mm(dh, weight) : at::empty({0}, x.options());
   return {dx, dweight, db, dgamma, dbeta};
 }
 

@@ -7,8 +7,19 @@ csrc/cuda/<op>.cu). This module adapts the backend contract of
 of ``fastgan.ops.spec.ACTIVATIONS`` (csrc/activation.h) and inputs are made
 contiguous. Arguments arrive checked (``fastgan.ops.checks``); the C++ entries
 check again only what protects memory (csrc/checks.h).
+
+GEMMs (csrc/cpu/gemm.h) take one of two paths, chosen per call at run time:
+torch's bundled oneDNN (``mkldnn::_linear_pointwise``) where this CPU has the
+ISA for the dtype (AVX-512 for fp32, AVX512_BF16/AMX for bf16, AVX512_FP16
+for fp16) and the product is large enough to repay oneDNN's fixed cost, ATen
+otherwise. fp32 stays IEEE on both. ``gemm_info()`` reports the policy and a
+call counter per path; ``set_gemm`` / ``gemm_policy`` force a path (also the
+environment: ``FASTGAN_CPU_GEMM=auto|aten|onednn`` at import).
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -36,6 +47,48 @@ def available() -> tuple[bool, str]:
 
 def supports(device: torch.device) -> bool:
     return device.type == "cpu"
+
+
+GEMM_POLICIES = ("auto", "aten", "onednn")
+
+
+def gemm_info() -> dict:
+    """The GEMM policy, ``min_work`` (oneDNN from M*K*N on, under "auto"), calls per path
+    since load, and whether oneDNN is usable here per dtype."""
+    policy, min_work, aten, onednn, fp32, bf16, fp16 = torch.ops.fastgan_C.cpu_gemm_info()
+    return dict(policy=GEMM_POLICIES[policy], min_work=min_work,
+                calls={"aten": aten, "onednn": onednn},
+                onednn={"float32": bool(fp32), "bfloat16": bool(bf16), "float16": bool(fp16)})
+
+
+def set_gemm(policy: str | None = None, min_work: int | None = None) -> tuple[str, int]:
+    """Sets the GEMM policy ("auto", "aten", "onednn") and/or ``min_work``; returns the
+    previous pair. "onednn" still uses ATen for a dtype oneDNN cannot run here (fp64)."""
+    info = gemm_info()
+    if policy is None:
+        policy = info["policy"]
+    if policy not in GEMM_POLICIES:
+        raise ValueError(f"policy must be one of {GEMM_POLICIES}, got {policy!r}")
+    if min_work is None:
+        min_work = info["min_work"]
+    if not isinstance(min_work, int) or isinstance(min_work, bool) or min_work < 0:
+        raise ValueError(f"min_work must be an int >= 0, got {min_work!r}")
+    old_policy, old_work = torch.ops.fastgan_C.cpu_gemm_set(GEMM_POLICIES.index(policy), min_work)
+    return GEMM_POLICIES[old_policy], old_work
+
+
+@contextlib.contextmanager
+def gemm_policy(policy: str, min_work: int | None = None):
+    """Context: the cpu backend's GEMMs under ``policy`` (restored on exit)."""
+    old = set_gemm(policy, min_work)
+    try:
+        yield
+    finally:
+        set_gemm(*old)
+
+
+if os.environ.get("FASTGAN_CPU_GEMM"):
+    set_gemm(os.environ["FASTGAN_CPU_GEMM"])
 
 
 def _c(t):

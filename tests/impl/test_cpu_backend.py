@@ -401,3 +401,128 @@ def test_dropout_mask_bit_exact_on_narrower_philox_paths(path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ GEMM paths (csrc/cpu/gemm.h)
+# The shared matrix of tests/ops (shapes, dropout, train/eval, fp32/bf16) once
+# per GEMM path, each run proving through the per-path counters that every
+# GEMM took that path and no other.
+def _load_ops_test(name):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "ops" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_cpu_gemm_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+OPS_LA, OPS_LBA = _load_ops_test("test_linear_act"), _load_ops_test("test_linear_bn_act")
+cpu_impl = dispatch._load("cpu")[0]
+
+
+class gemm_path:
+    """Context: the cpu backend's GEMMs forced onto ``path``; asserts they all ran there."""
+
+    def __init__(self, path, dtype=torch.float32):
+        if path == "onednn" and not cpu_impl.gemm_info()["onednn"][str(dtype)[6:]]:
+            pytest.skip(f"oneDNN GEMM not usable for {dtype} on this CPU/torch")
+        self.path, self.other = path, "aten" if path == "onednn" else "onednn"
+
+    def __enter__(self):
+        self.before = cpu_impl.gemm_info()["calls"]
+        self.ctx = cpu_impl.gemm_policy(self.path)
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        after = cpu_impl.gemm_info()["calls"]
+        if exc[0] is None:
+            assert after[self.path] > self.before[self.path], f"no GEMM took the {self.path} path"
+            # the reference runs plain torch (no fastgan._C): every counted call is ours
+            assert after[self.other] == self.before[self.other], \
+                f"a GEMM took the {self.other} path under policy {self.path}"
+
+
+PATHS = ["onednn", "aten"]
+DT = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", OPS_LA.SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", DT, ids=["fp32", "bf16"])
+def test_linear_act_on_each_gemm_path(path, shape, p, dtype):
+    with gemm_path(path, dtype):
+        OPS_LA.check("cpu", "cpu", dtype, shape, p=p)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", OPS_LBA.SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DT, ids=["fp32", "bf16"])
+def test_linear_bn_act_on_each_gemm_path(path, shape, p, training, dtype):
+    with gemm_path(path, dtype):
+        OPS_LBA.check("cpu", "cpu", dtype, shape, p=p, training=training)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_bias_and_fp16_on_each_gemm_path(path):
+    with gemm_path(path):
+        OPS_LA.check("cpu", "cpu", torch.float32, (3, 33, 65), bias=False, p=0.2)
+    # fp16 takes oneDNN only with AVX512_FP16; either way it matches the reference
+    OPS_LBA.check("cpu", "cpu", torch.float16, (3, 33, 65), p=0.2)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_fp32_stays_ieee_under_a_reduced_onednn_mode(precision):
+    # A user's reduced oneDNN fp32 mode must not reach our fp32 GEMMs: at
+    # 64x1024x784 bf16 products would miss the fp32 tolerance by ~100x.
+    mm = torch.backends.mkldnn.matmul
+    old = mm.fp32_precision
+    try:
+        mm.fp32_precision = precision
+        with gemm_path("onednn"):
+            OPS_LBA.check("cpu", "cpu", torch.float32, (64, 1024, 784), p=0.2)
+        assert mm.fp32_precision == precision  # restored after each call
+    finally:
+        mm.fp32_precision = old
+
+
+def _linear_act_once(b, k, n, dtype=torch.float32):
+    x = torch.randn(b, k, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, dtype=dtype, requires_grad=True)
+    s, o = _key(1, 0)
+    with ran("cpu", "linear_act_forward", "linear_act_backward"):
+        FG.linear_act(x, w, None, "leaky_relu", 0.2, 0.0, True, s, o).sum().backward()
+
+
+def test_auto_policy_picks_by_size_and_dtype():
+    def calls():
+        return cpu_impl.gemm_info()["calls"]
+
+    with cpu_impl.gemm_policy("auto"):
+        info = cpu_impl.gemm_info()
+        assert info["min_work"] > 2 * 7 * 3
+        before = calls()
+        _linear_act_once(2, 7, 3)  # tiny: oneDNN's fixed cost would dominate
+        after = calls()
+        assert after["aten"] == before["aten"] + 3 and after["onednn"] == before["onednn"]
+        _linear_act_once(64, 512, 1024)
+        grew = "onednn" if info["onednn"]["float32"] else "aten"
+        assert calls()[grew] == after[grew] + 3
+        with cpu_impl.gemm_policy("onednn"):  # oneDNN has no fp64 GEMM: ATen under any policy
+            before = calls()
+            _linear_act_once(64, 512, 1024, torch.float64)
+            assert calls()["aten"] == before["aten"] + 3
+        assert cpu_impl.gemm_info()["policy"] == "auto"  # the inner context restored it
+
+
+def test_set_gemm_rejects_bad_values():
+    with pytest.raises(ValueError, match="policy"):
+        cpu_impl.set_gemm("mkl")
+    with pytest.raises(ValueError, match="min_work"):
+        cpu_impl.set_gemm(min_work=-1)
+    with pytest.raises(RuntimeError, match="policy"):
+        torch.ops.fastgan_C.cpu_gemm_set(7, 0)

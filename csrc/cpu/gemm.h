@@ -1,0 +1,39 @@
+// The GEMMs of the CPU kernels: one entry per product, two paths chosen at
+// run time per call (never at build time).
+//
+// * oneDNN, the copy bundled in torch, reached through its registered op
+//   mkldnn::_linear_pointwise (the dispatcher: one library, one OpenMP
+//   runtime). On AVX-512 CPUs where ATen's fp32 GEMM goes to MKL it runs about
+//   2x faster (MKL does not use AVX-512 on AMD CPUs).
+// * ATen (at::linear / at::mm: MKL, OpenBLAS, or oneDNN for bf16): where
+//   oneDNN is absent, disabled, lacks the ISA for the dtype, or the product is
+//   so small that oneDNN's fixed per-call cost (~15 us) exceeds the GEMM.
+//
+// fp32 stays IEEE fp32 on both paths: while a GEMM of ours runs, a reduced
+// oneDNN fp32 math mode set by the user (torch.backends.mkldnn...
+// fp32_precision = "bf16" / "tf32") is lifted to "ieee" and restored after.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace fastgan {
+namespace cpu {
+namespace gemm {
+
+// Which path a call takes: kAuto decides by capability and size; kAten and
+// kOnednn force a path (kOnednn still falls back to ATen for a dtype oneDNN
+// cannot run on this CPU, e.g. fp64).
+enum Policy : int64_t { kAuto = 0, kAten = 1, kOnednn = 2 };
+
+// x (M, K) @ w (N, K)^T (+ b): nn.Linear's product.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b);
+
+// a (M, K) @ b (K, N), any strides (the backward products dz @ W, dz^T @ x).
+at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace gemm
+}  // namespace cpu
+}  // namespace fastgan

@@ -46,8 +46,13 @@ from . import configs as C
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in max dynamic shared memory per block
 MAX_REGS = 255
 MAX_THREADS = 1024
-# kernel name -> why its spills are acceptable (empty: none is)
-SPILL_ALLOWANCE: dict[str, str] = {}
+# kernel name -> why its spills are acceptable
+SPILL_ALLOWANCE: dict[str, str] = {
+    # ptxas (Triton 3.8, sm_90 bf16, HAS_B=1): 72 registers, 12 B spill stores/loads,
+    # no call and no local array in the PTX: the allocator's choice across the two
+    # logit loops. One program of 128 threads per step, spilled values stay in L1.
+    "_gan_bce_kernel": "one 128-thread program per step; 12 B spill in L1 is noise",
+}
 # num_warps of the launches that are not autotuned (the launchers' defaults)
 LAUNCH_WARPS = {"_gan_bce_kernel": 4, "_col_sum_kernel": 4}
 WORST_ACT, WORST_DROPOUT = 3, True  # tanh + dropout: the most live values per element
@@ -112,7 +117,7 @@ def run_one(entry) -> dict:
                if not k.startswith("BLOCK") and k not in ("ACT", "HAS_DROPOUT")}
     row = dict(kernel=name, arch=f"sm_{arch}", dtype=dt, batch_of_one=ones,
                variant=",".join(f"{k}={int(v)}" for k, v in variant.items()),
-               config=",".join(f"{k[6:]}{v}" for k, v in consts.items() if k.startswith("BLOCK")),
+               config=",".join(f"{k[6:] or k}{v}" for k, v in consts.items() if k.startswith("BLOCK")),
                num_warps=warps, num_stages=stages, threads=warps * 32)
     t = time.time()
     try:
@@ -167,8 +172,13 @@ def main(argv=None) -> int:
     todo = plan(a.arch, a.dtype)
     # fork: the workers inherit the imported kernels (nothing here touches CUDA)
     ctx = multiprocessing.get_context("fork")
+    rows = []
     with cf.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
-        rows = list(pool.map(run_one, todo, chunksize=4))
+        for row in pool.map(run_one, todo):
+            rows.append(row)  # one line per compile as it lands: a cut-off run still tells
+            print(f"[{len(rows)}/{len(todo)}] {row['kernel']} {row['variant']} {row['arch']} "
+                  f"{row['dtype']} {row['config']} regs={row.get('regs')} "
+                  f"smem={row.get('smem')} {'; '.join(violations(row)) or 'ok'}", flush=True)
     rows.sort(key=lambda r: (r["kernel"], r["variant"], r["arch"], r["dtype"], r["batch_of_one"],
                              r["config"]))
     text = table(rows)

@@ -12,6 +12,7 @@ grad enabled (an input that needs grad) and under no_grad.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 
@@ -33,6 +34,7 @@ def contenders(bn: bool, grad: bool):
     w, b = lin.weight, lin.bias
     seed, offset = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
     code = ACTIVATIONS["leaky_relu"]
+    importlib.import_module("fastgan._C")  # registers torch.ops.fastgan_C
     C = torch.ops.fastgan_C
     if bn:
         bnm = fused[1]

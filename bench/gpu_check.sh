@@ -30,12 +30,14 @@ export PYTHONUNBUFFERED=1 FASTGAN_CUDA_ARCHS="${FASTGAN_CUDA_ARCHS:-9.0}"
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY:-0}
 BUDGET=${GPU_CHECK_BUDGET:-350}
+# stage limits are sized for the GPU machine; a CPU dry run gets more time per stage
+SCALE=${GPU_CHECK_LIMIT_SCALE:-$([ "$DRY" = 1 ] && echo 4 || echo 1)}
 T0=$(date +%s)
 status=0
 printf "stage\trc\tseconds\tlimit\tresult\n" > "$OUTDIR/summary.tsv"
 
 stage() {  # stage NAME SECONDS CMD...: run under a time limit, record the outcome
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SCALE )); shift 2
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   (( limit > left )) && limit=$left
   if (( limit < 5 )); then
@@ -106,12 +108,17 @@ for name in names:
         for b in (8, 65):  # BN over 2-3 rows is too ill-conditioned for a fixed tolerance
             for training in (True, False):
                 got, ref = run(name, dt, b, training), run("reference", dt, b, training)
-                err = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
-                          for g, r in zip(got, ref))
-                tol = 1e-3 if dt == torch.float32 else 5e-2
+                gold = run("reference", torch.float64, b, training)
+                def rel(xs):
+                    return max(((x - g.float()).abs().max() / g.float().abs().max()
+                                .clamp_min(1e-6)).item() for x, g in zip(xs, gold))
+                # as the test suite judges: within twice the error of the reference vs fp64
+                err, ref_err = rel(got), rel(ref)
+                floor = 1e-5 if dt == torch.float32 else 1e-2
+                good = err <= 2 * ref_err + floor
                 rows.append(dict(backend=name, dtype=str(dt), batch=b, training=training,
-                                 rel_err=err, ok=err <= tol))
-                ok &= err <= tol
+                                 rel_err=err, reference_rel_err=ref_err, ok=good))
+                ok &= good
                 print(rows[-1], flush=True)
                 save()
 if dev == "cuda":

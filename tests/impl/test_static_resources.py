@@ -69,6 +69,9 @@ for bad, what in ((dict(regs=256), "registers"), (dict(spill_bytes=8), "spills")
                   (dict(error="CompilationError: x"), "compile")):
     v = R.violations(dict(ok, **bad))
     assert len(v) == 1 and what in v[0], v
+spill = dict(ok, spill_bytes=8)
+assert R.fatal(spill, True) and not R.fatal(spill, False)  # spills: findings unless asked
+assert R.fatal(dict(ok, regs=256), False)                   # hard limits always fail
 print("ok", len(todo), len(kernels))
 """)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr

@@ -13,8 +13,8 @@ activation's slope, the BatchNorm1d's and the Dropout's own ``training`` flags
 Structural edits take effect: after ``append``, ``insert``, ``del`` or
 ``layer[i] = m`` the layer fuses the leading children that still form its
 pattern and runs the rest after it as plain modules (all of them, if the
-pattern is gone). A child with hooks runs the whole layer as the plain
-Sequential, so every hook sees its call. Hyper-parameters that no forward
+pattern is gone). A child with hooks of its own runs the whole layer as the
+plain Sequential, so every hook sees its call. Hyper-parameters that no forward
 could accept are rejected at construction, by the ops' own check.
 
 Dropout randomness: each layer holds a non-persistent ``dropout_rng`` buffer
@@ -68,11 +68,35 @@ def _new_rng_state(device=None) -> Tensor:
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 
-def draw_seed_(state: Tensor) -> None:
+class SeedSource:
+    """The seed a layer draws at its first use, shared with its deep copies.
+
+    ``copy.deepcopy`` of a layer gives a clone that behaves exactly as the
+    original: copies taken before the first draw share this object, so
+    whichever of them drops first draws the seed from torch's generator and
+    the others start from the same one (each with its own counter). Copies
+    taken after it hold the drawn stream in their buffer anyway. A pickled
+    layer gets its own.
+    """
+
+    def __init__(self):
+        self.seed: Optional[Tensor] = None
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def draw(self, device: torch.device) -> Tensor:
+        if self.seed is None:
+            self.seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        return self.seed.to(device)
+
+
+def draw_seed_(state: Tensor, source: Optional[SeedSource] = None) -> None:
     """Start the dropout stream ``state`` (``[seed, counter]``) at a seed drawn from
-    torch's default generator of its device, as ``nn.Dropout`` draws its masks.
-    A device op: nothing is read on the host (a CUDA graph may capture it)."""
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=state.device)
+    torch's default generator of its device (as ``nn.Dropout`` draws its masks),
+    or the one ``source`` drew. A device op: nothing is read on the host (a CUDA
+    graph may capture it)."""
+    seed = (source or SeedSource()).draw(state.device)
     state.copy_(torch.cat([seed, seed.new_zeros(1)]))
 
 
@@ -175,15 +199,15 @@ class _Plan(NamedTuple):
 
 
 def _hooked(modules) -> bool:
-    """Whether a module or the global registry has a forward or backward hook,
-    which a fused op (one call for several modules) would skip."""
+    """Whether a child has a forward or backward hook, which a fused op (one call
+    for several modules) would skip. Global module hooks (FlopCounterMode's
+    module tracker, profilers) are not asked about: they see the fused layer's
+    own call, as they see any module's that does not call its children."""
     for m in modules:
         if m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or \
                 m._backward_hooks:
             return True
-    mm = nn.modules.module
-    return bool(mm._global_forward_pre_hooks or mm._global_forward_hooks
-                or mm._global_backward_pre_hooks or mm._global_backward_hooks)
+    return False
 
 
 def _linear_tensors(lin: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
@@ -203,10 +227,12 @@ def _bn_tensors(bn: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(weight, bias, running_mean, running_var, num_batches_tracked)`` of a BatchNorm1d."""
     if bn.__class__ is nn.BatchNorm1d:
         params, buffers = bn._parameters, bn._buffers
-        got = (params.get("weight"), params.get("bias"), buffers.get("running_mean"),
-               buffers.get("running_var"), buffers.get("num_batches_tracked"))
-        if all(t is not None for t in got):  # (`None in got` would compare tensors)
-            return got
+        w, b = params.get("weight"), params.get("bias")
+        mean, var = buffers.get("running_mean"), buffers.get("running_var")
+        count = buffers.get("num_batches_tracked")
+        if (w is not None and b is not None and mean is not None and var is not None
+                and count is not None):
+            return w, b, mean, var, count
     return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked
 
 
@@ -220,6 +246,7 @@ class _Fused(nn.Sequential):
         super().__init__(*layers)
         self.register_buffer("dropout_rng", _new_rng_state(layers[0].weight.device),
                              persistent=False)
+        self._seed_source = SeedSource()
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential) -> "_Fused":
@@ -293,7 +320,7 @@ class _Fused(nn.Sequential):
         state = self._buffers["dropout_rng"]
         if p > 0:
             if not self._dropout_seeded:
-                draw_seed_(state)
+                draw_seed_(state, self.__dict__.get("_seed_source"))
                 self._dropout_seeded = True
             return next_key(state)
         return zero_key(state.device)

@@ -135,10 +135,13 @@ def linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     linear(x, weight, bias, seed, offset)
     n, device = weight.shape[0], x.device
     stat_dtype = torch.float64 if x.dtype is torch.float64 else torch.float32  # spec.acc_dtype
-    for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"),
-                    (running_mean, "running_mean"), (running_var, "running_var")):
-        if not _fits(t, 1, stat_dtype, device, n):
-            tensor(t, name, ndim=1, dtype=stat_dtype, device=device, numel=n)
+    stats = (bn_weight, bn_bias, running_mean, running_var)
+    for t in stats:
+        if not (t.__class__ in _PLAIN and t.dtype is stat_dtype and t.device == device
+                and t.dim() == 1 and t.numel() == n):  # _fits, inlined: 4 per call
+            for u, name in zip(stats, ("bn_weight", "bn_bias", "running_mean", "running_var")):
+                tensor(u, name, ndim=1, dtype=stat_dtype, device=device, numel=n)
+            break
     if not _fits(num_batches_tracked, None, torch.int64, device, 1):
         tensor(num_batches_tracked, "num_batches_tracked", dtype=torch.int64, device=device,
                numel=1)

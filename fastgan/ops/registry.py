@@ -81,6 +81,12 @@ def _plain(tensors) -> bool:
     return not (x.__class__ in _PLAIN and x.is_meta)
 
 
+def _eager(*tensors) -> bool:
+    """Whether the Functions call an op's body (or a backend) directly: plain
+    tensors (``_plain``), outside torch.compile."""
+    return not torch.compiler.is_compiling() and _plain(tensors)
+
+
 @dataclass(frozen=True)
 class OpDef:
     """One op: everything ``define`` needs to register it and differentiate it.
@@ -236,10 +242,9 @@ def define(class_name: str, op: OpDef) -> type:
         return out[0] if op.results == 1 else out[:op.results]
 
     def forward(ctx, *args):
-        if torch.compiler.is_compiling():
-            out, backend = forward_op(*args), None
-        elif not _plain(tensor_args(args)):
-            out, backend = forward_op(*args), dispatch.forced()
+        if not _eager(*tensor_args(args)):
+            out = forward_op(*args)
+            backend = None if torch.compiler.is_compiling() else dispatch.forced()
         else:  # the op's body, inlined: check, dispatch, backend
             check(*args)
             backend, fn = dispatch.resolve(forward_fn, args[0].device)
@@ -262,9 +267,8 @@ def define(class_name: str, op: OpDef) -> type:
                                 needs[grad_index[0]], ctx.backend)
         else:
             args = _unpack(layout, tensors, constants)
-            eager = not torch.compiler.is_compiling() and _plain((grad, *tensors))
-            out = (backward_body if eager else backward_op)(grad, *args, needs[grad_index[0]],
-                                                            ctx.backend or "")
+            run = backward_body if _eager(grad, *tensors) else backward_op
+            out = run(grad, *args, needs[grad_index[0]], ctx.backend or "")
         grads = [None] * len(needs)
         for i, g in zip(grad_index, out):
             if needs[i]:
@@ -319,7 +323,7 @@ def _keep(backend: Optional[str], shape, p: float, seed: Tensor, offset: Tensor)
     cols = torch.ones(shape[1], 1, device=seed.device)
     args = (rows, cols, None, "identity", 0.0, p, seed, offset)
     with torch.no_grad():
-        if not torch.compiler.is_compiling() and _plain((seed, offset)):
+        if _eager(seed, offset):
             return dispatch.get("linear_act_forward", seed.device, backend)(*args)
         return torch.ops.fastgan.linear_act(*args)
 

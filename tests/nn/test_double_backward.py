@@ -296,3 +296,14 @@ def test_wgan_gp_benchmark_runs():
     assert row["eager_ms"] > 0 and row["fastgan_ms"] > 0
     assert row["dispatched"].get("cpu.linear_act_forward", 0) > 0
     assert row["dispatched"].get("cpu.linear_act_backward", 0) > 0
+
+
+def test_ghost_rows_refuse_double_backward():
+    """The simultaneous step's ghost-row D has no differentiable backward: a
+    gradient penalty through it raises instead of returning a wrong number."""
+    require("cpu", "cpu")
+    D = Discriminator(in_dim=12, hidden=(16, 8), dropout=0.0)
+    x = torch.randn(6, 12, requires_grad=True)
+    logits, ghost = D(x, ghost=x[-2:])
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(logits.sum() + ghost.sum(), x, create_graph=True)

@@ -1,5 +1,9 @@
 """Fused modules and models: state_dict compatibility with plain PyTorch both
-ways, and the fused GAN training exactly like the reference GAN."""
+ways, the fused GAN training exactly like the reference GAN, dropout streams
+governed by torch's generator, and the children rule (their flags, edits,
+hooks, dtypes and hyper-parameters)."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +12,7 @@ import fastgan
 from fastgan import functional as FG
 from fastgan import nn as fnn
 from fastgan.models import Discriminator, Generator
+from helpers import ran
 
 
 def test_linear_bn_act_state_dict_both_ways():
@@ -186,3 +191,259 @@ def test_fused_layer_called_twice_before_backward():
     loss = loss + d(fake).sum()
     loss.backward()
     assert all(p.grad is not None for p in d.parameters())
+
+
+# ------------------------------------------------------------------ dropout RNG
+def _model(seed, **kw):
+    torch.manual_seed(seed)
+    return nn.Sequential(fnn.LinearBNAct(6, 8, dropout=0.5, **kw), fnn.LinearAct(8, 7, dropout=0.5))
+
+
+def test_manual_seed_governs_fused_dropout():
+    """The same model built twice under one seed gives the same fused outputs,
+    call after call, as nn.Dropout does; another seed gives other masks."""
+    x = torch.randn(5, 6)
+    runs = []
+    for seed in (0, 0, 1):
+        m = _model(seed)
+        runs.append([m(x) for _ in range(3)])
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[2][0])
+    assert not torch.equal(runs[0][0], runs[0][1])  # each forward a fresh mask
+
+
+def test_layers_of_one_model_draw_different_streams():
+    m = _model(0)
+    m(torch.randn(5, 6))
+    assert m[0].dropout_rng[0] != m[1].dropout_rng[0]
+
+
+def test_the_seed_is_drawn_at_the_first_forward_that_drops():
+    """Building and eval forwards draw nothing from torch's generator (the
+    weights of a fused model equal the plain model's under one seed, see
+    test_building_a_fused_model_consumes_no_extra_randomness); the first
+    training forward with dropout draws one number, so what the user draws
+    next differs by exactly that."""
+    m = _model(0)
+    x = torch.randn(5, 6)
+    m.eval()
+    m(x)
+    state = torch.get_rng_state()
+    m.train()
+    m(x)
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    torch.randint(0, 2**62, (1,))
+    torch.randint(0, 2**62, (1,))  # one draw per layer
+    assert torch.equal(after, torch.get_rng_state())
+    m(x)  # later forwards advance on the device only
+    assert torch.equal(after, torch.get_rng_state())
+
+
+def test_the_first_draw_reads_nothing_on_the_host(monkeypatch):
+    """The lazy draw is a device op (a CUDA graph could hold it): no .item(),
+    .tolist(), .cpu() or int() of a tensor while it happens."""
+    m = _model(0)
+
+    def refuse(*a, **k):
+        raise AssertionError("host read during the dropout seed draw")
+    for name in ("item", "tolist", "cpu", "__int__", "__index__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    m[1].dropout_key(0.5)  # first use: draw, then the key
+    monkeypatch.undo()
+    assert m[1]._dropout_seeded
+
+
+def test_seed_dropout_overrides_the_draw():
+    x = torch.randn(5, 6)
+    outs = []
+    for seed in (0, 1):
+        m = _model(seed)
+        fnn.seed_dropout(m, 42)
+        m.load_state_dict(_model(0).state_dict())
+        outs.append(m(x))
+    assert torch.equal(*outs)
+
+
+def test_dropout_rng_state_round_trip_in_a_fresh_model():
+    """A checkpoint's dropout_rng_state restored into a model that never ran
+    continues the stream (it is not replaced by a draw at the first forward)."""
+    x = torch.randn(5, 6)
+    a = _model(0)
+    a(x)
+    state = fnn.dropout_rng_state(a)
+    want = a(x)
+    b = _model(1)
+    b.load_state_dict(a.state_dict())
+    fnn.set_dropout_rng_state(b, state)
+    assert torch.equal(b(x), want)
+
+
+# ------------------------------------------------------------------ the children rule
+def test_eval_on_the_dropout_child_alone_turns_dropout_off():
+    layer = fnn.LinearAct(6, 8, dropout=0.5)
+    plain = layer.to_sequential()
+    layer[2].eval()
+    x = torch.randn(5, 6)
+    assert layer.training and layer.dropout_p() == 0.0
+    torch.testing.assert_close(layer(x), plain[1](plain[0](x)))
+    bn_layer = fnn.LinearBNAct(6, 8, dropout=0.5)
+    bn_layer[3].eval()
+    ref = bn_layer.to_sequential()
+    torch.testing.assert_close(bn_layer(x), ref(x))  # batch statistics, no dropout
+
+
+def test_eval_on_the_batchnorm_child_alone_uses_running_stats():
+    layer = fnn.LinearBNAct(6, 8)
+    with torch.no_grad():
+        layer[1].running_mean.uniform_(-1, 1)
+        layer[1].running_var.uniform_(0.5, 2)
+    layer[1].eval()
+    ref = layer.to_sequential()
+    x = torch.randn(5, 6)
+    before = layer[1].running_mean.clone()
+    torch.testing.assert_close(layer(x), ref(x))
+    assert torch.equal(layer[1].running_mean, before)
+
+
+def test_double_after_construction():
+    """model.double() gives fp64 everywhere (BN too); half dtypes keep BN fp32."""
+    layer = fnn.LinearBNAct(4, 3, dropout=0.2).double()
+    assert layer[1].weight.dtype == torch.float64 and layer[1].running_var.dtype == torch.float64
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert layer(x).dtype == torch.float64
+    layer.float()
+    assert layer[0].weight.dtype == layer[1].weight.dtype == torch.float32
+    layer.half()
+    assert layer[0].weight.dtype == torch.float16 and layer[1].weight.dtype == torch.float32
+    built = fnn.LinearBNAct(4, 3, dtype=torch.float64)
+    assert built[1].weight.dtype == torch.float64
+    assert fnn.linear_bn_act_sequential(4, 3, dtype=torch.float64)(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("edit", ["append", "setitem", "insert", "swap_act", "delete"])
+def test_structural_edits_take_effect(edit):
+    """Edits of the children after construction are never ignored: the layer
+    runs what its children now are (fusing the leading ones that still fit)."""
+    torch.manual_seed(0)
+    layer = fnn.LinearBNAct(6, 8) if edit == "setitem" else fnn.LinearAct(6, 8)
+    if edit == "append":
+        layer.append(nn.Sigmoid())
+    elif edit == "setitem":
+        layer[3] = nn.Sigmoid()
+    elif edit == "insert":
+        layer.insert(1, nn.Tanh())   # Linear, Tanh, LeakyReLU: fuses Linear+Tanh
+    elif edit == "swap_act":
+        layer[1] = nn.ReLU()
+    else:
+        del layer[1]                 # a bare Linear: runs as itself
+    ref = nn.Sequential(*layer)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(layer(x), ref(x))
+    plan = layer.plan()
+    assert plan.n == {"append": 2, "setitem": 3, "insert": 2, "swap_act": 2, "delete": 0}[edit]
+
+
+def test_children_with_hooks_run_as_themselves():
+    layer = fnn.LinearAct(6, 8, dropout=0.0)
+    seen = []
+    h = layer[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(5, 6)
+    y = layer(x)
+    assert seen == [(5, 8)]
+    h.remove()
+    torch.testing.assert_close(y, layer.to_sequential()(x))
+    layer(x)  # fused again
+    assert seen == [(5, 8)]
+
+
+@pytest.mark.parametrize("api", ["old", "parametrize"])
+def test_spectral_norm_on_the_linear_takes_effect(api):
+    torch.manual_seed(0)
+    layer = fnn.LinearAct(6, 8, dropout=0.0)
+    if api == "old":
+        nn.utils.spectral_norm(layer[0])
+    else:
+        nn.utils.parametrizations.spectral_norm(layer[0])
+    x = torch.randn(5, 6)
+    layer.eval()  # no power iteration: both runs see the same normalized weight
+    y = layer(x)
+    torch.testing.assert_close(y, nn.functional.leaky_relu(layer[0](x), 0.2))
+    y.sum().backward()
+    orig = layer[0].weight_orig if api == "old" else \
+        layer[0].parametrizations.weight.original
+    assert orig.grad is not None and orig.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dropout=-0.1), "dropout p must be in"), (dict(dropout=float("nan")), "dropout p"),
+    (dict(dropout=1.0), "dropout p"), (dict(negative_slope=-0.2), "negative_slope"),
+    (dict(negative_slope=float("inf")), "negative_slope"), (dict(activation="gelu"), "activation"),
+    (dict(dropout="0.1"), "dropout p must be a float"),
+])
+@pytest.mark.parametrize("cls", [fnn.LinearAct, fnn.LinearBNAct])
+def test_hyper_parameters_rejected_at_construction(cls, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        cls(4, 3, **kw)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(eps=0.0), "eps"), (dict(eps=float("nan")), "eps"),
+                                      (dict(momentum=1.5), "momentum")])
+def test_batchnorm_hyper_parameters_rejected_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fnn.LinearBNAct(4, 3, **kw)
+
+
+def test_from_sequential_rejects_what_the_op_cannot_run():
+    with pytest.raises(ValueError, match="negative_slope"):
+        fnn.LinearAct.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(-0.1)))
+    with pytest.raises(ValueError, match="needs children"):
+        fnn.LinearAct.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Tanh()))
+    with pytest.raises(ValueError, match="not a fusable activation"):
+        fnn.LinearBNAct.from_sequential(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4),
+                                                      nn.GELU(), nn.Dropout(0.1)))
+
+
+def test_a_deep_copy_replays_the_original_masks():
+    """copy.deepcopy gives a clone that behaves as the original, before the
+    first draw (the copies share the seed to be drawn) and after it."""
+    import copy
+    x = torch.randn(5, 6)
+    for warm in (False, True):
+        m = _model(0)
+        if warm:
+            m(x)
+        twin = copy.deepcopy(m)
+        for _ in range(2):
+            assert torch.equal(m(x), twin(x))
+
+
+def test_global_module_hooks_keep_the_layer_fused():
+    """A hook for every module (FlopCounterMode's tracker, profilers) sees the
+    fused layer's own call; it does not turn the layer plain."""
+    layer = fnn.LinearAct(6, 8)
+    seen = []
+    h = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m)))
+    try:
+        with ran("cpu", "linear_act_forward") if "cpu" in fastgan.backends() else nullcontext():
+            layer(torch.randn(5, 6))
+    finally:
+        h.remove()
+    assert seen == [fnn.LinearAct]
+
+
+@pytest.mark.slow
+def test_compile_draws_the_seed_lazily_too():
+    """Under torch.compile(fullgraph=True) the first training forward draws the
+    seed from torch's generator as in eager code."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 6)
+    outs = []
+    for compiled in (True, False):
+        m = _model(0)
+        run = torch.compile(m, fullgraph=True, backend="aot_eager") if compiled else m
+        torch.manual_seed(5)
+        outs.append((run(x), m[0].dropout_rng.clone()))
+    assert torch.equal(outs[0][1], outs[1][1])
+    torch.testing.assert_close(outs[0][0], outs[1][0])

@@ -72,3 +72,62 @@ def test_nested_use_backend_innermost_wins():
         with fastgan.use_backend("cpu"):
             assert backend.forced() == "cpu"
         assert backend.forced() == "reference"
+
+
+def test_backward_on_another_thread_runs_on_the_forward_backend():
+    """Autograd runs the backward of CUDA tensors on a worker thread of its own,
+    where use_backend's (per-thread) override is not set: the backward still
+    goes to the backend the forward ran on. Here the backward runs on another
+    thread, as the engine does, for the Function and the registered op."""
+    import threading
+
+    from fastgan import functional as FG
+
+    I64 = torch.int64
+    s, o = torch.tensor([3], dtype=I64), torch.tensor([1], dtype=I64)
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    g, beta = torch.rand(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    stats = torch.zeros(5), torch.ones(5), torch.zeros(1, dtype=I64)
+    with fastgan.use_backend("reference"):
+        y = FG.linear_act(x, w, None, "tanh", 0.0, 0.2, True, s, o)
+        yb = FG.linear_bn_act(x, w, None, g, beta, *stats, True, 0.1, 1e-5, "relu", 0.0, 0.2,
+                              s, o)
+        yo = torch.ops.fastgan.linear_act(x, w, None, "relu", 0.0, 0.0, s, o)
+    keys = [(b, f) for b in backend.NAMES for f in ("linear_act_backward", "linear_bn_act_backward")]
+    before = {k: backend.calls[k] for k in keys}
+    errors = []
+
+    def run():
+        try:
+            assert backend.forced() in (None, os.environ.get("FASTGAN_BACKEND"))
+            (y.sum() + yb.sum() + yo.sum()).backward()
+        except Exception as e:  # reported below, on the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert not errors, errors
+    ran = {k: backend.calls[k] - before[k] for k in keys if backend.calls[k] != before[k]}
+    assert ran == {("reference", "linear_act_backward"): 2,
+                   ("reference", "linear_bn_act_backward"): 1}
+
+
+def test_backward_op_takes_the_backend():
+    """fastgan::<op>_backward's trailing ``backend`` argument picks its backend;
+    "" (the default) chooses as a forward would."""
+    I64 = torch.int64
+    s, o = torch.tensor([3], dtype=I64), torch.tensor([1], dtype=I64)
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    y = torch.ops.fastgan.linear_act(x, w, None, "tanh", 0.0, 0.2, s, o)
+    args = (torch.randn_like(y), x, w, y, "tanh", 0.0, 0.2, s, o, True)
+    before = backend.calls[("reference", "linear_act_backward")]
+    got = torch.ops.fastgan.linear_act_backward(*args, "reference")
+    assert backend.calls[("reference", "linear_act_backward")] == before + 1
+    default = backend.select(torch.device("cpu"))
+    before = backend.calls[(default, "linear_act_backward")]
+    want = torch.ops.fastgan.linear_act_backward(*args)
+    assert backend.calls[(default, "linear_act_backward")] == before + 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -95,3 +95,30 @@ def test_reference_equals_torch_bce():
 def test_bad_smoothing(bad):
     with pytest.raises(ValueError, match="label"):
         FG.gan_bce_d(logits(4, 1), logits(4, 2), smoothing=bad)
+
+
+def test_probabilities_are_refused_logits_in_0_1_are_not():
+    """A sigmoid's output (probabilities, e.g. a D ending in nn.Sigmoid) is
+    refused, through reshapes and casts too, naming the argument; logits that
+    merely lie in [0, 1] are legal."""
+    z = torch.randn(6, 1, requires_grad=True)
+    probs = torch.sigmoid(z)
+    for bad, name in ((probs, "real_logits"), (probs.view(-1), "real_logits"),
+                      (probs.double().squeeze(1)[:4], "real_logits")):
+        with pytest.raises(ValueError, match=f"{name} is the output of a sigmoid"):
+            FG.gan_bce_d(bad, z.detach())
+    with pytest.raises(ValueError, match="fake_logits is the output of a sigmoid"):
+        FG.gan_bce_d(z, torch.nn.Sigmoid()(z))
+    with pytest.raises(ValueError, match="fake_logits is the output of a sigmoid"):
+        FG.gan_bce_g(probs)
+    in_unit = torch.rand(6, 1, requires_grad=True)
+    FG.gan_bce_d(in_unit, in_unit * 0.5).loss.backward()
+    FG.gan_bce_g(torch.sigmoid(z) * 4 - 2)  # logits computed from a sigmoid: fine
+
+
+def test_d_loss_is_the_sum_of_the_real_and_fake_terms():
+    """As the seed GAN computes it (many GAN codes average the two instead)."""
+    real, fake = logits(9, 1), logits(9, 2)
+    bce = F.binary_cross_entropy_with_logits
+    terms = bce(real, torch.ones_like(real)), bce(fake, torch.zeros_like(fake))
+    torch.testing.assert_close(FG.gan_bce_d(real, fake).loss, terms[0] + terms[1])

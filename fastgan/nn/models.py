@@ -3,26 +3,40 @@
 ``fused=True`` builds it from fastgan's fused layers; ``fused=False`` builds
 the plain-PyTorch reference. Both have identical ``state_dict`` keys
 (``net.<i>.<j>.*``), so a checkpoint of one loads into the other.
+
+The fused ``Discriminator`` also runs the simultaneous train step's backward
+in one sweep (``Discriminator.forward(x, ghost=...)``, ``GhostRows``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
 
-from .layers import LinearAct, LinearBNAct, linear_act_sequential, linear_bn_act_sequential
+from ..ops import functional as FG
+from ..ops import spec
+from ..ops.spec import acc_dtype, dropout_scale
+from .layers import (LinearAct, LinearBNAct, autocast_inputs, linear_act_sequential,
+                     linear_bn_act_sequential)
 
 
 class Generator(nn.Module):
-    """z(latent_dim) -> [Linear, BatchNorm1d, LeakyReLU, Dropout] x len(hidden) -> Linear -> tanh."""
+    """z(latent_dim) -> [Linear, BatchNorm1d, LeakyReLU, Dropout] x len(hidden) -> Linear -> tanh.
+
+    ``eps``/``momentum`` are the BatchNorm1d's (PyTorch's convention)."""
 
     def __init__(self, latent_dim: int = 100, hidden=(256, 512, 1024), out_dim: int = 784,
-                 dropout: float = 0.2, negative_slope: float = 0.2, fused: bool = True):
+                 dropout: float = 0.2, negative_slope: float = 0.2, fused: bool = True,
+                 eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
         self.latent_dim, self.out_dim, self.fused = latent_dim, out_dim, fused
         block = LinearBNAct if fused else linear_bn_act_sequential
         head = LinearAct if fused else linear_act_sequential
         layers, d = [], latent_dim
         for h in hidden:
-            layers.append(block(d, h, negative_slope=negative_slope, dropout=dropout))
+            layers.append(block(d, h, eps=eps, momentum=momentum, negative_slope=negative_slope,
+                                dropout=dropout))
             d = h
         layers.append(head(d, out_dim, activation="tanh"))
         self.net = nn.Sequential(*layers)
@@ -32,7 +46,15 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """x(in_dim) -> [Linear, LeakyReLU, Dropout] x len(hidden) -> Linear -> one logit."""
+    """x(in_dim) -> [Linear, LeakyReLU, Dropout] x len(hidden) -> Linear -> one logit.
+
+    ``forward(x, ghost=g)`` (fused only) is the simultaneous step's D: ``g``
+    holds the same values as the last ``len(g)`` rows of ``x`` with their own
+    autograd history. D runs once, on ``x``; it returns ``(logits of x,
+    logits of the ghost rows)``, and in backward the gradient reaching the
+    ghost logits flows down to ``g``'s inputs only: D's weights get their
+    gradient from ``x``'s logits alone. See ``GhostRows``.
+    """
 
     def __init__(self, in_dim: int = 784, hidden=(1024, 512, 256), dropout: float = 0.2,
                  negative_slope: float = 0.2, fused: bool = True):
@@ -46,5 +68,118 @@ class Discriminator(nn.Module):
         layers.append(block(d, 1, activation="identity"))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1))
+    @property
+    def supports_ghost(self) -> bool:
+        """Whether ``forward(x, ghost=...)`` runs (every layer a fused LinearAct)."""
+        return all(isinstance(m, LinearAct) for m in self.net)
+
+    def forward(self, x: Tensor, ghost: Optional[Tensor] = None):
+        x = x.flatten(1)
+        if ghost is None:
+            return self.net(x)
+        if not self.supports_ghost:
+            raise ValueError("ghost: only a Discriminator of fused LinearAct layers takes "
+                             "ghost rows (build it with fused=True)")
+        ghost = ghost.flatten(1)
+        if ghost.shape[0] > x.shape[0] or ghost.shape[1:] != x.shape[1:]:
+            raise ValueError(f"ghost: expected at most {x.shape[0]} rows of {x.shape[1]} "
+                             f"values (the last rows of x), got shape {tuple(ghost.shape)}")
+        for layer in self.net:
+            x, ghost = ghost_linear_act(layer, x, ghost)
+        return x, ghost
+
+
+def ghost_linear_act(layer: LinearAct, x: Tensor, ghost: Tensor) -> tuple[Tensor, Tensor]:
+    """One ``LinearAct`` over ``x`` plus ghost rows: the layer's own op on ``x``
+    (its dropout key drawn once, as its ordinary forward does), and
+    ``GhostRows`` for the ghost rows."""
+    a = layer.op_inputs(x)
+    y = FG.linear_act(a.x, a.weight, a.bias, a.activation, a.negative_slope, a.p, True, a.seed,
+                      a.offset)
+    ghost = autocast_inputs(ghost, layer[0].weight, layer[0].bias)[0]
+    return y, GhostRows.apply(ghost, y.detach(), a.weight.detach(), a.activation,
+                              a.negative_slope, a.p, a.seed, a.offset)
+
+
+def _keep_scaled(rows: int, cols: int, p: float, seed: Tensor, offset: Tensor) -> Tensor:
+    """fp32 ``(rows, cols)``: ``1 / (1 - p)`` where the op's dropout keeps an element,
+    0 where it drops it. It is the backend's own ``linear_act`` on a column of
+    ones (K = 1, identity), so the mask comes from the same Philox call, element
+    numbering and backend the layer's forward used."""
+    ones = torch.ones(rows, 1, device=seed.device)
+    return FG.linear_act(ones, torch.ones(cols, 1, device=seed.device), None, "identity", 0.0, p,
+                         True, seed, offset)
+
+
+def _gemm(a: Tensor, b: Tensor, seed: Tensor, offset: Tensor) -> Tensor:
+    """``a @ b.T`` on the fused ops' backend: its ``linear_act`` with the identity
+    and no dropout is exactly that product, so it takes the GEMM path the
+    backend's own kernels take (oneDNN or ATen on the CPU, cuBLAS, Triton)."""
+    return FG.linear_act(a.contiguous(), b.contiguous(), None, "identity", 0.0, 0.0, True, seed,
+                         offset)
+
+
+class GhostRows(torch.autograd.Function):
+    """The ghost rows of one fused LinearAct: ``y``'s last ``len(ghost)`` rows
+    forward (their input equals ``x``'s last rows, so their output is ``y``'s);
+    in backward, the gradient reaching them goes to ``ghost`` only.
+
+    The layer's x rows differentiate through the op itself (its fused backward
+    kernel: dropout mask, activation derivative, ``dW``, ``db``, ``dX``), and
+    autograd runs this node in the same sweep, at the same layer: ``dz =
+    gg * keep * act'(y)`` from the forward's own ``(seed, offset)`` and ``y``,
+    then ``dX = dz @ W``. No forward runs again and no ``dW`` is formed for the
+    ghost rows. (One GEMM over the stacked rows ``[dz(gy); dz(gg)] @ W`` would
+    do the same FLOPs; it needs the x rows' ``dz`` outside the op's kernel,
+    which measured slower on the CPU than the kernel plus this B-row GEMM.)
+    """
+
+    @staticmethod
+    def forward(ctx, ghost, y, weight, activation, negative_slope, p, seed, offset):
+        ctx.save_for_backward(y, weight, seed, offset)
+        ctx.hyper = (activation, negative_slope, p, ghost.shape[0])
+        return y[y.shape[0] - ghost.shape[0]:].clone()
+
+    @staticmethod
+    def backward(ctx, gg):
+        # Every dtype here is explicit (the forward's, as the op's backward
+        # keeps it): an autocast region the backward runs in must not recast.
+        with torch.autocast(gg.device.type, enabled=False):
+            return (GhostRows._input_grad(ctx, gg),) + (None,) * 7
+
+    @staticmethod
+    def _input_grad(ctx, gg: Tensor) -> Tensor:
+        y, weight, seed, offset = ctx.saved_tensors
+        activation, slope, p, n = ctx.hyper
+        first, acc = y.shape[0] - n, acc_dtype(y)
+        # gate = dropout's keep-and-scale times act'(z) of the ghost rows (None:
+        # the identity without dropout), the math of linear_act_backward
+        # (fastgan.impl.reference) with the two factors multiplied first.
+        gate = None
+        if p != 0.0:
+            gate = _keep_scaled(y.shape[0], y.shape[1], p, seed, offset)[first:]
+        row = spec.activation(activation)
+        if activation != "identity":
+            a = y[first:].to(acc)
+            if p != 0.0 and not row.positively_homogeneous:
+                # y holds act(z) * scale; a homogeneous act's derivative from its
+                # output does not see the scale (only the sign), any other's does.
+                a = a / dropout_scale(p)
+            act_grad = row.grad_from_output(a, slope)
+            gate = act_grad if gate is None else gate * act_grad
+        g = gg.to(acc)
+        dz = (g if gate is None else g * gate).to(y.dtype)
+        return _gemm(dz, weight.t(), seed, offset)
+
+
+def keras_init_(model: nn.Module) -> nn.Module:
+    """Keras ``Dense``'s initialisation for every ``nn.Linear`` of ``model``:
+    Glorot-uniform weights (``U(+-sqrt(6 / (fan_in + fan_out)))``), zero biases.
+    In place; draws from torch's default generator; returns ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model

@@ -1,8 +1,23 @@
 """The training step: one object runs a whole GAN step.
 
-``GANStep`` runs: noise -> G; D on real and fake; D loss (``gan_bce_d``),
-backward, Adam; G loss through D (``gan_bce_g``), backward, Adam. It returns the
-losses and mean D(x), D(G(z)) as device tensors and never syncs the host.
+Two schedules (``schedule=``), both in ``GANStep`` and ``ReferenceStep``:
+
+* ``"alternating"``: noise -> G; D on real and fake; D loss (``gan_bce_d``),
+  backward, Adam; then the G loss through the *updated* D (``gan_bce_g``),
+  backward, Adam. D runs forward on the fakes twice.
+* ``"simultaneous"``: the seed GAN's step (two ``GradientTape``s in the
+  TensorFlow original). G runs once, D runs once on [real; fake], both losses
+  come from that forward, each network gets the gradient of its own loss, then
+  both Adam steps. D's update does not affect G's gradient in this step. The
+  engine's backward is one sweep: at each fused layer of D the D loss's
+  gradient runs the op's own backward (D's weight and input gradients) and the
+  G loss's, on ghost rows, only its input-gradient GEMM down to G
+  (``fastgan.nn.models.GhostRows``): no second D forward, no D weight
+  gradient of the G loss. A D that is not the fused ``Discriminator`` takes
+  two backward passes over the one forward.
+
+A step returns the losses and mean D(x), D(G(z)) as device tensors and never
+syncs the host.
 
 * On CUDA (``graphs=None`` or ``True``) the step is warmed up on a side stream,
   captured once in a CUDA graph (``fastgan.train.graphs.capture``) and
@@ -19,8 +34,9 @@ losses and mean D(x), D(G(z)) as device tensors and never syncs the host.
 * Elsewhere the same step runs eagerly.
 
 ``ReferenceStep`` is the straightforward plain-PyTorch loop (``nn`` modules,
-``binary_cross_entropy_with_logits``): the baseline every speed-up is measured
-against, and the ground truth of the engine's equivalence tests.
+``binary_cross_entropy_with_logits``, ``autograd``): the baseline every
+speed-up is measured against, and the ground truth of the engine's
+equivalence tests.
 
 Distributed training plugs in here: the step takes already-wrapped modules.
 Nothing here prints.
@@ -38,7 +54,7 @@ from ..ops import dispatch as backend
 from ..ops import functional as FG
 from . import distributed as fdist
 from .batches import ResidentBatches
-from .config import ConfigError, mix_seed
+from .config import SCHEDULES, ConfigError, mix_seed
 from .graphs import Graphed, GraphCaptureError, capture
 
 STAT_NAMES = ("d_loss", "g_loss", "d_real", "d_fake")
@@ -56,7 +72,8 @@ class StepStats(NamedTuple):
     d_fake: Tensor   # mean D(G(z)) before the D update
 
 
-def make_adam(params, lr: float = 2e-4, betas=(0.5, 0.999), device=None) -> torch.optim.Adam:
+def make_adam(params, lr: float = 2e-4, betas=(0.5, 0.999), device=None,
+              eps: float = 1e-8) -> torch.optim.Adam:
     """Adam set up for the engine: fused on CPU and CUDA, and capturable on CUDA
     (its step counter lives on the device, as a CUDA graph needs)."""
     params = list(params)
@@ -64,7 +81,7 @@ def make_adam(params, lr: float = 2e-4, betas=(0.5, 0.999), device=None) -> torc
     kw = {"fused": True}
     if device.type == "cuda":
         kw["capturable"] = True
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), **kw)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
 
 @contextlib.contextmanager
@@ -80,13 +97,21 @@ def _frozen(module: nn.Module):
             p.requires_grad_(True)
 
 
+def _trainable(module: nn.Module) -> list[Tensor]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 class _Step:
-    """What both steps share: noise, the real-batch source, stat accumulation."""
+    """What both steps share: noise, the real-batch source, the schedule, stat
+    accumulation."""
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module,
                  g_opt: torch.optim.Optimizer, d_opt: torch.optim.Optimizer, *,
                  batch_size: int, latent_dim: int, batches: Optional[ResidentBatches] = None,
-                 seed: int = 0, smoothing: float = 0.0, device=None):
+                 seed: int = 0, smoothing: float = 0.0, device=None,
+                 schedule: str = "alternating"):
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if batches is not None and batches.batch_size != batch_size:
             raise ConfigError(f"batch_size {batch_size} differs from the batches' "
                               f"{batches.batch_size}")
@@ -97,6 +122,7 @@ class _Step:
             next(generator.parameters()).device
         self.batch_size, self.latent_dim = batch_size, latent_dim
         self.batches, self.smoothing = batches, float(smoothing)
+        self.schedule = schedule
         self.noise = torch.Generator(self.device).manual_seed(mix_seed(seed, 1))
         self.totals = torch.zeros(len(STAT_NAMES), device=self.device)
         self.count = 0
@@ -137,22 +163,56 @@ class _Step:
 
 
 class ReferenceStep(_Step):
-    """The eager plain-PyTorch GAN step: the baseline and the ground truth."""
+    """The eager plain-PyTorch GAN step: the baseline and the ground truth.
+
+    D runs once over [real; fake] in both schedules, as the engine runs it: the
+    seed GAN's D has no BatchNorm, so that is the same function as two
+    forwards, and on fused layers it draws the same dropout masks as the engine.
+    """
 
     def _step(self, real: Tensor) -> StepStats:
-        G, D = self.G, self.D
-        fake = G(self._noise())
-        self.d_opt.zero_grad(set_to_none=True)
-        real_logits, fake_logits = D(real), D(fake.detach())
-        d_loss = (F.binary_cross_entropy_with_logits(
+        fake = self.G(self._noise())
+        if self.schedule == "simultaneous":
+            return self._simultaneous(real, fake)
+        return self._alternating(real, fake)
+
+    def _d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return (F.binary_cross_entropy_with_logits(
             real_logits, torch.full_like(real_logits, 1.0 - self.smoothing))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+    @staticmethod
+    def _g_loss(fake_logits: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+    def _alternating(self, real: Tensor, fake: Tensor) -> StepStats:
+        B, D = self.batch_size, self.D
+        self.d_opt.zero_grad(set_to_none=True)
+        logits = D(torch.cat([real, fake.detach()]))
+        real_logits, fake_logits = logits[:B], logits[B:]
+        d_loss = self._d_loss(real_logits, fake_logits)
         d_loss.backward()
         self.d_opt.step()
         self.g_opt.zero_grad(set_to_none=True)
-        g_logits = D(fake)
-        g_loss = F.binary_cross_entropy_with_logits(g_logits, torch.ones_like(g_logits))
+        g_loss = self._g_loss(D(fake))
         g_loss.backward()
+        self.g_opt.step()
+        return self._finish(d_loss, g_loss, torch.sigmoid(real_logits).mean(),
+                            torch.sigmoid(fake_logits).mean())
+
+    def _simultaneous(self, real: Tensor, fake: Tensor) -> StepStats:
+        B = self.batch_size
+        logits = self.D(torch.cat([real, fake]))
+        real_logits, fake_logits = logits[:B], logits[B:]
+        d_loss = self._d_loss(real_logits, fake_logits)
+        g_loss = self._g_loss(fake_logits)
+        # Each loss differentiated with respect to its own network's parameters
+        # only, from the one forward: the seed GAN's two GradientTapes.
+        for loss, net, retain in ((d_loss, self.D, True), (g_loss, self.G, False)):
+            params = _trainable(net)
+            for p, g in zip(params, torch.autograd.grad(loss, params, retain_graph=retain)):
+                p.grad = g
+        self.d_opt.step()
         self.g_opt.step()
         return self._finish(d_loss, g_loss, torch.sigmoid(real_logits).mean(),
                             torch.sigmoid(fake_logits).mean())
@@ -167,15 +227,18 @@ class GANStep(_Step):
     static buffer when graphed). ``warmup`` eager steps precede the capture.
     ``steps_per_call=k`` runs k steps per call (one graph replay of k steps on
     CUDA, fewer launches); it needs ``batches`` and returns the last step's stats.
+    ``schedule``: ``"alternating"`` or ``"simultaneous"`` (module docstring).
     """
 
     def __init__(self, generator, discriminator, g_opt, d_opt, *, batch_size: int,
                  latent_dim: int, batches: Optional[ResidentBatches] = None, seed: int = 0,
                  smoothing: float = 0.0, device=None, graphs: Optional[bool] = None,
-                 warmup: int = 3, steps_per_call: int = 1):
+                 warmup: int = 3, steps_per_call: int = 1, schedule: str = "alternating"):
         super().__init__(generator, discriminator, g_opt, d_opt, batch_size=batch_size,
                          latent_dim=latent_dim, batches=batches, seed=seed,
-                         smoothing=smoothing, device=device)
+                         smoothing=smoothing, device=device, schedule=schedule)
+        # The one-sweep simultaneous backward needs the fused Discriminator.
+        self.ghost = bool(getattr(fdist.unwrap(discriminator), "supports_ghost", False))
         cuda = self.device.type == "cuda"
         if graphs is None:
             # The reference backend creates tensors from Python numbers inside its
@@ -198,8 +261,13 @@ class GANStep(_Step):
 
     # ---------------------------------------------------------------- eager step
     def _step(self, real: Tensor) -> StepStats:
-        B = self.batch_size
         fake = self.G(self._noise())
+        if self.schedule == "simultaneous":
+            return self._simultaneous(real, fake)
+        return self._alternating(real, fake)
+
+    def _alternating(self, real: Tensor, fake: Tensor) -> StepStats:
+        B = self.batch_size
         # D step. D has no BatchNorm, so real and fake go through it as one
         # batch: one GEMM per layer instead of two.
         self.d_opt.zero_grad(set_to_none=True)
@@ -213,6 +281,30 @@ class GANStep(_Step):
             # D unwrapped: its frozen weights get no gradient for DDP to reduce.
             g = FG.gan_bce_g(fdist.unwrap(self.D)(fake))
             g.loss.backward()
+        self.g_opt.step()
+        return self._finish(d.loss, g.loss, d.d_real, d.d_fake)
+
+    def _simultaneous(self, real: Tensor, fake: Tensor) -> StepStats:
+        B = self.batch_size
+        self.d_opt.zero_grad(set_to_none=True)
+        self.g_opt.zero_grad(set_to_none=True)
+        if self.ghost:
+            # One forward of D over [real; fake]; the fakes again as ghost rows,
+            # which carry the G loss's gradient down to G (and none to D's
+            # weights): one backward sweep for both losses.
+            logits, g_logits = self.D(torch.cat([real, fake.detach()]), ghost=fake)
+            d = FG.gan_bce_d(logits[:B], logits[B:], self.smoothing)
+            g = FG.gan_bce_g(g_logits)
+            (d.loss + g.loss).backward()
+        else:
+            # Any other D: one forward, then each loss's backward into its own
+            # network's parameters only.
+            logits = self.D(torch.cat([real, fake]))
+            d = FG.gan_bce_d(logits[:B], logits[B:], self.smoothing)
+            g = FG.gan_bce_g(logits[B:])
+            torch.autograd.backward(d.loss, inputs=_trainable(self.D), retain_graph=True)
+            torch.autograd.backward(g.loss, inputs=_trainable(self.G))
+        self.d_opt.step()
         self.g_opt.step()
         return self._finish(d.loss, g.loss, d.d_real, d.d_fake)
 

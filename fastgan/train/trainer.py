@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import layers as fnn
-from ..nn.models import Discriminator, Generator
+from ..nn.models import Discriminator, Generator, keras_init_
 from . import distributed as fdist
 from .batches import ResidentBatches
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
@@ -20,10 +20,13 @@ def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
     """G and D of ``cfg``, initialised from ``cfg.seed`` without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(cfg.seed, 0))
-        G = Generator(cfg.latent_dim, cfg.g_hidden, cfg.image_dim, cfg.dropout,
-                      cfg.negative_slope, fused=not cfg.reference)
+        G = Generator(cfg.latent_dim, cfg.g_hidden, cfg.image_dim, cfg.dropout, cfg.g_slope,
+                      fused=not cfg.reference, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         D = Discriminator(cfg.image_dim, cfg.d_hidden, cfg.dropout, cfg.negative_slope,
                           fused=not cfg.reference)
+        if cfg.init == "keras":
+            keras_init_(G)
+            keras_init_(D)
     fnn.seed_dropout(G, mix_seed(cfg.seed, 2))
     fnn.seed_dropout(D, mix_seed(cfg.seed, 3))
     return G, D
@@ -74,14 +77,19 @@ class Trainer:
         # from it, checkpoints hold it): seeded, so same-seed runs save the same bytes.
         torch.manual_seed(mix_seed(cfg.seed, 4))
         if cfg.reference:
-            self.g_opt = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=cfg.betas)
-            self.d_opt = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=cfg.betas)
+            self.g_opt = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                          eps=cfg.adam_eps)
+            self.d_opt = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                          eps=cfg.adam_eps)
         else:
-            self.g_opt = make_adam(self.G.parameters(), cfg.lr, cfg.betas, self.device)
-            self.d_opt = make_adam(self.D.parameters(), cfg.lr, cfg.betas, self.device)
+            self.g_opt = make_adam(self.G.parameters(), cfg.lr, cfg.betas, self.device,
+                                   cfg.adam_eps)
+            self.d_opt = make_adam(self.D.parameters(), cfg.lr, cfg.betas, self.device,
+                                   cfg.adam_eps)
         self.batches = ResidentBatches(data, cfg.batch_size, mix_seed(cfg.seed, 5), self.device)
         kw = dict(batch_size=cfg.batch_size, latent_dim=cfg.latent_dim, batches=self.batches,
-                  seed=self.dist.seed(cfg.seed), smoothing=cfg.smoothing, device=self.device)
+                  seed=self.dist.seed(cfg.seed), smoothing=cfg.smoothing, device=self.device,
+                  schedule=cfg.schedule)
         if cfg.reference:
             if graphs or steps_per_call != 1:
                 raise ConfigError("the reference step runs eagerly, one step a call: "

@@ -1,18 +1,18 @@
-"""The training engine: GANStep equals the plain-PyTorch loop, resumes bit for bit,
-restores its warm-up state; on a GPU the CUDA graph equals eager."""
+"""The training engine: D gets no gradient from the G step, resumes bit for bit,
+restores its warm-up state, runs its CUDA-graph path on CPU stand-ins; on a GPU
+the CUDA graph equals eager (both schedules). Its equivalence with the
+plain-PyTorch loop is in test_schedule.py."""
 import copy
 
 import pytest
 import torch
 
-import fastgan
-from fastgan import backend
 from fastgan import nn as fnn
-from fastgan.train import (ConfigError, GANStep, ReferenceStep, ResidentBatches, TrainConfig,
+from fastgan.train import (ConfigError, GANStep, ResidentBatches, TrainConfig,
                            Trainer, build_models, make_adam)
+from fastgan.train.config import SCHEDULES
 
 SMALL = dict(latent_dim=8, g_hidden=(32, 64), d_hidden=(64, 32), image_dim=48, batch_size=16)
-CPU_BACKENDS = [b for b in ("reference", "cpu") if b in fastgan.backends()]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -46,50 +46,7 @@ def assert_states_equal(a, b):
 
 
 # ------------------------------------------------------------------ equivalence
-@pytest.mark.parametrize("name", CPU_BACKENDS)
-def test_engine_step_equals_reference_loop(name):
-    """Fused models + GANStep (fused Adam, real and fake through D as one batch)
-    vs plain models + the straightforward loop, dropout off: same parameters and
-    BN statistics after 10 steps to fp32 tolerance."""
-    cfg = TrainConfig(**SMALL, dropout=0.0)
-    G, D = build_models(cfg)
-    ref_cfg = TrainConfig(**SMALL, dropout=0.0, reference=True)
-    G0, D0 = build_models(ref_cfg)
-    G0.load_state_dict(G.state_dict())
-    D0.load_state_dict(D.state_dict())
-    data = _data(n=160)
-    kw = dict(batch_size=16, latent_dim=8, seed=3)
-    engine = GANStep(G, D, make_adam(G.parameters()), make_adam(D.parameters()),
-                     batches=ResidentBatches(data, 16, seed=1), **kw)
-    ref = ReferenceStep(G0, D0, torch.optim.Adam(G0.parameters(), 2e-4, (0.5, 0.999)),
-                        torch.optim.Adam(D0.parameters(), 2e-4, (0.5, 0.999)),
-                        batches=ResidentBatches(data, 16, seed=1), **kw)
-    engine.batches.start_epoch(0)
-    ref.batches.start_epoch(0)
-    backend.calls.clear()
-    with fastgan.use_backend(name):
-        for _ in range(3):
-            s1, s0 = engine(), ref()
-            torch.testing.assert_close(torch.stack(s1), torch.stack(s0), rtol=1e-5, atol=1e-6)
-        for _ in range(7):
-            engine(), ref()
-    assert backend.calls[(name, "linear_bn_act_backward")] == 10 * len(cfg.g_hidden)
-    assert backend.calls[(name, "gan_bce_forward")] == 20
-    # A Linear bias in front of BatchNorm has zero true gradient (BN subtracts
-    # the mean), so its computed gradient is round-off noise that Adam
-    # normalises into steps of up to lr: those biases (and the running means
-    # that include them) may drift apart by up to steps * lr. Everything else
-    # agrees to fp32 round-off.
-    drift = 10 * 2e-4
-    pre_bn = {f"net.{i}.0.bias" for i in range(len(cfg.g_hidden))} | \
-        {f"net.{i}.1.running_mean" for i in range(len(cfg.g_hidden))}
-    for model, ref_model in ((G, G0), (D, D0)):
-        ref_state = ref_model.state_dict()
-        for k, a in model.state_dict().items():
-            atol = drift if (model is G and k in pre_bn) else 1e-6
-            torch.testing.assert_close(a, ref_state[k], rtol=1e-5, atol=atol, msg=k)
-
-
+# The engine against the plain-PyTorch loop, for each schedule: test_schedule.py.
 def test_g_step_gives_discriminator_no_gradient():
     """D's .grad after a step is exactly what D's Adam used: the G loss's
     backward through D adds nothing to it, and D trains again afterwards."""
@@ -115,13 +72,14 @@ def _run(cfg, steps, data, start=None):
     return tr
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("reference", [False, True], ids=["engine", "reference"])
-def test_resume_equals_uninterrupted(tmp_path, reference):
+def test_resume_equals_uninterrupted(tmp_path, reference, schedule):
     """Stop after 5 steps (mid-epoch, 4 steps an epoch), checkpoint through a file,
     resume to 11: bit-identical to 11 uninterrupted steps. Dropout is on, so
     the dropout streams, noise, data order and optimizer state all matter."""
     from fastgan import checkpoint
-    cfg = TrainConfig(**SMALL, dropout=0.2, reference=reference)
+    cfg = TrainConfig(**SMALL, dropout=0.2, reference=reference, schedule=schedule)
     data = _data()
     straight = _run(cfg, 11, data)
     first = _run(cfg, 5, data)
@@ -133,9 +91,10 @@ def test_resume_equals_uninterrupted(tmp_path, reference):
     assert torch.equal(straight.sample(straight.fixed_noise(4)), resumed.sample(resumed.fixed_noise(4)))
 
 
-def test_several_steps_per_call_equal_single_steps():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_several_steps_per_call_equal_single_steps(schedule):
     """steps_per_call=2 (one graph of two steps on CUDA) is the same training."""
-    cfg = TrainConfig(**SMALL, dropout=0.2)
+    cfg = TrainConfig(**SMALL, dropout=0.2, schedule=schedule)
     data = _data()
     one = _run(cfg, 8, data)
     two = Trainer(cfg, data, steps_per_call=2)
@@ -156,11 +115,12 @@ def test_seed_changes_everything_and_run_is_reproducible():
     assert not torch.equal(a.G.net[0][0].weight, c.G.net[0][0].weight)
 
 
-def test_snapshot_restore_undoes_warmup():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_snapshot_restore_undoes_warmup(schedule):
     """The CUDA-graph warm-up restore, exercised on the CPU: snapshot a fresh
     step (empty Adam state), run 3 steps, restore, then run 4 steps: equal to 4
     steps of an untouched twin, bit for bit (BN stats, counters, Adam, noise)."""
-    cfg = TrainConfig(**SMALL, dropout=0.2)
+    cfg = TrainConfig(**SMALL, dropout=0.2, schedule=schedule)
     data = _data()
     a, b = Trainer(cfg, data), Trainer(cfg, data)
     a.batches.start_epoch(0)
@@ -237,12 +197,13 @@ def test_capture_order_and_errors(fake_cuda):
     assert "\n" not in str(e.value) and isinstance(e.value, RuntimeError)
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("host_batches", [False, True], ids=["resident", "host"])
-def test_graph_code_path_on_cpu(fake_cuda, host_batches):
+def test_graph_code_path_on_cpu(fake_cuda, host_batches, schedule):
     """GANStep's capture path (warm-up, restore, capture, replay) with the CUDA
     calls replaced by CPU stand-ins: after n calls it has run n + 1 steps (the
     stand-in capture executes once), bit-identical to an eager run of n + 1."""
-    cfg = TrainConfig(**SMALL, dropout=0.2)
+    cfg = TrainConfig(**SMALL, dropout=0.2, schedule=schedule)
     data = _data(n=160)
     graphed, eager = Trainer(cfg, data), Trainer(cfg, data)
     graphed.step.graphs = True
@@ -319,11 +280,12 @@ def _gpu_pair(cfg, data, graphs_a, graphs_b):
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_graph_equals_eager():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cuda_graph_equals_eager(schedule):
     """Graph replay vs the same step run eagerly, dropout on: same losses and
     parameters (fp32 tolerance), identical BN counters and dropout counters, so
     the warm-up left no trace and replays drew fresh noise and masks."""
-    cfg = TrainConfig(**SMALL, dropout=0.2)
+    cfg = TrainConfig(**SMALL, dropout=0.2, schedule=schedule)
     data = _data()
     g, e = _gpu_pair(cfg, data, True, False)
     losses = []
@@ -366,8 +328,9 @@ def test_cuda_graph_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_graph_of_several_steps_equals_eager():
-    cfg = TrainConfig(**SMALL, dropout=0.2)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cuda_graph_of_several_steps_equals_eager(schedule):
+    cfg = TrainConfig(**SMALL, dropout=0.2, schedule=schedule)
     data = _data()
     g = Trainer(cfg, data, "cuda", graphs=True, steps_per_call=2)
     e = Trainer(cfg, data, "cuda", graphs=False)

@@ -4,6 +4,7 @@
     fastgan train --data ~/data --epochs 50 --out runs/full
     fastgan train --resume                # continue runs/fastgan exactly where it stopped
     fastgan train --data synthetic --steps 500 --no-graphs   # throughput only
+    fastgan train --preset seed --out runs/seed   # the seed GAN's own settings and step
     torchrun --nproc_per_node 4 -m fastgan train --sync-bn   # 4 processes (DDP)
 
 Writes to --out: checkpoint.pt (each epoch, at the end and on Ctrl-C or
@@ -62,6 +63,7 @@ def _positive(text: str) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..train.config import PRESETS, SCHEDULES, TrainConfig
     p = subparsers.add_parser("train", help="train the GAN (MNIST by default)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +98,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     h.add_argument("--g-hidden", type=_ints, default=None, help="default 256,512,1024")
     h.add_argument("--d-hidden", type=_ints, default=None, help="default 1024,512,256")
     h.add_argument("--dropout", type=float, default=None, help="default 0.2")
+    h.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="alternating: a D step, then a G step through the updated D; "
+                        "simultaneous: the seed GAN's step, both gradients from one forward "
+                        f"(default {TrainConfig.schedule})")
+    h.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="seed: the seed GAN's settings where they are not bugs (batch 32, "
+                        "Adam 1e-4 with betas 0.9,0.999 and eps 1e-7, Glorot-uniform weights "
+                        "and zero biases, BatchNorm momentum 0.01 and eps 1e-3, LeakyReLU 0.3 "
+                        "in G and 0.2 in D, dropout 0.2, the simultaneous schedule); flags "
+                        "given as well override it")
     e = p.add_argument_group("engine")
     e.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     e.add_argument("--backend", default=None,
@@ -164,19 +176,21 @@ def _writable_folder(out: Path) -> None:
 _CONFIG_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "betas": "--betas", "seed": "--seed",
                  "smoothing": "--smoothing", "latent_dim": "--latent-dim",
                  "g_hidden": "--g-hidden", "d_hidden": "--d-hidden", "dropout": "--dropout",
-                 "reference": "--reference", "sync_bn": "--sync-bn"}
+                 "reference": "--reference", "sync_bn": "--sync-bn", "schedule": "--schedule"}
 
 
 def _config(args, saved=None, source=None):
     """The run's TrainConfig: flags over defaults, or the checkpoint's (flags must
     agree); every setting checked (``check_config``)."""
     from ..train import TrainConfig
+    from ..train.config import preset
     from . import CLIError
     # "is not": 0 == False, and --dropout 0 or --lr 0 must not read as "not given".
     given = {k: getattr(args, k) for k in _CONFIG_FLAGS
              if getattr(args, k) is not None and getattr(args, k) is not False}
+    base = preset(args.preset) if getattr(args, "preset", None) else {}
     if saved is None:
-        cfg = TrainConfig(**given)
+        cfg = TrainConfig(**{**base, **given})
     else:
         try:
             cfg = TrainConfig.from_dict(saved)
@@ -189,6 +203,10 @@ def _config(args, saved=None, source=None):
                 raise CLIError(f"{_CONFIG_FLAGS[k]} {show(v)} contradicts the checkpoint's "
                                f"{show(getattr(cfg, k))} (drop the flag to resume, or start a "
                                "new run in another --out folder)")
+        for k, v in base.items():
+            if k not in given and getattr(cfg, k) != v:
+                raise CLIError(f"--preset {args.preset} sets {k}={show(v)}, the checkpoint has "
+                               f"{show(getattr(cfg, k))} (drop --preset to resume)")
     check_config(cfg)
     return cfg
 
@@ -410,6 +428,7 @@ def _run(args) -> int:
         name = _check_backend(args.backend, device)
         graphs = graphs and name != "reference"  # its ops cannot be captured
         engine = f"fused GANStep, backend {name}" + (", CUDA graph" if graphs else ", eager")
+    engine += f", {cfg.schedule} schedule"
 
     dataset = _load_data(args)
     if cfg.batch_size > len(dataset):

@@ -5,6 +5,8 @@ side by side; a table on the terminal, JSON + CSV + PNG on disk.
     fastgan bench --quick               # CI smoke run: tiny sizes, few iterations
     fastgan bench --no-ops --batch-sizes 64 --profile   # where the step's time goes
     fastgan bench --quality             # time-to-quality: fastgan vs the eager reference
+    fastgan bench --schedule alternating,simultaneous --no-ops   # both train-step schedules
+    fastgan bench --quality --variants alternating,simultaneous,seed --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="default forward,backward,both "
                    "(both with --quick)")
     p.add_argument("--no-step", action="store_true", help="skip the whole train step")
+    p.add_argument("--schedule", default=None,
+                   help="train-step schedules to time side by side, comma-separated from "
+                        "alternating, simultaneous (records gan_step:<schedule>, with the "
+                        "GEMM FLOPs each needs); default: the engine's default schedule, "
+                        "nominal FLOPs")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op benchmarks")
     p.add_argument("--iters", type=int, default=20, help="measured samples (at least)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up calls, timed separately")
@@ -62,6 +69,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=250, help="--quality: steps between evals")
     p.add_argument("--quality-batch", type=int, default=64, help="--quality: batch size")
     p.add_argument("--seeds", default="0", help="--quality: comma-separated seeds")
+    p.add_argument("--variants", default="eager,fastgan",
+                   help="--quality: settings to compare, trained side by side: fastgan "
+                        "(defaults), eager (the plain-PyTorch loop), alternating, simultaneous "
+                        "(the engine with that schedule), seed (--preset seed); default "
+                        "eager,fastgan")
+    p.add_argument("--grids", default=None, metavar="DIR",
+                   help="--quality: also write each run's final sample grid (64 fixed latent "
+                        "vectors) to DIR/<variant>_seed<N>.png")
+    p.add_argument("--n-eval", type=int, default=1000,
+                   help="--quality: images scored per evaluation (and in the real floor)")
     p.add_argument("--data", default=None, help="--quality: MNIST source (see fastgan eval)")
     p.add_argument("--cache-dir", default=None, help="--quality: classifier cache")
     return p
@@ -81,6 +98,18 @@ def _ints(s: str, name: str) -> tuple:
 
 def _names(s):
     return None if s is None else tuple(v.strip() for v in s.split(",") if v.strip())
+
+
+def _schedules(text):
+    from ..train.config import SCHEDULES
+    from . import CLIError
+    if text is None:
+        return None
+    names = _names(text)
+    for s in names:
+        if s not in SCHEDULES:
+            raise CLIError(f"--schedule: unknown schedule {s!r} (have {', '.join(SCHEDULES)})")
+    return names
 
 
 def config_from_args(args):
@@ -110,7 +139,7 @@ def config_from_args(args):
                    contenders=_names(args.contenders), steps=not args.no_step, ops=ops,
                    passes=passes, warmup=args.warmup, iters=args.iters,
                    min_time_s=args.min_time, repeat=args.repeat or (10 if gpu else 1),
-                   seed=args.seed)
+                   seed=args.seed, schedules=_schedules(args.schedule))
     if args.quick:
         cfg.batches = _ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else (16,)
         cfg.iters, cfg.warmup, cfg.min_time_s, cfg.repeat = 3, 1, 0.0, 1
@@ -127,7 +156,10 @@ def _fmt(v, spec):
 
 
 def format_row(r: dict) -> str:
-    what = "train step" if r["kind"] == "step" else f"{r['op']} {r['pass']}"
+    if r["kind"] == "step":
+        what = "train step" + ("" if r["op"] == "gan_step" else f" {r['op'].split(':')[1]}")
+    else:
+        what = f"{r['op']} {r['pass']}"
     if r["median_ms"] is None:
         return f"{what:<24} {r['dtype']:<5} {r['batch']:>6} {r['contender']:<26} FAILED: {r['note']}"
     spread = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
@@ -262,6 +294,19 @@ def _save(doc, args) -> None:
     print("wrote " + ", ".join(written))
 
 
+def _grid_writer(folder):
+    """``on_done`` for ``time_to_quality_run``: each run's final grid into ``folder``."""
+    if folder is None:
+        return None
+    from .sample import save_grid
+    os.makedirs(folder, exist_ok=True)
+
+    def write(run, trainer):
+        save_grid(trainer.sample(trainer.fixed_noise(64)),
+                  os.path.join(folder, f"{run['contender']}_seed{run['seed']}.png"))
+    return write
+
+
 def _run_quality(args) -> int:
     from ..tools import quality as Q
     from . import CLIError
@@ -271,10 +316,17 @@ def _run_quality(args) -> int:
         seeds = tuple(int(v) for v in args.seeds.split(",") if v.strip())
     except ValueError:
         raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    for name in _names(args.variants):
+        if name not in Q.VARIANTS:
+            raise CLIError(f"--variants: unknown variant {name!r} (have {', '.join(Q.VARIANTS)})")
+    if args.n_eval < 2:
+        raise CLIError(f"--n-eval must be at least 2, got {args.n_eval}")
     doc = Q.time_to_quality_run(device=device, seeds=seeds, batch=args.quality_batch,
                                 max_steps=args.max_steps, eval_every=args.eval_every,
                                 threshold=args.fd_threshold, data=args.data,
-                                cache_dir=args.cache_dir, log=lambda s: print(s, flush=True))
+                                cache_dir=args.cache_dir, variants=_names(args.variants),
+                                n_eval=args.n_eval, log=lambda s: print(s, flush=True),
+                                on_done=_grid_writer(args.grids))
     print(Q.format_time_to_quality(doc))
     d = os.path.dirname(args.out)
     if d:

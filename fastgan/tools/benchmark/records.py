@@ -125,8 +125,11 @@ def result(cfg: Config, records: list[dict], machine: Optional[dict] = None) -> 
                    "ops": list(cfg.ops), "passes": list(cfg.passes), "steps": cfg.steps,
                    "warmup": cfg.warmup, "iters": cfg.iters, "min_time_s": cfg.min_time_s,
                    "repeat": cfg.repeat, "seed": cfg.seed,
+                   "schedules": list(cfg.schedules) if cfg.schedules else None,
                    "flop_model": "GEMMs only: 2*B*K*N per Linear forward, x3 with backward; "
-                                 "step = 3*G + 9*D forward GEMM FLOPs"},
+                                 "step gan_step = 3*G + 9*D forward GEMM FLOPs (nominal); "
+                                 "gan_step:<schedule> = the GEMMs that schedule needs "
+                                 "(fastgan.tools.benchmark.step_flops)"},
         "records": records,
     }
 

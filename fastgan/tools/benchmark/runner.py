@@ -43,6 +43,14 @@ class Config:
     min_time_s: float = 0.5
     repeat: int = 1                      # calls per sample on a GPU (the CPU takes one)
     seed: int = 0
+    # Train-step schedules, sampled side by side in one group; None: the
+    # engine's default, under the nominal FLOP count.
+    schedules: Optional[tuple] = None
+
+
+def step_op(schedule: Optional[str]) -> str:
+    """The ``op`` of a train-step record: ``gan_step``, or ``gan_step:<schedule>``."""
+    return "gan_step" if schedule is None else f"gan_step:{schedule}"
 
 
 def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list[dict]:
@@ -68,41 +76,47 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
         work.append(("step", "gan_step", "both"))
     work += [("op", op, p) for op in cfg.ops for p in cfg.passes]
     for kind, op, pass_ in work:
+        schedules = (cfg.schedules or (None,)) if kind == "step" else (None,)
         for dtype in cfg.dtypes:
             for batch in cfg.batches:
-                group = [c for c in cs if not (kind == "op" and c.cuda_graph)]
-                flops = (step_flops(*seed_gan(), batch) if kind == "step"
-                         else op_flops(op, pass_, batch))
+                # One group: every (contender, schedule), sampled round-robin.
+                group = [(c, s) for s in schedules for c in cs
+                         if not (kind == "op" and c.cuda_graph)]
                 fns, notes, timings = {}, {}, {}
-                for c in group:  # build and warm up each; a failure is recorded, not fatal
+                for c, s in group:  # build and warm up each; a failure is recorded, not fatal
+                    key = (c.name, s)
                     try:
                         if kind == "step":
-                            fn = build_step(c, batch, device, dtype, cfg.seed)[0]
+                            fn = build_step(c, batch, device, dtype, cfg.seed, schedule=s)[0]
                         else:
                             fn = build_op(c, op, pass_, batch, device, dtype, cfg.seed)
                         before = _backend_calls(c.backend)
-                        timings[c.name] = warm(fn, device, cfg.warmup)
-                        fns[c.name] = fn
+                        timings[key] = warm(fn, device, cfg.warmup)
+                        fns[key] = fn
                         if (c.backend and _backend_calls(c.backend) == before
                                 and (op, pass_) != ("gan_bce", "backward")):
-                            notes[c.name] = f"backend {c.backend} never ran"  # the label must be true
+                            notes[key] = f"backend {c.backend} never ran"  # the label must be true
                     except Exception as e:
-                        notes[c.name] = _error(e)
+                        notes[key] = _error(e)
                 try:
                     sampled = measure_many(fns, device, 0, cfg.iters, cfg.min_time_s, repeat)
                 except Exception as e:
                     sampled = {}
-                    for name in fns:
-                        notes[name] = _error(e)
+                    for key in fns:
+                        notes[key] = _error(e)
                 group_records = []
-                for c in group:
-                    t = timings.get(c.name)
-                    if c.name in sampled and sampled[c.name].samples_ms:
-                        t.samples_ms = sampled[c.name].samples_ms
+                for c, s in group:
+                    key = (c.name, s)
+                    t = timings.get(key)
+                    if key in sampled and sampled[key].samples_ms:
+                        t.samples_ms = sampled[key].samples_ms
                     else:
                         t = None
-                    group_records.append(record(kind, op, pass_, c, batch, dtype, t, flops,
-                                                notes.get(c.name, "")))
+                    flops = (step_flops(*seed_gan(), batch, s) if kind == "step"
+                             else op_flops(op, pass_, batch))
+                    group_records.append(record(kind, step_op(s) if kind == "step" else op,
+                                                pass_, c, batch, dtype, t, flops,
+                                                notes.get(key, "")))
                 add_speedups(group_records)
                 for r in group_records:
                     emit(r)

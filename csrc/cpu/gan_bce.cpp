@@ -3,7 +3,8 @@
 // Spec: fastgan/impl/reference.py (gan_bce_forward, _bce_term).
 //
 // Per element, in the accumulation dtype (fp32, fp64 for fp64 logits):
-//   loss term = max(z, 0) - z * t + log1p(exp(-|z|))   (never overflows)
+//   loss term = max(z, 0) - z * t + log1p(exp(-|z|))   (never overflows;
+//               at z = +-inf its limit, inf or 0, not inf - inf = nan)
 //   prob      = 1 / (1 + exp(-z))
 //   grad      = (prob - t) / numel, rounded to the logits' dtype
 // The sums of loss terms and probabilities are taken over fixed chunks in
@@ -11,6 +12,8 @@
 // number of threads.
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -21,6 +24,8 @@ namespace {
 
 constexpr const char* kForward = "gan_bce_forward";
 constexpr int64_t kChunk = 16384;
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
 
 // Returns (mean loss, mean prob, grad) of one logits tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_term(const at::Tensor& logits, double target) {
@@ -45,8 +50,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_term(const at::Tensor& logits
         double ls = 0.0, ps = 0.0;
         for (int64_t e = k * kChunk; e < e1; ++e) {
           const acc_t v = static_cast<acc_t>(zp[e]);
-          const acc_t term = (v > acc_t(0) ? v : acc_t(0)) - v * t +
-                             std::log1p(std::exp(-std::abs(v)));
+          acc_t term = (v > acc_t(0) ? v : acc_t(0)) - v * t + std::log1p(std::exp(-std::abs(v)));
+          // An infinite logit: the limit (1 - t) * inf for +inf, t * inf for -inf,
+          // that is inf, or 0 where the target matches it.
+          if (std::isinf(v)) {
+            term = (v > acc_t(0) ? t < acc_t(1) : t > acc_t(0)) ? kInf<acc_t> : acc_t(0);
+          }
           const acc_t pr = acc_t(1) / (acc_t(1) + std::exp(-v));
           gp[e] = static_cast<scalar_t>((pr - t) / count);
           ls += static_cast<double>(term);

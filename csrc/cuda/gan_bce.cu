@@ -25,8 +25,11 @@ __device__ __forceinline__ void bce_term(const T* __restrict__ logits, T* __rest
   const float inv_n = 1.f / static_cast<float>(n);
   for (int64_t i = threadIdx.x; i < n; i += kBceThreads) {
     const float z = load(logits, i);
-    // softplus(z) - target * z, in the form where exp never overflows
-    loss_sum += fmaxf(z, 0.f) - z * target + log1pf(expf(-fabsf(z)));
+    // softplus(z) - target * z, in the form where exp never overflows; at an
+    // infinite logit its limit (inf, or 0 where the target matches it), not nan
+    float term = fmaxf(z, 0.f) - z * target + log1pf(expf(-fabsf(z)));
+    if (fabsf(z) == INFINITY) term = (z > 0.f ? target < 1.f : target > 0.f) ? INFINITY : 0.f;
+    loss_sum += term;
     const float prob = 1.f / (1.f + expf(-z));
     prob_sum += prob;
     grad[i] = static_cast<T>((prob - target) * inv_n);

@@ -1,8 +1,8 @@
 """Checkpoint files: atomic, checksummed, read without running code.
 
-``save`` serializes the state in memory, adds a SHA-256 of every tensor (its
-dtype, shape and bytes) and one of everything else (config, step count,
-optimizer settings), writes a temp file next to the target, fsyncs it, then
+``save`` adds a SHA-256 of every tensor (its dtype, shape and bytes) and one
+of everything else (config, step count, optimizer settings) to the state,
+writes it to a temp file next to the target, fsyncs it, then
 ``os.replace``s it over the target (and fsyncs the folder). A crash, a full
 disk or Ctrl-C at any moment leaves either the old checkpoint or the new one,
 never a torn file; a failed save removes its temp file. Files get mode
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import pickle
 import secrets
@@ -80,7 +79,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_atomic(path: str | os.PathLike, data) -> Path:
-    """Write the bytes ``data`` to ``path`` atomically (temp file, fsync, replace).
+    """Write ``data`` to ``path`` atomically (temp file, fsync, replace): bytes,
+    or a function that writes to the binary file it is given.
 
     On any failure (``OSError`` such as ENOSPC, or a KeyboardInterrupt) the
     temp file is removed, ``path`` keeps its old contents and the exception
@@ -91,7 +91,10 @@ def write_atomic(path: str | os.PathLike, data) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -196,12 +199,21 @@ def _verify(state: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- checks
 def first_nonfinite(state) -> Optional[str]:
-    """Path of the first floating-point tensor of ``state`` holding NaN or inf, or None."""
-    for path, leaf in _walk(state):
-        if (isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.numel()
-                and not bool(torch.isfinite(leaf).all())):
-            return _readable(path)
-    return None
+    """Path of the first floating-point tensor of ``state`` holding NaN or inf, or None.
+
+    One min/max reduction per tensor (NaN and inf show in them), one host read
+    per device: cheap enough before every save."""
+    items = [(p, t.detach()) for p, t in _walk(state)
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    rows: dict = {}
+    for i, (_, t) in enumerate(items):
+        lo, hi = torch.aminmax(t.reshape(-1))
+        rows.setdefault(t.device, []).append((i, torch.stack([lo.float(), hi.float()])))
+    bad = set()
+    for group in rows.values():
+        finite = torch.isfinite(torch.stack([r for _, r in group])).all(1).tolist()
+        bad.update(i for (i, _), ok in zip(group, finite) if not ok)
+    return _readable(items[min(bad)][0]) if bad else None
 
 
 def _check_layout(state: dict, path: Path) -> None:
@@ -237,6 +249,24 @@ def _check_layout(state: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- save, load
+class _Sink:
+    """The file ``torch.save`` writes to, remembering a failed write's OSError:
+    torch reports it as a RuntimeError ("unexpected pos") that names nothing."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def _canonical(obj):
     """``obj`` with fresh containers and interned strings: pickle then shares
     (memoizes) exactly the equal strings, so a checkpoint's bytes depend on its
@@ -263,10 +293,19 @@ def save(state: dict, path: str | os.PathLike) -> Path:
     leaves ``path`` as it was; other errors (a value that cannot be pickled,
     KeyboardInterrupt) propagate unchanged, the old file untouched too."""
     path = Path(path)
-    buf = io.BytesIO()
-    torch.save(_canonical({**state, CHECKSUMS: checksums(state)}), buf)
+    obj = _canonical({**state, CHECKSUMS: checksums(state)})
+
+    def write(f):
+        sink = _Sink(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:  # the write's own error, not torch's echo of it
+                raise sink.error from None
+            raise
+
     try:
-        return write_atomic(path, buf.getbuffer())
+        return write_atomic(path, write)
     except OSError as e:
         kept = "the previous checkpoint is intact" if path.exists() else "nothing was written"
         reason = e.strerror or _first_line(e)

@@ -128,3 +128,16 @@ def resume_to(npz, ckpt, steps, tmp_path, *extra) -> bytes:
     from fastgan.cli import main
     assert main(train_args(npz, out, "--steps", steps, "--resume", *extra)) == 0
     return (out / "checkpoint.pt").read_bytes()
+
+
+def cli_error(capsys, argv, *needles) -> str:
+    """``fastgan ARGV`` in this process exits 1 with one stderr line that holds
+    every needle (``main`` returning is the proof that no traceback escaped)."""
+    from fastgan.cli import main
+    code = main([str(a) for a in argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"fastgan {argv[0]}: error: "), err
+    for n in needles:
+        assert str(n) in err[0], err
+    return err[0]

@@ -20,7 +20,8 @@ import sys
 import pytest
 import torch
 
-from fault_tools import DRIVER, ROOT, env, one_line, resume_to, run_one, train_args
+from fault_tools import (DRIVER, ROOT, cli_error, env, one_line, resume_to, run_one,
+                         train_args)
 
 from fastgan.cli import main
 from fastgan.train import checkpoint
@@ -33,17 +34,6 @@ def run4(npz, reference, tmp_path):
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(reference[4])
     return out
-
-
-def _error(capsys, argv, *needles):
-    """``fastgan ARGV`` exits 1 with one stderr line holding every needle."""
-    code = main([str(a) for a in argv])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 1 and len(err) == 1, err
-    assert err[0].startswith(f"fastgan {argv[0]}: error: "), err
-    for n in needles:
-        assert str(n) in err[0], err
-    return err[0]
 
 
 def _good(reference, tmp_path):
@@ -111,10 +101,10 @@ KINDS = ["truncated", "empty", "flipped", "pickle", "no-config", "config-str", "
 def test_damaged_checkpoint_in_sample_resume_and_eval(npz, reference, run4, tmp_path, capsys,
                                                       kind):
     bad, words = _damaged(kind, reference, tmp_path)
-    _error(capsys, ["sample", "--checkpoint", bad, "--out", tmp_path / "g.png"], bad, words)
-    _error(capsys, train_args(npz, tmp_path / "new", "--steps", 8, "--resume", bad), bad, words)
+    cli_error(capsys, ["sample", "--checkpoint", bad, "--out", tmp_path / "g.png"], bad, words)
+    cli_error(capsys, train_args(npz, tmp_path / "new", "--steps", 8, "--resume", bad), bad, words)
     if kind not in ("latent-5", "lr-inf"):  # eval rebuilds G from the weights' shapes
-        _error(capsys, ["eval", "--checkpoint", bad], bad)
+        cli_error(capsys, ["eval", "--checkpoint", bad], bad)
     assert not (tmp_path / "ran").exists()      # the pickle's code never ran
     assert not (tmp_path / "g.png").exists()
     # The run's own checkpoint: untouched, and it resumes exactly.
@@ -127,7 +117,7 @@ def test_bad_rng_state_on_resume(npz, reference, tmp_path, capsys):
     st = _good(reference, tmp_path)
     st["rng"]["noise"] = torch.zeros(7, dtype=torch.uint8)   # not a generator state
     bad = checkpoint.save(st, tmp_path / "rng.pt")
-    _error(capsys, train_args(npz, tmp_path / "new", "--steps", 8, "--resume", bad),
+    cli_error(capsys, train_args(npz, tmp_path / "new", "--steps", 8, "--resume", bad),
            "checkpoint RNG state is not valid")
     # Sampling needs no RNG state: the same file still samples.
     assert main(["sample", "--checkpoint", str(bad), "--n", "4", "--out",

@@ -15,21 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from fault_tools import resume_to, train_args
+from fault_tools import cli_error, resume_to, train_args
 
 from fastgan.cli import main
 from fastgan.train import checkpoint
 from fastgan.train.trainer import Trainer
-
-
-def _error(capsys, argv, *needles):
-    code = main([str(a) for a in argv])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 1 and len(err) == 1, err
-    assert err[0].startswith(f"fastgan {argv[0]}: error: "), err
-    for n in needles:
-        assert str(n) in err[0], err
-    return err[0]
 
 
 def _strict_json(line):
@@ -62,7 +52,7 @@ def test_nan_losses_stop_the_run_and_keep_the_last_finite_checkpoint(npz, refere
             next(trainer.G.parameters()).view(-1)[0] = float("nan")
     inject(5, poison)
     out = tmp_path / "run"
-    line = _error(capsys, train_args(npz, out, "--steps", 100000),
+    line = cli_error(capsys, train_args(npz, out, "--steps", 100000),
                   "training diverged at step 6: d_loss, g_loss", "not finite",
                   f"{out / 'checkpoint.pt'} (step 4) is intact", "lower --lr")
     recs = [_strict_json(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +74,7 @@ def test_non_finite_state_is_never_saved(npz, tmp_path, capsys, inject):
         next(iter(trainer.g_opt.state.values()))["exp_avg_sq"].view(-1)[0] = float("inf")
     inject(3, poison)
     out = tmp_path / "run"
-    _error(capsys, train_args(npz, out, "--steps", 8),
+    cli_error(capsys, train_args(npz, out, "--steps", 8),
            "training diverged at step 4: g_opt/state/0/exp_avg_sq not finite",
            "no checkpoint of this run was written before it")
     assert not (out / "checkpoint.pt").exists()
@@ -112,7 +102,7 @@ def test_non_finite_state_is_never_saved(npz, tmp_path, capsys, inject):
     (["--lr", "0"], "--lr must be a finite number in (0, 1], got 0.0"),  # 0 is not "not given"
 ])
 def test_hyper_parameters_are_checked_up_front(npz, tmp_path, capsys, flags, needle):
-    _error(capsys, train_args(npz, tmp_path / "run", "--steps", 4, *flags), needle)
+    cli_error(capsys, train_args(npz, tmp_path / "run", "--steps", 4, *flags), needle)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -133,7 +123,7 @@ def test_resume_flags_are_checked_too(npz, reference, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(reference[4])
-    _error(capsys, train_args(npz, out, "--resume", "--lr", "inf"), "--lr inf contradicts")
+    cli_error(capsys, train_args(npz, out, "--resume", "--lr", "inf"), "--lr inf contradicts")
     assert (out / "checkpoint.pt").read_bytes() == reference[4]
 
 
@@ -155,12 +145,12 @@ def _npz_variants(npz, tmp_path):
 
 def test_bad_data_files_unverified(npz, tmp_path, capsys):
     for name, needle in _npz_variants(npz, tmp_path).items():
-        _error(capsys, train_args(tmp_path / name, tmp_path / "run", "--steps", 4),
+        cli_error(capsys, train_args(tmp_path / name, tmp_path / "run", "--steps", 4),
                tmp_path / name, needle)
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 9)
     (tmp_path / "idx" / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01")
-    _error(capsys, ["train", "--data", tmp_path / "idx", "--no-verify", "--out", tmp_path / "r"],
+    cli_error(capsys, ["train", "--data", tmp_path / "idx", "--no-verify", "--out", tmp_path / "r"],
            "train-images-idx3-ubyte")
 
 
@@ -179,7 +169,7 @@ def test_sample_arguments(reference, tmp_path, capsys, flags, needle):
     good = tmp_path / "c.pt"
     good.write_bytes(reference[4])
     argv = ["sample", "--checkpoint", good, "--out", tmp_path / "g.png", *flags]
-    _error(capsys, argv, needle)
+    cli_error(capsys, argv, needle)
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -191,17 +181,17 @@ def test_sample_arguments(reference, tmp_path, capsys, flags, needle):
 def test_eval_arguments_fail_before_any_scoring(reference, tmp_path, capsys, flags, needle):
     good = tmp_path / "c.pt"
     good.write_bytes(reference[4])
-    _error(capsys, ["eval", "--checkpoint", good, *flags], needle)
+    cli_error(capsys, ["eval", "--checkpoint", good, *flags], needle)
 
 
 def test_eval_of_nan_weights(reference, tmp_path, capsys):
     st = checkpoint.load(_copy(reference, tmp_path))
     st["generator"]["net.1.0.weight"][1, 2] = float("nan")
     torch.save(st["generator"], tmp_path / "bare.pt")   # a bare generator state_dict
-    _error(capsys, ["eval", "--checkpoint", tmp_path / "bare.pt"], tmp_path / "bare.pt",
+    cli_error(capsys, ["eval", "--checkpoint", tmp_path / "bare.pt"], tmp_path / "bare.pt",
            "generator weight net.1.0.weight holds NaN or inf")
     checkpoint.save(st, tmp_path / "full.pt")
-    _error(capsys, ["eval", "--checkpoint", tmp_path / "full.pt"], tmp_path / "full.pt",
+    cli_error(capsys, ["eval", "--checkpoint", tmp_path / "full.pt"], tmp_path / "full.pt",
            "holds NaN or inf")
 
 
@@ -224,7 +214,7 @@ def test_cuda_graph_replay_error_names_the_step(npz, reference, tmp_path, capsys
         return real(self)
     monkeypatch.setattr(Trainer, "train_step", train_step)
     out = tmp_path / "run"
-    _error(capsys, train_args(npz, out, "--steps", 8),
+    cli_error(capsys, train_args(npz, out, "--steps", 8),
            "the CUDA graph replay failed in step 7 (CUDA error: an illegal memory access was "
            "encountered)", f"{out / 'checkpoint.pt'} (step 4) is intact", "--no-graphs")
     assert (out / "checkpoint.pt").read_bytes() == reference[4]

@@ -29,7 +29,8 @@ from fault_tools import ROOT, TINY, one_line, quiet, run_pair, start_pair, wait_
 
 from fastgan import checkpoint
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and /proc: Linux")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="signals and /proc: Linux"),
+              pytest.mark.slow]   # 2 processes a case: most of the fault suite's time
 
 BOUND_S = 30      # a fault to the exit of the last rank standing (Python teardown included)
 STEPS_PER_EPOCH = 4   # 128 images, 2 ranks, batch 16

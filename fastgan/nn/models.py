@@ -142,6 +142,10 @@ class GhostRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gg):
+        if torch.is_grad_enabled():  # create_graph: this formula holds no graph of y, W
+            raise RuntimeError("the ghost rows of the simultaneous step cannot be "
+                               "differentiated twice (gradient penalty); call the "
+                               "Discriminator without ghost=")
         # Every dtype here is explicit (the forward's, as the op's backward
         # keeps it): an autocast region the backward runs in must not recast.
         with torch.autocast(gg.device.type, enabled=False):

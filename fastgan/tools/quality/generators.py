@@ -36,7 +36,7 @@ def describe(G: nn.Module) -> str:
     lins = [m for m in G.modules() if isinstance(m, nn.Linear)]
     bns = [m for m in G.modules() if isinstance(m, nn.BatchNorm1d)]
     acts = [m for m in G.modules() if isinstance(m, nn.LeakyReLU)]
-    text = (f"seed-GAN generator: latent {lins[0].in_features}, hidden "
+    text = (f"the seed GAN's G, latent {lins[0].in_features}, hidden "
             f"{','.join(str(m.out_features) for m in lins[:-1]) or 'none'}")
     if acts:
         text += f", LeakyReLU slope {acts[0].negative_slope:g}"

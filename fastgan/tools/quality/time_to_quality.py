@@ -23,8 +23,9 @@ from torch import Tensor
 from .judge import Judge, load_judge
 from .metrics import features_and_probs, real_floor, scores
 
-# The seed GAN passes it after about 1,000 steps of batch 64 on the 5,000-digit
-# subset (FD 110 at step 1,092 in one run; the real-vs-real floor is 0.64).
+# The seed GAN passes it after 500-1,000 steps of batch 64 on the 5,000-digit
+# subset (bench/results/issue12-schedules.md; the real-data floor on 1,000
+# images is FD 2.0, an untrained G 711).
 DEFAULT_FD_THRESHOLD = 150.0
 
 

@@ -6,9 +6,12 @@ eager code skips the dispatcher round trip. Arguments are checked once, at the
 op boundary (``fastgan.ops.checks``).
 
 For dropout the ops need a ``(seed, offset)`` pair of 1-element int64 tensors
-on the input's device. Pass them explicitly for reproducible or CUDA-graph
-captured code; when omitted, a seed is drawn from torch's default generator on
-the host (fine in eager code, not inside a captured graph).
+on the input's device. Pass them explicitly to control the masks; when
+omitted, a seed is drawn from torch's default generator of the input's device
+(as ``F.dropout`` draws its mask, so ``torch.manual_seed`` governs it), by a
+device op that reads nothing on the host.
+
+Every op differentiates twice (gradient penalties): see ``fastgan.ops.registry``.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def _rng(x: Tensor, seed: Optional[Tensor], offset: Optional[Tensor], p: float):
     device = x.device if isinstance(x, Tensor) else None
     if seed is None:
         if p > 0:
-            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
         else:
             seed = torch.zeros(1, dtype=torch.int64, device=device)
     if offset is None:

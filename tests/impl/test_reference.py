@@ -162,3 +162,34 @@ def test_apply_dropout_uses_the_op_mask():
     keep = R.dropout_keep_mask(seed, offset, (6, 9), 0.4)
     torch.testing.assert_close(R.apply_dropout(a, 0.4, seed, offset),
                                torch.where(keep, a * R.dropout_scale(0.4), 0.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_differentiable_grads_are_autograd_of_the_forward(training, p):
+    """The ``*_grads`` formulas (what double backward differentiates) equal
+    autograd of the reference forward, in fp64, with the forward's mask."""
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    x, w, b = (torch.randn(*s, **d, requires_grad=True) for s in ((6, 5), (4, 5), (4,)))
+    g = (torch.rand(4, **d) + 0.5).requires_grad_(True)
+    beta = torch.randn(4, **d, requires_grad=True)
+    stats = torch.randn(4, **d), torch.rand(4, **d) + 0.5, torch.zeros(1, dtype=torch.int64)
+    s, o = torch.tensor([5]), torch.tensor([2])
+    keep = R.apply_dropout(torch.ones(6, 4), p, s, o) if p else None
+    y, h, mean, rstd = R.linear_bn_act_forward(x, w, b, g, beta, *stats, training, 0.1, 1e-5,
+                                               "tanh", 0.0, p, s, o)
+    gy = torch.randn_like(y)
+    want = torch.autograd.grad(y, (x, w, b, g, beta), gy)
+    got = R.linear_bn_act_grads(gy, x, w, b, g, beta, mean, rstd, training, 1e-5, "tanh", 0.0,
+                                keep, True)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    y = R.linear_act_forward(x, w, b, "leaky_relu", 0.2, p, s, o)
+    want = torch.autograd.grad(y, (x, w, b), gy)
+    for a, e in zip(R.linear_act_grads(gy, x, w, b, "leaky_relu", 0.2, keep, True), want):
+        torch.testing.assert_close(a, e)
+    loss = R.gan_bce_forward(x[:, :1], x[:, 1:2], 0.9, 0.0)[0]
+    want = torch.autograd.grad(3 * loss, x)[0][:, :2]
+    got = R.gan_bce_grads(torch.tensor(3.0, **d), x[:, :1], x[:, 1:2], 0.9, 0.0, True)
+    torch.testing.assert_close(torch.cat(got, 1), want)

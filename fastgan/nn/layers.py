@@ -104,13 +104,6 @@ _STEPS: dict = {}      # device -> tensor([0, 1]): one advance of a [seed, count
 _ZERO_KEYS: dict = {}  # device -> (seed, offset) handed to ops that drop nothing
 
 
-def _per_device(cache: dict, device: torch.device, make):
-    value = cache.get(device)
-    if value is None:
-        value = cache[device] = make()
-    return value
-
-
 def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
     """``(seed, offset)`` of the next mask of stream ``state``, which advances on the device.
 
@@ -118,16 +111,20 @@ def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
     forward's in-place advance of the stream must not invalidate an earlier graph.
     """
     key = state.clone()
-    state.add_(_per_device(_STEPS, state.device,
-                           lambda: torch.tensor([0, 1], dtype=torch.int64, device=state.device)))
+    step = _STEPS.get(state.device)
+    if step is None:
+        step = _STEPS[state.device] = torch.tensor([0, 1], dtype=torch.int64, device=state.device)
+    state.add_(step)
     return key.unbind()
 
 
 def zero_key(device: torch.device) -> tuple[Tensor, Tensor]:
     """A ``(seed, offset)`` for ops with ``p == 0``: the kernels read no key then, so one
     shared, never-modified pair per device saves two allocations per call."""
-    return _per_device(_ZERO_KEYS, device,
-                       lambda: torch.zeros(2, dtype=torch.int64, device=device).unbind())
+    key = _ZERO_KEYS.get(device)
+    if key is None:
+        key = _ZERO_KEYS[device] = torch.zeros(2, dtype=torch.int64, device=device).unbind()
+    return key
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
@@ -259,6 +256,13 @@ class _Fused(nn.Sequential):
     def to_sequential(self) -> nn.Sequential:
         """The plain-PyTorch equivalent, sharing this layer's parameters."""
         return nn.Sequential(*self)
+
+    def __getstate__(self):
+        # The plan is a cache (it holds the activation table's row, whose
+        # functions do not pickle); the next forward makes it again.
+        state = super().__getstate__()
+        state.pop("_plan", None)
+        return state
 
     # ------------------------------------------------------------ structure
     def _make_plan(self) -> _Plan:

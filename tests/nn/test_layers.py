@@ -447,3 +447,18 @@ def test_compile_draws_the_seed_lazily_too():
         outs.append((run(x), m[0].dropout_rng.clone()))
     assert torch.equal(outs[0][1], outs[1][1])
     torch.testing.assert_close(outs[0][0], outs[1][0])
+
+
+def test_a_fused_layer_pickles_after_running():
+    """torch.save of a whole model (its plan is a cache, rebuilt after loading)."""
+    import io
+    layer = fnn.LinearBNAct(4, 3, dropout=0.2)
+    layer(torch.randn(5, 4))
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(5, 4)
+    assert torch.equal(loaded(x), layer(x))  # the same stream, continued
+    loaded.append(nn.Sigmoid())
+    assert loaded(x).min() >= 0

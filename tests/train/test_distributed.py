@@ -410,6 +410,7 @@ import copy, dataclasses
 import torch, torch.distributed as dist
 from fastgan import distributed as fdist
 from fastgan.nn import LinearAct, LinearBNAct, seed_dropout
+from fastgan.train.graphs import capture
 torch.backends.cuda.matmul.allow_tf32 = False
 dev = torch.device("cuda", 0)
 torch.cuda.set_device(dev)
@@ -434,16 +435,8 @@ def make_step(model, params):
         opt.step()
     return step, opt
 step, opt = make_step(ddp, synced.parameters())
-side = torch.cuda.Stream()
-side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    for _ in range(fdist.GRAPH_WARMUP):
-        step()
-torch.cuda.current_stream().wait_stream(side)
-opt.zero_grad(set_to_none=True)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    step()
+graph = capture(step, warmup=fdist.GRAPH_WARMUP,
+                after_warmup=lambda: opt.zero_grad(set_to_none=True))
 for _ in range(3):
     graph.replay()
 eager, _ = make_step(plain, plain.parameters())
@@ -463,6 +456,7 @@ import torch
 import fastgan
 from fastgan import distributed as fdist
 from fastgan.nn import LinearAct, LinearBNAct
+from fastgan.train.graphs import capture
 ctx = fdist.init()
 assert ctx.device.type == "cuda"
 torch.manual_seed(0)
@@ -475,16 +469,8 @@ def step():
     opt.zero_grad(set_to_none=True)
     ddp(x).square().mean().backward()
     opt.step()
-side = torch.cuda.Stream()
-side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    for _ in range(fdist.GRAPH_WARMUP):
-        step()
-torch.cuda.current_stream().wait_stream(side)
-graph = torch.cuda.CUDAGraph()
-opt.zero_grad(set_to_none=True)
-with torch.cuda.graph(graph):
-    step()
+graph = capture(step, warmup=fdist.GRAPH_WARMUP,
+                after_warmup=lambda: opt.zero_grad(set_to_none=True))
 for _ in range(3):
     graph.replay()
 torch.cuda.synchronize()

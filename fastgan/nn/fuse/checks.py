@@ -16,6 +16,7 @@ calls (hooks, dtypes, modes, the speed rule) is read on every call (``run``).
 """
 from __future__ import annotations
 
+import copy as copy_module
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -176,3 +177,16 @@ def dropout_problem(p) -> Optional[str]:
     if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
         return f"dropout p={p!r} is not a number in [0, 1)"
     return None
+
+
+def target(model, copy, inplace) -> nn.Module:
+    """The module ``fuse``/``unfuse`` work on: ``model`` itself, or a deep copy
+    with ``copy=True`` (``inplace=False`` is the old spelling of it)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if inplace is not None and copy is not None and bool(copy) == bool(inplace):
+        raise ValueError(f"copy={copy} contradicts inplace={inplace} (inplace is the old "
+                         "spelling of copy=False)")
+    if copy if copy is not None else inplace is False:
+        model = copy_module.deepcopy(model)
+    return model

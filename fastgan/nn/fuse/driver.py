@@ -6,13 +6,11 @@ Then every module no run took gets its line in the report.
 """
 from __future__ import annotations
 
-import copy as copy_module
-
 from torch import nn
 
 from ..layers import _Fused
 from . import hooks
-from .checks import label, module_step
+from .checks import label, module_step, target
 from .plan import is_planned, unplan
 from .report import FusedRun, FuseReport, LeftAlone, detail, join
 from .sequential import is_plain_sequential, plan_sequential
@@ -129,13 +127,7 @@ def fuse(model: nn.Module, inplace: bool | None = None, *, copy: bool | None = N
     support, even where the speed rule (``fastgan.nn.fuse.speed``) says the
     fused op would not gain: to test or benchmark the kernels.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if inplace is not None and copy is not None and bool(copy) == bool(inplace):
-        raise ValueError(f"copy={copy} contradicts inplace={inplace} (inplace is the old "
-                         "spelling of copy=False)")
-    if (copy if copy is not None else inplace is False):
-        model = copy_module.deepcopy(model)
+    model = target(model, copy, inplace)
     for m in model.modules():
         if is_planned(m):
             unplan(m)

@@ -10,12 +10,11 @@ fused by an older fastgan (loaded from a pickle) get their old layout undone
 """
 from __future__ import annotations
 
-import copy as copy_module
-
 from torch import nn
 
 from ..layers import _Fused
 from .legacy import ORIGIN, plain_children, unfuse_legacy
+from .checks import target
 from .plan import unplan
 
 
@@ -38,13 +37,7 @@ def unfuse(model: nn.Module, inplace: bool | None = None, *,
     spelling of ``copy=True``. Returns the model (a new ``nn.Sequential`` if
     ``model`` itself was a fused layer).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if inplace is not None and copy is not None and bool(copy) == bool(inplace):
-        raise ValueError(f"copy={copy} contradicts inplace={inplace} (inplace is the old "
-                         "spelling of copy=False)")
-    if (copy if copy is not None else inplace is False):
-        model = copy_module.deepcopy(model)
+    model = target(model, copy, inplace)
     if any(getattr(m, ORIGIN, None) for m in model.modules()) or \
             any("_fastgan_fx" in type(m).__dict__ for m in model.modules()):
         unfuse_legacy(model)

@@ -191,7 +191,7 @@ for b in sizes:
     t = measure_many(fns, torch.device(dev), warmup=1 if dry else 2, iters=1 if dry else 5,
                      min_time_s=0.0 if dry else 0.2)
     for k in fns:
-        rows.append(dict(batch=b, dtype=str(dt), k=k, us_per_step=t[k].median_ms() * 1e3 / k))
+        rows.append(dict(batch=b, dtype=str(dt), k=k, us_per_step=t[k].median_ms * 1e3 / k))
         print(rows[-1], flush=True)
     json.dump(rows, open(out, "w"), indent=1)
 '

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ...ops import functional as FG
 from ...ops import spec
-from ..layers import autocast_inputs
+from ..layers import autocast_inputs, draw_seed_, next_key
 from . import hooks, speed
 from .checks import label, stored
 from .report import join
@@ -98,14 +98,9 @@ class DropoutStream:
         if state.device != device:   # the model moved (.to, .cuda) after fuse
             state = self.dropout_rng = state.to(device)
         if not self._dropout_seeded:
-            # A device op, as nn.Dropout's draw is: no host sync, capturable.
-            seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-            state.copy_(torch.cat([seed, seed.new_zeros(1)]))
+            draw_seed_(state)   # the fused layers' draw: a device op, capturable
             self._dropout_seeded = True
-        # A copy: autograd saves the key for backward, and the next call's
-        # in-place advance must not change what this call's backward reads.
-        seed, offset = state.clone().unbind()
-        state[1:].add_(1)
+        seed, offset = next_key(state)
         return seed.view(1), offset.view(1)
 
     def seed_dropout(self, seed: int) -> None:

@@ -3,6 +3,8 @@ side by side; a table on the terminal, JSON + CSV + PNG on disk.
 
     fastgan bench                       # everything available here, default sizes
     fastgan bench --quick               # CI smoke run: tiny sizes, few iterations
+    fastgan bench --no-ops --batch-sizes 64,256 --contenders eager-all,compile,fastgan-cpu \
+        --dtypes fp32,bf16              # the honest contenders, fp32 and bf16, one run
     fastgan bench --no-ops --batch-sizes 64 --profile   # where the step's time goes
     fastgan bench --quality             # time-to-quality: fastgan vs the eager reference
     fastgan bench --schedule alternating,simultaneous --no-ops   # both train-step schedules
@@ -15,6 +17,7 @@ import csv
 import json
 import os
 import sys
+import textwrap
 
 import torch
 
@@ -28,12 +31,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated (default: 32,64,256 on CPU; up to 16384 on GPU)")
     p.add_argument("--dtypes", default=None,
                    help="default fp32,bf16 (fp32 with --quick); comma-separated from fp32, "
-                        "bf16 (autocast), fp16 (autocast), tf32 (fp32 with TF32 matmuls; "
-                        "labelled separately)")
+                        "bf16, fp16, tf32 (fp32 with TF32 matmuls; labelled separately). "
+                        "bf16/fp16 is autocast for eager and compile, and for fastgan its "
+                        "bf16 training mode (bf16 weights, fp32 master weights, BN fp32); "
+                        "eager-bf16 always runs bf16")
     p.add_argument("--tf32", action="store_true", help="add the tf32 dtype label")
     p.add_argument("--contenders", default=None,
-                   help="comma-separated names or families (eager, compile, fastgan, graph); "
-                        "default: all available")
+                   help="comma-separated names or families; default: all available. Names: "
+                        "eager (plain reference, default Adam), eager-fused-adam (the same with "
+                        "Adam(fused=True)), eager-bf16 (eager under autocast bf16, fp32 "
+                        "weights), compile[-<mode>], fastgan-<backend>[-graph]. Families: "
+                        "eager-all (the three eager ones; 'eager' alone is only the plain "
+                        "reference), compile, fastgan, graph")
     p.add_argument("--ops", default="linear_bn_act,linear_act,gan_bce",
                    help="fused ops to time one by one (comma-separated, or 'none')")
     p.add_argument("--passes", default=None, help="default forward,backward,both "
@@ -52,6 +61,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=None,
                    help="calls per timed sample on a GPU (default 10; 1 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--peak-size", type=int, default=None,
+                   help="N of the N×N×N GEMM whose GFLOP/s is the machine's peak, measured "
+                        "in fp32 and bf16 before the contenders (oneDNN on CPU, cuBLAS on GPU; "
+                        "default 4096, 1024 with --quick)")
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip the GEMM peak (no %%peak column)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="smoke mode for CI: batch 16, fp32, pass 'both', 3 samples")
@@ -139,7 +154,10 @@ def config_from_args(args):
                    contenders=_names(args.contenders), steps=not args.no_step, ops=ops,
                    passes=passes, warmup=args.warmup, iters=args.iters,
                    min_time_s=args.min_time, repeat=args.repeat or (10 if gpu else 1),
-                   seed=args.seed, schedules=_schedules(args.schedule))
+                   seed=args.seed, schedules=_schedules(args.schedule), peak=not args.no_peak,
+                   peak_n=args.peak_size or (1024 if args.quick else B.PEAK_N))
+    if args.peak_size is not None and args.peak_size < 1:
+        raise CLIError(f"--peak-size must be a positive integer, got {args.peak_size}")
     if args.quick:
         cfg.batches = _ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else (16,)
         cfg.iters, cfg.warmup, cfg.min_time_s, cfg.repeat = 3, 1, 0.0, 1
@@ -155,23 +173,48 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
 def format_row(r: dict) -> str:
     if r["kind"] == "step":
         what = "train step" + ("" if r["op"] == "gan_step" else f" {r['op'].split(':')[1]}")
     else:
         what = f"{r['op']} {r['pass']}"
     if r["median_ms"] is None:
-        return f"{what:<24} {r['dtype']:<5} {r['batch']:>6} {r['contender']:<26} FAILED: {r['note']}"
+        return f"{what:<24} {r['dtype']:<5} {r['batch']:>6} {r['contender']:<22} FAILED: {r['note']}"
     spread = f"{r['median_ms']:.3f} ({r['p20_ms']:.3f}-{r['p80_ms']:.3f})"
-    line = (f"{what:<24} {r['dtype']:<5} {r['batch']:>6} {r['contender']:<26} {spread:>28} "
-            f"{r['images_per_s']:>11.0f} {_fmt(r['speedup_vs_eager'], '6.2f'):>7} "
-            f"{_fmt(r['speedup_vs_compile'], '6.2f'):>7} {_fmt(r['tflops'], '7.3f'):>8} "
-            f"{_fmt(r['peak_mem_mb'], '8.1f'):>8} {r['first_call_s']:>7.2f}")
+    line = (f"{what:<24} {r['dtype']:<5} {r['batch']:>6} {r['contender']:<22} {spread:>28} "
+            f"{r['images_per_s']:>10.0f} {_fmt(r['speedup_vs_eager'], '6.2f'):>7} "
+            f"{_fmt(r.get('speedup_vs_eager_fp32'), '6.2f'):>7} "
+            f"{_fmt(r['speedup_vs_compile'], '6.2f'):>7} {_fmt(r.get('gemm_gflops'), '8.1f'):>8} "
+            f"{_pct(r.get('peak_frac')):>6} {_fmt(r['peak_mem_mb'], '8.1f'):>8} "
+            f"{r['first_call_s']:>7.2f}")
     return line + (f"  [{r['note']}]" if r["note"] else "")
 
 
-HEADER = (f"{'what':<24} {'dtype':<5} {'batch':>6} {'contender':<26} {'ms median (p20-p80)':>28} "
-          f"{'img/s':>11} {'xeager':>7} {'xcomp':>7} {'TFLOP/s':>8} {'mem MB':>8} {'first s':>7}")
+HEADER = (f"{'what':<24} {'dtype':<5} {'batch':>6} {'contender':<22} {'ms median (p20-p80)':>28} "
+          f"{'img/s':>10} {'xeager':>7} {'xfp32':>7} {'xcomp':>7} {'GFLOP/s':>8} {'%peak':>6} "
+          f"{'mem MB':>8} {'first s':>7}")
+
+LEGEND = ("xeager: over the eager reference in the row's dtype (eager; eager-bf16 for bf16 "
+          "rows); xfp32: over eager fp32 at the same batch; xcomp: over the best torch.compile "
+          "mode in the row's dtype; GFLOP/s: the GEMM FLOPs / the median; %peak: of this "
+          "machine's GEMM peak in the row's dtype; first s: first call incl. compile, not in "
+          "the step time. bf16: autocast for eager/compile, bf16 weights + fp32 masters for "
+          "fastgan.")
+
+
+def peaks_line(peaks: dict) -> str:
+    """The GEMM peaks of a run, one line."""
+    if not peaks:
+        return "GEMM peak: not measured (--no-peak)"
+    any_ = next(iter(peaks.values()))
+    parts = [f"{d} {p['gflops']:.0f} GFLOP/s" if p["gflops"] else f"{d} - ({p['note']})"
+             for d, p in peaks.items()]
+    return (f"GEMM peak ({any_['op']}, {any_['n']}³, {any_['threads']} threads, best of a few "
+            f"calls): " + ", ".join(parts))
 
 
 def table(records) -> str:
@@ -238,6 +281,8 @@ def run(args) -> int:
     print(f"fastgan bench on {cfg.device} ({B.machine_info(cfg.device)['gpu'] or B.cpu_model()}); "
           f"contenders: {', '.join(c.name for c in B.contenders(cfg.device, cfg.contenders))}",
           flush=True)
+    peaks = B.peaks(cfg)  # measured once per process; run() reuses it
+    print(peaks_line(peaks), flush=True)
     print(HEADER, flush=True)
     machine = B.machine_info(cfg.device)
     _prepare(args.out)
@@ -248,12 +293,12 @@ def run(args) -> int:
         # run killed by a time limit still leaves what it measured.
         print(format_row(r), flush=True)
         done.append(r)
-        _write_json(dict(B.result(cfg, done, machine), complete=False), args.out + ".json")
+        _write_json(dict(B.result(cfg, done, machine, peaks), complete=False), args.out + ".json")
 
     records = B.run(cfg, on_record=on_record)
-    doc = dict(B.result(cfg, records, machine), complete=True)
-    print("\nwith speed-ups (xeager: over the eager reference; xcomp: over the best "
-          "torch.compile mode; first s: first call incl. compile, not in the step time):")
+    doc = dict(B.result(cfg, records, machine, peaks), complete=True)
+    print("\n" + textwrap.fill(LEGEND, 110))
+    print(peaks_line(peaks))
     print(table(records))
     _save(doc, args)
     if args.profile:
@@ -262,7 +307,7 @@ def run(args) -> int:
         with open(path, "w") as f:
             for c in B.contenders(cfg.device, cfg.contenders):
                 if c.compile_mode is None and not c.cuda_graph:
-                    f.write(f"=== {c.name}, batch {batch}, {cfg.dtypes[0]}, 10 steps ===\n")
+                    f.write(f"=== {c.name}, batch {batch}, {c.dtype or cfg.dtypes[0]}, 10 steps ===\n")
                     f.write(B.profile_step(c, batch, cfg.device, cfg.dtypes[0]) + "\n\n")
         print(f"profile: {path}")
     failed = [r for r in records if r["median_ms"] is None]

@@ -1,6 +1,7 @@
 """fastgan.benchmark and `fastgan bench`: FLOP counting, timing statistics,
 contender selection, the result schema and a tiny --quick run through the CLI.
 Nothing here asserts on timing."""
+import argparse
 import csv
 import json
 
@@ -42,7 +43,7 @@ def test_measure_counts_and_percentiles():
 
 def test_contenders_on_cpu():
     names = [c.name for c in B.contenders(CPU)]
-    assert names[:2] == ["eager", "compile"]
+    assert names[:4] == ["eager", "eager-bf16", "eager-fused-adam", "compile"]
     assert not any("graph" in n or "reduce-overhead" in n for n in names)  # GPU only
     for b in fastgan.backends():
         # the Triton interpreter on CPU tensors is only timed when named exactly
@@ -51,22 +52,120 @@ def test_contenders_on_cpu():
         assert [c.name for c in B.contenders(CPU, ["fastgan-triton"])] == ["fastgan-triton"]
     fused = [c.name for c in B.contenders(CPU, ["eager", "fastgan"])]
     assert fused[0] == "eager" and all(n.startswith("fastgan-") for n in fused[1:])
+    # "eager" is the plain reference only; the family of all three is eager-all
+    assert [c.name for c in B.contenders(CPU, ["eager-all"])] == [
+        "eager", "eager-bf16", "eager-fused-adam"]
+    by = {c.name: c for c in B.contenders(CPU)}
+    assert by["eager-fused-adam"].fused_adam and not by["eager"].fused_adam
+    assert by["eager-bf16"].dtype == "bf16" and by["eager"].dtype is None
     with pytest.raises(ValueError, match="contenders"):
         B.contenders(CPU, ["fastgan-nonexistent"])
 
 
+def test_runs_pairs_contenders_with_dtypes():
+    cs = B.contenders(CPU, ["eager-all", "fastgan-reference"])
+    pairs = [(c.name, d) for c, d in B.runs(cs, ["fp32", "bf16"])]
+    # eager at bf16 is eager-bf16: timed once, under that name
+    assert pairs == [("eager", "fp32"), ("eager-fused-adam", "fp32"), ("fastgan-reference", "fp32"),
+                     ("eager-bf16", "bf16"), ("eager-fused-adam", "bf16"),
+                     ("fastgan-reference", "bf16")]
+    # a pinned contender runs in its own dtype even when the run has only fp32
+    assert [(c.name, d) for c, d in B.runs(cs, ["fp32"])][-1] == ("eager-bf16", "bf16")
+    # without eager-bf16, eager at the bf16 label is eager under autocast
+    assert [(c.name, d) for c, d in B.runs(B.contenders(CPU, ["eager"]), ["fp32", "bf16"])] == [
+        ("eager", "fp32"), ("eager", "bf16")]
+
+
+def _rec(name, ms, dtype="fp32", batch=64, gflop=None):
+    r = dict.fromkeys(B.RECORD_FIELDS)
+    r.update(kind="step", op="gan_step", contender=name, batch=batch, dtype=dtype, median_ms=ms)
+    r["pass"] = "both"
+    if gflop is not None and ms is not None:
+        r["gemm_gflops"] = gflop / (ms / 1e3)
+    return r
+
+
 def test_add_speedups():
-    def rec(name, ms):
-        r = dict.fromkeys(B.RECORD_FIELDS)
-        r.update(kind="step", op="gan_step", contender=name, batch=64, dtype="fp32", median_ms=ms)
-        r["pass"] = "both"
-        return r
-    rs = B.add_speedups([rec("eager", 10.0), rec("compile", 8.0),
-                         rec("compile-max-autotune", 5.0), rec("fastgan-cpu", 4.0),
-                         rec("fastgan-x", None)])
+    rs = B.add_speedups([_rec("eager", 10.0), _rec("compile", 8.0),
+                         _rec("compile-max-autotune", 5.0), _rec("fastgan-cpu", 4.0),
+                         _rec("fastgan-x", None)])
     assert rs[0]["speedup_vs_eager"] == 1.0 and rs[3]["speedup_vs_eager"] == 2.5
     assert rs[3]["speedup_vs_compile"] == pytest.approx(5.0 / 4.0)  # against the best mode
+    assert rs[3]["speedup_vs_eager_fp32"] == 2.5  # fp32 rows: the same baseline
     assert rs[4]["speedup_vs_eager"] is None
+
+
+def test_speedups_across_dtypes():
+    """bf16 rows: xeager over eager-bf16 (or eager at bf16), xfp32 over eager fp32
+    at the same batch; compile within the row's dtype; other batches apart."""
+    rs = B.add_speedups([
+        _rec("eager", 12.0), _rec("eager-fused-adam", 10.0), _rec("compile", 6.0),
+        _rec("fastgan-cpu", 4.0), _rec("eager-bf16", 9.0, "bf16"), _rec("compile", 3.0, "bf16"),
+        _rec("fastgan-cpu", 2.0, "bf16"), _rec("eager", 100.0, batch=256),
+        _rec("fastgan-cpu", 1.0, "bf16", batch=256)])
+    by = {(r["contender"], r["dtype"], r["batch"]): r for r in rs}
+    f16 = by["fastgan-cpu", "bf16", 64]
+    assert f16["speedup_vs_eager"] == pytest.approx(9.0 / 2.0)   # vs eager-bf16
+    assert f16["speedup_vs_eager_fp32"] == pytest.approx(12.0 / 2.0)   # vs eager fp32
+    assert f16["speedup_vs_compile"] == pytest.approx(3.0 / 2.0)   # vs compile bf16
+    assert by["fastgan-cpu", "fp32", 64]["speedup_vs_compile"] == pytest.approx(6.0 / 4.0)
+    assert by["eager-bf16", "bf16", 64]["speedup_vs_eager"] == 1.0
+    assert by["eager-bf16", "bf16", 64]["speedup_vs_eager_fp32"] == pytest.approx(12.0 / 9.0)
+    assert by["eager-fused-adam", "fp32", 64]["speedup_vs_eager"] == pytest.approx(1.2)
+    b256 = by["fastgan-cpu", "bf16", 256]   # no bf16 eager at 256: no same-dtype ratio
+    assert b256["speedup_vs_eager"] is None and b256["speedup_vs_eager_fp32"] == 100.0
+    # eager under the bf16 label (no eager-bf16 contender) is the bf16 baseline too
+    (e, f) = B.add_speedups([_rec("eager", 8.0, "bf16"), _rec("fastgan-cpu", 2.0, "bf16")])
+    assert f["speedup_vs_eager"] == 4.0 and f["speedup_vs_eager_fp32"] is None
+
+
+def test_add_peaks():
+    peaks = {"fp32": {"gflops": 400.0}, "bf16": {"gflops": 800.0}}
+    rs = B.add_peaks([_rec("eager", 10.0, gflop=1.0), _rec("eager-bf16", 5.0, "bf16", gflop=1.0),
+                      _rec("fastgan-x", None), _rec("eager", 1.0, "fp16", gflop=1.0)], peaks)
+    assert rs[0]["peak_gflops"] == 400.0 and rs[0]["peak_frac"] == pytest.approx(100 / 400)
+    assert rs[1]["peak_gflops"] == 800.0 and rs[1]["peak_frac"] == pytest.approx(200 / 800)
+    assert rs[2]["peak_frac"] is None   # failed: no time
+    assert rs[3]["peak_gflops"] is None and rs[3]["peak_frac"] is None   # no fp16 peak
+
+
+def test_gemm_peak_measured_and_cached():
+    from fastgan.tools.benchmark import peak as P
+    p = B.gemm_peak(CPU, "fp32", 192)
+    assert p["gflops"] > 0 and p["n"] == 192 and p["threads"] == torch.get_num_threads()
+    assert p["calls"] >= 1 and p["note"] == ""
+    if torch.backends.mkldnn.is_available():
+        assert p["op"] == "mkldnn._linear_pointwise"   # oneDNN, not MKL's torch.mm
+    hits = P._measure.cache_info().hits
+    assert B.gemm_peak(CPU, "fp32", 192) == p    # cached: measured once per process
+    assert P._measure.cache_info().hits == hits + 1
+    both = B.gemm_peaks(CPU, ("fp32",), 192)
+    assert set(both) == {"fp32", "bf16"} and both["bf16"]["gflops"] > 0
+    assert set(B.gemm_peaks(CPU, ("tf32",), 192)) == {"fp32", "bf16", "tf32"}
+    with pytest.raises(ValueError, match="dtype"):
+        B.gemm_peak(CPU, "int8")
+    assert B.PEAK_N == 4096
+
+
+def test_gemm_peak_fp32_is_ieee():
+    """The fp32 peak is IEEE fp32: oneDNN's fp32 matmul precision is forced to
+    ieee while it runs (and given back), so no implicit bf16/TF32 speeds it up."""
+    from fastgan.tools.benchmark import peak as P
+    mm = getattr(torch.backends.mkldnn, "matmul", None)
+    if getattr(mm, "fp32_precision", None) is None:
+        pytest.skip("this torch has no mkldnn.matmul.fp32_precision")
+    prev = mm.fp32_precision
+    try:
+        mm.fp32_precision = "bf16"
+        seen = []
+        fn, _ = P._gemm(CPU, "fp32", 64)
+        with P._ieee_onednn("fp32"):
+            seen.append(mm.fp32_precision)
+            y = fn()
+        assert seen == ["ieee"] and mm.fp32_precision == "bf16"
+        assert y.dtype == torch.float32
+    finally:
+        mm.fp32_precision = prev
 
 
 @pytest.mark.parametrize("name", ["eager", "fastgan-reference", "fastgan-cpu"])
@@ -95,10 +194,138 @@ def test_build_op_runs(op, pass_):
         assert sum(backend.calls.values()) > before
 
 
+def _contender(name):
+    return next(c for c in B.contenders(CPU) if c.name == name)
+
+
+def _watch_first_linear(model):
+    """What the first Linear of ``model`` sees inside the step: autocast state,
+    its weight's dtype, its output's dtype."""
+    seen = []
+    lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+    def hook(mod, args, out):
+        seen.append((torch.is_autocast_enabled("cpu"), mod.weight.dtype, out.dtype))
+    lin.register_forward_hook(hook)
+    return seen
+
+
+def _ops_in_step(step):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("name, fused", [("eager", False), ("eager-fused-adam", True)])
+def test_eager_fused_adam_is_fused(name, fused):
+    """eager-fused-adam is the eager reference with torch.optim.Adam(fused=True):
+    the optimizer says so and the step calls the fused kernel; eager does not."""
+    step, G, D = B.build_step(_contender(name), 8, CPU)
+    for opt in (step.engine.g_opt, step.engine.d_opt):
+        assert type(opt) is torch.optim.Adam
+        assert bool(opt.param_groups[0]["fused"]) is fused
+    seen = _watch_first_linear(G)
+    w = G.net[0][0].weight.detach().clone()
+    ops = _ops_in_step(step)
+    assert ("aten::_fused_adam_" in ops) is fused
+    assert seen and all(s == (False, torch.float32, torch.float32) for s in seen)  # no autocast
+    assert not torch.equal(w, G.net[0][0].weight)
+
+
+@pytest.mark.parametrize("name, dtype", [("eager-bf16", "fp32"), ("eager", "bf16")])
+def test_eager_bf16_is_autocast(name, dtype):
+    """eager-bf16 (whatever the run's dtype label) and eager under the bf16 label
+    run the reference under CPU autocast bf16: fp32 weights, bf16 GEMM outputs."""
+    step, G, D = B.build_step(_contender(name), 8, CPU, dtype)
+    seen_g, seen_d = _watch_first_linear(G), _watch_first_linear(D)
+    out = step()
+    assert torch.isfinite(out.d_loss) and out.d_loss.dtype == torch.float32
+    for seen in (seen_g, seen_d):
+        assert seen and all(s == (True, torch.float32, torch.bfloat16) for s in seen)
+    assert all(p.dtype == torch.float32 for p in G.parameters())
+    assert not step.engine.d_opt.param_groups[0]["fused"]   # eager's default Adam
+
+
+@pytest.mark.parametrize("pass_", ["forward", "both"])
+def test_eager_bf16_op_is_autocast(pass_):
+    fn = B.build_op(_contender("eager-bf16"), "linear_bn_act", pass_, 8, CPU)
+    out = fn()
+    y = out if pass_ == "forward" else out[0]
+    assert y.dtype == (torch.bfloat16 if pass_ == "forward" else torch.float32)  # dX: x's dtype
+
+
+def _fastgan_cpu():
+    if "cpu" not in fastgan.backends():
+        pytest.skip(f"the cpu backend is not built: {backend.unavailable()}")
+    return _contender("fastgan-cpu")
+
+
+def test_fastgan_bf16_step_is_the_bf16_training_mode():
+    """fastgan's bf16 is not autocast: bf16 Linear weights, BN in fp32, fp32
+    master weights in the optimizer, the fused backend running."""
+    P = pytest.importorskip("fastgan.train.precision")
+    c = _fastgan_cpu()
+    step, G, D = B.build_step(c, 8, CPU, "bf16")
+    for model in (G, D):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                assert m.weight.dtype == torch.bfloat16
+            if isinstance(m, torch.nn.BatchNorm1d):
+                assert m.weight.dtype == m.running_mean.dtype == torch.float32
+    for opt in (step.engine.g_opt, step.engine.d_opt):
+        assert isinstance(opt, P.MasterWeightAdam)
+    seen = _watch_first_linear(G)
+    before = sum(n for (b, _), n in backend.calls.items() if b == "cpu")
+    w = G.net[0][0].weight.detach().clone()
+    out = step()
+    assert torch.isfinite(out.d_loss) and torch.isfinite(out.g_loss)
+    assert seen and all(s == (False, torch.bfloat16, torch.bfloat16) for s in seen)
+    assert sum(n for (b, _), n in backend.calls.items() if b == "cpu") > before
+    assert not torch.equal(w, G.net[0][0].weight)
+    # fp32 stays the fp32 engine: plain fused Adam, fp32 weights
+    step32, G32, _ = B.build_step(c, 8, CPU, "fp32")
+    assert type(step32.engine.d_opt) is torch.optim.Adam
+    assert G32.net[0][0].weight.dtype == torch.float32
+
+
+def test_fastgan_bf16_op_is_the_bf16_layer():
+    pytest.importorskip("fastgan.train.precision")
+    c = _fastgan_cpu()
+    before = sum(backend.calls.values())
+    gx, gw, *rest = B.build_op(c, "linear_bn_act", "both", 8, CPU, "bf16")()
+    assert gx.dtype == gw.dtype == torch.bfloat16     # x and the Linear in bf16
+    assert rest[-1].dtype == torch.float32            # BN's bias: fp32
+    assert sum(backend.calls.values()) > before
+
+
+def test_new_contenders_run_side_by_side():
+    """The honest contenders and fastgan, fp32 and bf16, one quick run: every
+    record timed, labelled with how it computed, ratios against the right rows."""
+    names = ("eager-all", "fastgan-reference")
+    cfg = B.Config(device=CPU, batches=(4,), dtypes=("fp32", "bf16"), contenders=names,
+                   ops=("linear_act",), passes=("both",), warmup=1, iters=2, min_time_s=0.0,
+                   peak_n=128)
+    records = B.run(cfg)
+    got = {(r["kind"], r["contender"], r["dtype"]): r for r in records}
+    assert len(got) == len(records) == 2 * 6
+    for r in records:
+        assert r["median_ms"] is not None, (r["contender"], r["dtype"], r["note"])
+        assert r["peak_gflops"] > 0 and r["peak_frac"] is not None and r["peak_frac"] > 0
+        assert r["gemm_gflops"] == pytest.approx(r["gflop"] / (r["median_ms"] / 1e3))
+        fp32 = got[r["kind"], "eager", "fp32"]["median_ms"]
+        same = got[r["kind"], "eager" if r["dtype"] == "fp32" else "eager-bf16", r["dtype"]]
+        assert r["speedup_vs_eager_fp32"] == pytest.approx(fp32 / r["median_ms"])
+        assert r["speedup_vs_eager"] == pytest.approx(same["median_ms"] / r["median_ms"])
+    assert got["step", "eager-bf16", "bf16"]["precision"] == "autocast bf16"
+    assert got["step", "eager-fused-adam", "bf16"]["precision"] == "autocast bf16"
+    assert got["step", "eager", "fp32"]["precision"] == "fp32"
+    assert got["step", "fastgan-reference", "bf16"]["precision"] == "bf16 weights, fp32 masters"
+
+
 def test_run_records_and_schema(tmp_path):
     cfg = B.Config(device=CPU, batches=(4,), dtypes=("fp32", "bf16"),
                    contenders=("eager", "fastgan"), ops=("linear_act",), passes=("both",),
-                   warmup=1, iters=2, min_time_s=0.0)
+                   warmup=1, iters=2, min_time_s=0.0, peak_n=128)
     seen = []
     records = B.run(cfg, on_record=seen.append)
     assert seen == records
@@ -111,8 +338,10 @@ def test_run_records_and_schema(tmp_path):
     step = [r for r in records if r["kind"] == "step" and r["contender"] == "eager"][0]
     assert step["gflop"] == pytest.approx(B.step_flops(Generator(), Discriminator(), 4) / 1e9)
     assert step["speedup_vs_eager"] == 1.0
-    doc = json.loads(json.dumps(B.result(cfg, records)))
+    doc = json.loads(json.dumps(B.result(cfg, records, peaks=B.peaks(cfg))))
     B.validate(doc)
+    assert doc["peaks"]["fp32"]["gflops"] > 0 and doc["peaks"]["bf16"]["gflops"] > 0
+    assert doc["peaks"]["fp32"]["n"] == 128 == doc["config"]["peak_n"]
     assert doc["machine"]["cpu"] and doc["machine"]["torch"] == torch.__version__
     del doc["records"][0]["median_ms"]
     with pytest.raises(ValueError, match="record 0"):
@@ -122,7 +351,7 @@ def test_run_records_and_schema(tmp_path):
 def test_failed_contender_is_recorded_not_fatal():
     c = B.Contender("eager", fused=False)
     cfg = B.Config(device=CPU, batches=(1,), contenders=("eager",), ops=(), warmup=1, iters=1,
-                   min_time_s=0.0)  # batch 1: BatchNorm refuses to train
+                   min_time_s=0.0, peak=False)  # batch 1: BatchNorm refuses to train
     (r,) = B.run(cfg)
     assert r["contender"] == c.name and r["median_ms"] is None and "ValueError" in r["note"]
 
@@ -130,19 +359,36 @@ def test_failed_contender_is_recorded_not_fatal():
 def test_bench_cli_quick(tmp_path, capsys):
     out = tmp_path / "res" / "b"
     rc = main(["bench", "--quick", "--threads", "1", "--contenders", "eager,fastgan", "--batch-sizes", "4",
-               "--ops", "linear_bn_act,gan_bce", "--out", str(out)])
+               "--ops", "linear_bn_act,gan_bce", "--peak-size", "128", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "train step" in text and "xeager" in text
+    assert "train step" in text and "xeager" in text and "xfp32" in text and "%peak" in text
+    assert "GEMM peak (" in text and "128³" in text
     doc = json.loads(out.with_suffix(".json").read_text())
     B.validate(doc)
     assert doc["complete"] is True
+    assert doc["peaks"]["fp32"]["gflops"] > 0 and doc["peaks"]["bf16"]["gflops"] > 0
     assert {r["pass"] for r in doc["records"] if r["kind"] == "op"} == {"both"}
     assert {r["dtype"] for r in doc["records"]} == {"fp32"}
     with open(out.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(doc["records"]) and set(rows[0]) == set(B.RECORD_FIELDS)
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_bench_cli_peak_options():
+    from fastgan.cli import bench as cli
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+
+    def cfg(*argv):
+        return cli.config_from_args(parser.parse_args(["bench", "--device", "cpu", *argv]))
+    assert cfg().peak_n == 4096 and cfg().peak
+    assert cfg("--quick").peak_n == 1024      # CI's smoke run stays fast
+    assert cfg("--peak-size", "512").peak_n == 512
+    assert not cfg("--no-peak").peak
+    assert B.peaks(cfg("--no-peak")) == {}
+    assert "eager-fused-adam" in [c.name for c in B.contenders(CPU, cfg().contenders)]
 
 
 def test_bench_cli_bad_arguments(capsys):
@@ -152,3 +398,5 @@ def test_bench_cli_bad_arguments(capsys):
     assert "conv" in capsys.readouterr().err
     assert main(["bench", "--contenders", "nope"]) == 1
     assert "nope" in capsys.readouterr().err
+    assert main(["bench", "--peak-size", "0"]) == 1
+    assert "--peak-size" in capsys.readouterr().err

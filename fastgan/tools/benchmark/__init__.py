@@ -11,11 +11,40 @@ bench/bench_ops.py), ``contenders`` (who competes and under which settings),
 
 Contenders
 ----------
-``eager``                    the plain-PyTorch reference (``fused=False`` models, nn layers)
-``compile[-<mode>]``         the same reference under ``torch.compile`` (default mode; on a
+``eager``                    the plain-PyTorch reference (``fused=False`` models, nn layers),
+                             ``torch.optim.Adam`` with its defaults, as most users write it
+``eager-fused-adam``         the same with ``torch.optim.Adam(fused=True)``: a careful user
+``eager-bf16``               the same as ``eager`` under ``torch.autocast(<device>, bfloat16)``
+                             (fp32 weights): always bf16, whatever the run's dtypes
+``compile[-<mode>]``         the reference under ``torch.compile`` (default mode; on a
                              GPU also ``reduce-overhead`` and ``max-autotune``)
 ``fastgan-<backend>``        the fused models, eager, one contender per available backend
 ``fastgan-<backend>-graph``  the fused train step captured in a CUDA graph (GPU only)
+
+Families for ``contenders(names=...)``: ``eager-all`` (the three eager ones),
+``compile``, ``fastgan``, ``graph``; ``eager`` names only the plain reference.
+
+Dtypes: each dtype label runs every contender in it. bf16 (fp16) is autocast
+for the eager and compiled reference, and fastgan's bf16 training mode for
+fastgan (bf16 weights, fp32 master weights, BN in fp32, no autocast):
+each as its users would run it. The record's ``precision`` says which.
+``eager`` at bf16 is the same computation as ``eager-bf16`` and is timed once,
+under that name. Every (contender, dtype) of one batch is one round-robin
+group, so the cross-dtype ratio is measured side by side.
+
+Ratios: ``speedup_vs_eager`` over the eager reference *in the row's dtype*
+(``eager``; ``eager-bf16`` for bf16 rows), ``speedup_vs_eager_fp32`` over
+``eager`` in fp32 at the same batch (the one to read for "bf16 vs eager
+fp32"), ``speedup_vs_compile`` over the fastest torch.compile mode in the
+row's dtype.
+
+GEMM peak: before timing, the run measures this machine's GEMM GFLOP/s on a
+4096³ GEMM in fp32 and bf16 (and any other dtype of the run): oneDNN's
+``mkldnn._linear_pointwise`` on the CPU (fp32 in IEEE precision), ``torch.mm``
+on a GPU; the best of a few calls, once per process (``peak.gemm_peak``). Each
+record gives ``gemm_gflops`` (its GEMM FLOPs / median time), ``peak_gflops``
+(the peak of its dtype) and ``peak_frac``; the document's ``peaks`` has them
+all.
 
 Timing: the first call (which includes any compilation) and the rest of the
 warm-up are timed separately from the measured steps. Then the contenders of
@@ -37,17 +66,20 @@ every contender, so TFLOP/s stay comparable. It overstates the work a little
 counts the GEMMs it needs (``step_flops(..., schedule=)``): for the seed GAN at
 batch 64, 1.854 GFLOP alternating and 1.668 GFLOP simultaneous.
 """
-from .contenders import Contender, contenders, precision
-from .records import RECORD_FIELDS, SCHEMA, add_speedups, cpu_model, machine_info, result, validate
-from .runner import CPU_BATCHES, DTYPES, GPU_BATCHES, Config, profile_step, run
+from .contenders import FAMILIES, Contender, contenders, eager_baseline, precision, runs
+from .peak import PEAK_N, gemm_peak, gemm_peaks
+from .records import (RECORD_FIELDS, SCHEMA, add_peaks, add_speedups, cpu_model, machine_info,
+                      result, validate)
+from .runner import CPU_BATCHES, DTYPES, GPU_BATCHES, Config, peaks, profile_step, run
 from .timing import Timing, measure, measure_many, sample, warm
 from .workloads import (OP_SHAPES, OPS, PASSES, build_op, build_step, first_layer_flops,
                         forward_flops, linear_shapes, op_flops, step_flops)
 
 __all__ = [
-    "CPU_BATCHES", "DTYPES", "GPU_BATCHES", "OP_SHAPES", "OPS", "PASSES", "RECORD_FIELDS",
-    "SCHEMA", "Config", "Contender", "Timing", "add_speedups", "build_op", "build_step",
-    "contenders", "cpu_model", "first_layer_flops", "forward_flops", "linear_shapes",
-    "machine_info", "measure", "measure_many", "op_flops", "precision", "profile_step", "result",
-    "run", "sample", "step_flops", "validate", "warm",
+    "CPU_BATCHES", "DTYPES", "FAMILIES", "GPU_BATCHES", "OP_SHAPES", "OPS", "PASSES", "PEAK_N",
+    "RECORD_FIELDS", "SCHEMA", "Config", "Contender", "Timing", "add_peaks", "add_speedups",
+    "build_op", "build_step", "contenders", "cpu_model", "eager_baseline", "first_layer_flops",
+    "forward_flops", "gemm_peak", "gemm_peaks", "linear_shapes", "machine_info", "measure",
+    "measure_many", "op_flops", "peaks", "precision", "profile_step", "result", "run", "runs",
+    "sample", "step_flops", "validate", "warm",
 ]

@@ -10,8 +10,9 @@ from typing import Callable, Optional
 import torch
 
 from ...ops import dispatch as _backend
-from .contenders import Contender, contenders
-from .records import add_speedups, record
+from .contenders import Contender, contenders, runs
+from .peak import PEAK_N, gemm_peaks
+from .records import add_peaks, add_speedups, record
 from .timing import measure_many, sync, warm
 from .workloads import OPS, PASSES, build_op, build_step, op_flops, seed_gan, step_flops
 
@@ -46,6 +47,19 @@ class Config:
     # Train-step schedules, sampled side by side in one group; None: the
     # engine's default, under the nominal FLOP count.
     schedules: Optional[tuple] = None
+    # The machine's GEMM peak per compute dtype (an n×n×n GEMM, measured once
+    # per process): every record's GFLOP/s is also given as a fraction of it.
+    peak: bool = True
+    peak_n: int = PEAK_N
+
+
+def peaks(cfg: Config) -> dict:
+    """The GEMM peaks of ``cfg``'s compute dtypes (fp32 and bf16 always); {} if
+    ``cfg.peak`` is off. Cached: asking again costs nothing."""
+    if not cfg.peak:
+        return {}
+    dts = [d for _, d in runs(contenders(cfg.device, cfg.contenders), cfg.dtypes)]
+    return gemm_peaks(cfg.device, dts, cfg.peak_n)
 
 
 def step_op(schedule: Optional[str]) -> str:
@@ -58,9 +72,13 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
 
     A contender that fails (e.g. torch.compile without a C++ compiler) gets a
     record with no timing and the error in ``note`` instead of stopping the run.
+    Every (contender, dtype) of one (workload, batch) is one group, sampled
+    round-robin: ratios across dtypes (fastgan bf16 over eager fp32) are side
+    by side too. The GEMM peaks (``peaks(cfg)``) are measured first.
     """
     device = cfg.device
-    cs = contenders(device, cfg.contenders)
+    pk = peaks(cfg)
+    cs = runs(contenders(device, cfg.contenders), cfg.dtypes)
     # A sample is ``repeat`` calls between two CUDA events, which hides the
     # events' own launch latency; the host clock has none to hide.
     repeat = cfg.repeat if device.type == "cuda" else 1
@@ -77,53 +95,52 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
     work += [("op", op, p) for op in cfg.ops for p in cfg.passes]
     for kind, op, pass_ in work:
         schedules = (cfg.schedules or (None,)) if kind == "step" else (None,)
-        for dtype in cfg.dtypes:
-            for batch in cfg.batches:
-                # One group: every (contender, schedule), sampled round-robin.
-                group = [(c, s) for s in schedules for c in cs
-                         if not (kind == "op" and c.cuda_graph)]
-                fns, notes, timings = {}, {}, {}
-                for c, s in group:  # build and warm up each; a failure is recorded, not fatal
-                    key = (c.name, s)
-                    try:
-                        if kind == "step":
-                            fn = build_step(c, batch, device, dtype, cfg.seed, schedule=s)[0]
-                        else:
-                            fn = build_op(c, op, pass_, batch, device, dtype, cfg.seed)
-                        before = _backend_calls(c.backend)
-                        timings[key] = warm(fn, device, cfg.warmup)
-                        fns[key] = fn
-                        if (c.backend and _backend_calls(c.backend) == before
-                                and (op, pass_) != ("gan_bce", "backward")):
-                            notes[key] = f"backend {c.backend} never ran"  # the label must be true
-                    except Exception as e:
-                        notes[key] = _error(e)
+        for batch in cfg.batches:
+            # One group: every (contender, dtype, schedule), sampled round-robin.
+            group = [(c, d, s) for s in schedules for c, d in cs
+                     if not (kind == "op" and c.cuda_graph)]
+            fns, notes, timings = {}, {}, {}
+            for c, d, s in group:  # build and warm up each; a failure is recorded, not fatal
+                key = (c.name, d, s)
                 try:
-                    sampled = measure_many(fns, device, 0, cfg.iters, cfg.min_time_s, repeat)
-                except Exception as e:
-                    sampled = {}
-                    for key in fns:
-                        notes[key] = _error(e)
-                group_records = []
-                for c, s in group:
-                    key = (c.name, s)
-                    t = timings.get(key)
-                    if key in sampled and sampled[key].samples_ms:
-                        t.samples_ms = sampled[key].samples_ms
+                    if kind == "step":
+                        fn = build_step(c, batch, device, d, cfg.seed, schedule=s)[0]
                     else:
-                        t = None
-                    flops = (step_flops(*seed_gan(), batch, s) if kind == "step"
-                             else op_flops(op, pass_, batch))
-                    group_records.append(record(kind, step_op(s) if kind == "step" else op,
-                                                pass_, c, batch, dtype, t, flops,
-                                                notes.get(key, "")))
-                add_speedups(group_records)
-                for r in group_records:
-                    emit(r)
-                del fns
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    return add_speedups(records)
+                        fn = build_op(c, op, pass_, batch, device, d, cfg.seed)
+                    before = _backend_calls(c.backend)
+                    timings[key] = warm(fn, device, cfg.warmup)
+                    fns[key] = fn
+                    if (c.backend and _backend_calls(c.backend) == before
+                            and (op, pass_) != ("gan_bce", "backward")):
+                        notes[key] = f"backend {c.backend} never ran"  # the label must be true
+                except Exception as e:
+                    notes[key] = _error(e)
+            try:
+                sampled = measure_many(fns, device, 0, cfg.iters, cfg.min_time_s, repeat)
+            except Exception as e:
+                sampled = {}
+                for key in fns:
+                    notes[key] = _error(e)
+            group_records = []
+            for c, d, s in group:
+                key = (c.name, d, s)
+                t = timings.get(key)
+                if key in sampled and sampled[key].samples_ms:
+                    t.samples_ms = sampled[key].samples_ms
+                else:
+                    t = None
+                flops = (step_flops(*seed_gan(), batch, s) if kind == "step"
+                         else op_flops(op, pass_, batch))
+                group_records.append(record(kind, step_op(s) if kind == "step" else op,
+                                            pass_, c, batch, d, t, flops,
+                                            notes.get(key, "")))
+            add_peaks(add_speedups(group_records), pk)
+            for r in group_records:
+                emit(r)
+            del fns
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return add_peaks(add_speedups(records), pk)
 
 
 # ---------------------------------------------------------------------------- profile

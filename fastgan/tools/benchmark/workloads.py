@@ -10,7 +10,7 @@ from torch import nn
 from ...nn.layers import LinearAct, LinearBNAct, linear_act_sequential, linear_bn_act_sequential
 from ...nn.models import Discriminator, Generator
 from ...ops import functional as FG
-from .contenders import Contender, compiled, forced_backend, precision
+from .contenders import Contender, compiled, forced_backend, low_precision_training, precision
 
 PASSES = ("forward", "backward", "both")
 OPS = ("linear_bn_act", "linear_act", "gan_bce")
@@ -80,29 +80,48 @@ def seed_gan() -> list:
 
 
 # ---------------------------------------------------------------------------- train step
+def _train_dtype(modules, dtype: str):
+    """fastgan's low-precision training mode: the Linear weights in ``dtype``,
+    BatchNorm in fp32 (``fastgan.train.precision``)."""
+    from ...train.precision import to_train_dtype
+    return [to_train_dtype(m, dtype) for m in modules]
+
+
 def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp32",
                seed: int = 0, latent_dim: int = 100, schedule: str | None = None):
     """A zero-argument callable running one whole GAN train step for contender ``c``
-    (``schedule``: the engine's default when None).
+    (``schedule``: the engine's default when None) in compute dtype ``dtype``
+    (``c.dtype`` if the contender has its own).
 
     The step is the training engine's (``fastgan.train``): ``ReferenceStep`` for
     the eager and compiled reference, ``GANStep`` for fastgan (CUDA graph on or
     off). The real batch is a fixed tensor on ``device`` (no data loading is
-    timed); noise is drawn on the device inside the step.
-    Returns ``(step, G, D)``.
+    timed); noise is drawn on the device inside the step. bf16 is autocast for
+    the eager and compiled reference (fp32 weights, as their users write it)
+    and fastgan's bf16 training mode for fastgan (bf16 weights, fp32 master
+    weights in the optimizer, BN in fp32; no autocast).
+    Returns ``(step, G, D)``; ``step.engine`` is the engine (its optimizers are
+    ``g_opt`` and ``d_opt``).
     """
     from ...train import GANStep, ReferenceStep, make_adam
 
+    dtype = c.dtype or dtype
+    lowp = low_precision_training(c, dtype)
     torch.manual_seed(seed)
     G = Generator(latent_dim=latent_dim, fused=c.fused).to(device).train()
     D = Discriminator(fused=c.fused).to(device).train()
+    if lowp:
+        G, D = _train_dtype((G, D), dtype)
     if c.compile_mode is None and not c.fused:
-        # The eager reference: Adam as a user writes it (what Trainer uses too).
-        opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
-        opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        # The eager reference: Adam as a user writes it (what Trainer uses too),
+        # or with fused=True, as a careful user writes it.
+        kw = {"fused": True} if c.fused_adam else {}
+        opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
+        opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999), **kw)
     else:
         # torch.compile gets the engine's fused Adam as well, so the comparison
-        # is about the layers and the step, not about an optimizer flag.
+        # is about the layers and the step, not about an optimizer flag. For
+        # bf16 parameters make_adam keeps fp32 master weights.
         opt_g, opt_d = make_adam(G.parameters(), device=device), make_adam(D.parameters(), device=device)
     kw = dict(batch_size=batch, latent_dim=latent_dim, seed=seed, device=device)
     if schedule is not None:
@@ -111,6 +130,7 @@ def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp3
         engine = GANStep(G, D, opt_g, opt_d, graphs=c.cuda_graph, **kw)
     else:
         engine = ReferenceStep(compiled(G, c), compiled(D, c), opt_g, opt_d, **kw)
+    # fp32, as a data loader gives it: the engine casts it to D's dtype.
     real = torch.rand(batch, 784, device=device) * 2 - 1
 
     # torch.compile's CUDA-graph modes need to be told where a step begins.
@@ -119,9 +139,10 @@ def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp3
     def step():
         if mark:
             torch.compiler.cudagraph_mark_step_begin()
-        with forced_backend(c), precision(dtype, device):
+        with forced_backend(c), precision(dtype, device, autocast=not lowp):
             return engine(real)
 
+    step.engine = engine
     return step, G, D
 
 
@@ -160,23 +181,35 @@ class _GanBCE(nn.Module):
 
 def build_op(c: Contender, op: str, pass_: str, batch: int, device: torch.device,
              dtype: str = "fp32", seed: int = 0):
-    """A zero-argument callable running ``pass_`` of ``op`` once for contender ``c``."""
+    """A zero-argument callable running ``pass_`` of ``op`` once for contender ``c``
+    in compute dtype ``dtype`` (``c.dtype`` if it has its own; bf16 as in
+    ``build_step``: autocast for the reference, the layer and its input in bf16
+    for fastgan)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if pass_ not in PASSES:
         raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
     if c.cuda_graph:
         raise ValueError("op benchmarks have no CUDA-graph contender")
+    dtype = c.dtype or dtype
+    lowp = low_precision_training(c, dtype) and op != "gan_bce"
     torch.manual_seed(seed)
-    m = compiled(_op_module(op, c, device), c)
+    m = _op_module(op, c, device)
+    if lowp:
+        (m,) = _train_dtype((m,), dtype)
+    m = compiled(m, c)
     k = OP_SHAPES[op][0]
     rows = 2 * batch if op == "gan_bce" else batch
     # x needs a gradient: inside a network every layer computes dX as well.
-    x = torch.randn(rows, k, device=device, requires_grad=True)
+    # In the bf16 training mode it comes from a bf16 layer, so it is bf16.
+    x = torch.randn(rows, k, device=device)
+    if lowp:
+        x = x.to(next(m.parameters()).dtype)
+    x.requires_grad_(True)
     params = [x] + list(m.parameters())
 
     def forward():
-        with forced_backend(c), precision(dtype, device):
+        with forced_backend(c), precision(dtype, device, autocast=not lowp):
             return m(x)
 
     if pass_ == "forward":

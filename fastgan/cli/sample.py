@@ -61,6 +61,7 @@ def run(args) -> int:
     from .. import backends
     from ..train import checkpoint
     from ..train import ConfigError, build_models
+    from ..train.precision import input_dtype
     from . import CLIError
     from .train import check_seed, config_of, resolve_device
 
@@ -88,7 +89,8 @@ def run(args) -> int:
                           f"{str(e).splitlines()[0]}") from None
     G.to(device).eval()
     g = torch.Generator().manual_seed(args.seed)
-    z = torch.randn(args.n, cfg.latent_dim, generator=g).to(device)
+    # Drawn in fp32 (the same digits for every dtype's run), fed in G's dtype.
+    z = torch.randn(args.n, cfg.latent_dim, generator=g).to(device, input_dtype(G))
     with torch.no_grad():
         images = G(z).float().cpu()
     try:

@@ -5,6 +5,7 @@
     fastgan train --resume                # continue runs/fastgan exactly where it stopped
     fastgan train --data synthetic --steps 500 --no-graphs   # throughput only
     fastgan train --preset seed --out runs/seed   # the seed GAN's own settings and step
+    fastgan train --dtype bf16 --out runs/bf16    # bf16 weights, fp32 master weights
     torchrun --nproc_per_node 4 -m fastgan train --sync-bn   # 4 processes (DDP)
 
 Writes to --out: checkpoint.pt (each epoch, at the end and on Ctrl-C or
@@ -63,7 +64,7 @@ def _positive(text: str) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..train.config import PRESETS, SCHEDULES, TrainConfig
+    from ..train.config import DTYPES, PRESETS, SCHEDULES, TrainConfig
     p = subparsers.add_parser("train", help="train the GAN (MNIST by default)",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +109,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "and zero biases, BatchNorm momentum 0.01 and eps 1e-3, LeakyReLU 0.3 "
                         "in G and 0.2 in D, dropout 0.2, the simultaneous schedule); flags "
                         "given as well override it")
+    h.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="bf16: the Linear weights and GEMMs in bf16, fp32 master weights in "
+                        "Adam, BatchNorm and the losses in fp32 (default fp32)")
     e = p.add_argument_group("engine")
     e.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     e.add_argument("--backend", default=None,
@@ -176,7 +180,8 @@ def _writable_folder(out: Path) -> None:
 _CONFIG_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "betas": "--betas", "seed": "--seed",
                  "smoothing": "--smoothing", "latent_dim": "--latent-dim",
                  "g_hidden": "--g-hidden", "d_hidden": "--d-hidden", "dropout": "--dropout",
-                 "reference": "--reference", "sync_bn": "--sync-bn", "schedule": "--schedule"}
+                 "reference": "--reference", "sync_bn": "--sync-bn", "schedule": "--schedule",
+                 "dtype": "--dtype"}
 
 
 def _config(args, saved=None, source=None):
@@ -229,6 +234,11 @@ def _widths(v):
     return isinstance(v, tuple) and len(v) > 0 and all(_whole(1)(w) for w in v)
 
 
+def _dtypes():
+    from ..train.config import DTYPES
+    return DTYPES
+
+
 SEED_RANGE = (-2**63, 2**64)   # what torch.Generator.manual_seed takes
 MAX_WIDTH = 1 << 16            # latent, hidden and image widths: a 65,536 x 65,536 layer is 16 GB
 
@@ -254,6 +264,7 @@ _FIELD_RULES = {
              "a whole number in [-2**63, 2**64)"),
     "reference": (lambda v: isinstance(v, bool), "true or false"),
     "sync_bn": (lambda v: isinstance(v, bool), "true or false"),
+    "dtype": (lambda v: v in _dtypes(), "one of the training dtypes (fp32, bf16)"),
 }
 
 
@@ -429,6 +440,8 @@ def _run(args) -> int:
         graphs = graphs and name != "reference"  # its ops cannot be captured
         engine = f"fused GANStep, backend {name}" + (", CUDA graph" if graphs else ", eager")
     engine += f", {cfg.schedule} schedule"
+    if cfg.dtype != "fp32":
+        engine += f", {cfg.dtype} weights with fp32 master weights"
 
     dataset = _load_data(args)
     if cfg.batch_size > len(dataset):

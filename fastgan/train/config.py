@@ -8,6 +8,7 @@ from typing import Optional
 
 SCHEDULES = ("alternating", "simultaneous")
 INITS = ("torch", "keras")
+DTYPES = ("fp32", "bf16")   # the training dtypes (fastgan.train.precision)
 
 
 class ConfigError(ValueError):
@@ -33,7 +34,9 @@ class TrainConfig:
     ``init``: ``"torch"`` (``nn.Linear``'s own) or ``"keras"`` (Glorot-uniform
     weights, zero biases: Keras ``Dense``). ``g_negative_slope``: G's LeakyReLU
     slope (None: ``negative_slope``, which is D's). ``bn_eps``/``bn_momentum``:
-    G's BatchNorm1d, in PyTorch's convention.
+    G's BatchNorm1d, in PyTorch's convention. ``dtype``: ``"fp32"``, or
+    ``"bf16"``: the Linear weights in bf16 with fp32 master weights in the
+    optimizer, BatchNorm in fp32 (``fastgan.train.precision``).
     """
     latent_dim: int = 100
     g_hidden: tuple = (256, 512, 1024)
@@ -54,6 +57,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     init: str = "torch"
     schedule: str = "alternating"
+    dtype: str = "fp32"
 
     ARCH = ("latent_dim", "g_hidden", "d_hidden", "dropout", "negative_slope", "reference",
             "image_dim", "g_negative_slope", "bn_eps")
@@ -64,6 +68,8 @@ class TrainConfig:
                               f"got {self.schedule!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     @property
     def g_slope(self) -> float:

@@ -56,6 +56,7 @@ from . import distributed as fdist
 from .batches import ResidentBatches
 from .config import SCHEDULES, ConfigError, mix_seed
 from .graphs import Graphed, GraphCaptureError, capture
+from .precision import MasterWeightAdam, input_dtype, is_low_precision
 
 STAT_NAMES = ("d_loss", "g_loss", "d_real", "d_fake")
 
@@ -73,14 +74,21 @@ class StepStats(NamedTuple):
 
 
 def make_adam(params, lr: float = 2e-4, betas=(0.5, 0.999), device=None,
-              eps: float = 1e-8) -> torch.optim.Adam:
+              eps: float = 1e-8, fused: bool = True) -> torch.optim.Optimizer:
     """Adam set up for the engine: fused on CPU and CUDA, and capturable on CUDA
-    (its step counter lives on the device, as a CUDA graph needs)."""
+    (its step counter lives on the device, as a CUDA graph needs).
+
+    bf16/fp16 parameters get ``MasterWeightAdam`` (fp32 master weights, the
+    same Adam stepping them; ``fastgan.train.precision``); fp32 parameters
+    plain ``torch.optim.Adam``. ``fused=False``: torch's default Adam (the
+    reference loop's)."""
     params = list(params)
     device = torch.device(device) if device is not None else params[0].device
-    kw = {"fused": True}
+    kw = {"fused": True} if fused else {}
     if device.type == "cuda":
         kw["capturable"] = True
+    if any(is_low_precision(p) for p in params):
+        return MasterWeightAdam(params, lr=lr, betas=tuple(betas), eps=eps, **kw)
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, **kw)
 
 
@@ -124,6 +132,11 @@ class _Step:
         self.batches, self.smoothing = batches, float(smoothing)
         self.schedule = schedule
         self.noise = torch.Generator(self.device).manual_seed(mix_seed(seed, 1))
+        # The models are fed in their own dtype (bf16 training: bf16 noise and
+        # images); the noise is drawn in fp32, so a run's latent vectors are
+        # the fp32 run's, rounded.
+        self.g_dtype = input_dtype(generator)
+        self.d_dtype = input_dtype(discriminator)
         self.totals = torch.zeros(len(STAT_NAMES), device=self.device)
         self.count = 0
         self.steps_per_call = 1
@@ -132,15 +145,19 @@ class _Step:
         if real is None:
             if self.batches is None:
                 raise ValueError("real: a batch is required when the step has no ResidentBatches")
-            return self.batches.next()
+            return self.batches.next().to(self.d_dtype)
         if real.shape[0] != self.batch_size:
             raise ValueError(f"real: expected a batch of {self.batch_size}, got shape "
                              f"{tuple(real.shape)}")
-        return real.reshape(self.batch_size, -1)
+        return real.reshape(self.batch_size, -1).to(self.d_dtype)
 
     def _noise(self) -> Tensor:
         return torch.randn(self.batch_size, self.latent_dim, generator=self.noise,
-                           device=self.device)
+                           device=self.device).to(self.g_dtype)
+
+    def _fake(self) -> Tensor:
+        """G(z) in D's input dtype."""
+        return self.G(self._noise()).to(self.d_dtype)
 
     def _finish(self, d_loss, g_loss, d_real, d_fake) -> StepStats:
         stats = torch.stack([t.detach().float() for t in (d_loss, g_loss, d_real, d_fake)])
@@ -171,18 +188,21 @@ class ReferenceStep(_Step):
     """
 
     def _step(self, real: Tensor) -> StepStats:
-        fake = self.G(self._noise())
+        fake = self._fake()
         if self.schedule == "simultaneous":
             return self._simultaneous(real, fake)
         return self._alternating(real, fake)
 
+    # The losses reduce in fp32 whatever D's dtype (``gan_bce`` does the same).
     def _d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        real_logits, fake_logits = real_logits.float(), fake_logits.float()
         return (F.binary_cross_entropy_with_logits(
             real_logits, torch.full_like(real_logits, 1.0 - self.smoothing))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
     @staticmethod
     def _g_loss(fake_logits: Tensor) -> Tensor:
+        fake_logits = fake_logits.float()
         return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
     def _alternating(self, real: Tensor, fake: Tensor) -> StepStats:
@@ -197,8 +217,8 @@ class ReferenceStep(_Step):
         g_loss = self._g_loss(D(fake))
         g_loss.backward()
         self.g_opt.step()
-        return self._finish(d_loss, g_loss, torch.sigmoid(real_logits).mean(),
-                            torch.sigmoid(fake_logits).mean())
+        return self._finish(d_loss, g_loss, torch.sigmoid(real_logits.float()).mean(),
+                            torch.sigmoid(fake_logits.float()).mean())
 
     def _simultaneous(self, real: Tensor, fake: Tensor) -> StepStats:
         B = self.batch_size
@@ -214,8 +234,8 @@ class ReferenceStep(_Step):
                 p.grad = g
         self.d_opt.step()
         self.g_opt.step()
-        return self._finish(d_loss, g_loss, torch.sigmoid(real_logits).mean(),
-                            torch.sigmoid(fake_logits).mean())
+        return self._finish(d_loss, g_loss, torch.sigmoid(real_logits.float()).mean(),
+                            torch.sigmoid(fake_logits.float()).mean())
 
 
 class GANStep(_Step):
@@ -261,7 +281,7 @@ class GANStep(_Step):
 
     # ---------------------------------------------------------------- eager step
     def _step(self, real: Tensor) -> StepStats:
-        fake = self.G(self._noise())
+        fake = self._fake()
         if self.schedule == "simultaneous":
             return self._simultaneous(real, fake)
         return self._alternating(real, fake)
@@ -354,10 +374,10 @@ class GANStep(_Step):
                 for k, v in st.items():
                     if not torch.is_tensor(v):
                         continue
-                    if p in saved:
+                    if p in saved and k in saved[p]:
                         v.copy_(saved[p][k])
                     else:  # created by the warm-up: Adam's fresh state is all zeros
-                        v.zero_()
+                        v.zero_()   # (a MasterWeightAdam's master was there before it)
         self.noise.set_state(noise)
 
     def _body(self) -> StepStats:

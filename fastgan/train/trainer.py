@@ -13,11 +13,14 @@ from . import distributed as fdist
 from .batches import ResidentBatches
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from .config import ConfigError, TrainConfig, mix_seed
+from .precision import MasterWeightAdam, to_train_dtype
 from .step import GANStep, ReferenceStep, StepStats, make_adam
 
 
 def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
-    """G and D of ``cfg``, initialised from ``cfg.seed`` without touching the global RNG."""
+    """G and D of ``cfg``, initialised from ``cfg.seed`` without touching the global RNG,
+    in ``cfg.dtype`` (bf16: the Linears' weights cast after the fp32 initialisation,
+    BatchNorm fp32; ``fastgan.train.precision.to_train_dtype``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(cfg.seed, 0))
         G = Generator(cfg.latent_dim, cfg.g_hidden, cfg.image_dim, cfg.dropout, cfg.g_slope,
@@ -27,6 +30,8 @@ def build_models(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
         if cfg.init == "keras":
             keras_init_(G)
             keras_init_(D)
+    to_train_dtype(G, cfg.dtype)
+    to_train_dtype(D, cfg.dtype)
     fnn.seed_dropout(G, mix_seed(cfg.seed, 2))
     fnn.seed_dropout(D, mix_seed(cfg.seed, 3))
     return G, D
@@ -77,10 +82,10 @@ class Trainer:
         # from it, checkpoints hold it): seeded, so same-seed runs save the same bytes.
         torch.manual_seed(mix_seed(cfg.seed, 4))
         if cfg.reference:
-            self.g_opt = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                          eps=cfg.adam_eps)
-            self.d_opt = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                          eps=cfg.adam_eps)
+            # torch's default Adam; in bf16 over fp32 masters, as the engine's.
+            adam = torch.optim.Adam if cfg.dtype == "fp32" else MasterWeightAdam
+            self.g_opt = adam(self.G.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
+            self.d_opt = adam(self.D.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
         else:
             self.g_opt = make_adam(self.G.parameters(), cfg.lr, cfg.betas, self.device,
                                    cfg.adam_eps)
@@ -137,10 +142,11 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, z: Tensor) -> Tensor:
-        """G(z) in eval mode (running BN statistics, no dropout), as (n, 784) on the CPU."""
+        """G(z) in eval mode (running BN statistics, no dropout), as fp32 (n, 784) on the
+        CPU; ``z`` is fed in G's dtype."""
         self.G.eval()
         try:
-            return self.G(z.to(self.device)).float().cpu()
+            return self.G(z.to(self.device, self.step.g_dtype)).float().cpu()
         finally:
             self.G.train()
 
@@ -174,7 +180,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; ConfigError if it belongs to another architecture or data."""
         saved = TrainConfig.from_dict(state["config"])
-        for k in TrainConfig.ARCH + ("batch_size",):
+        for k in TrainConfig.ARCH + ("batch_size", "dtype"):
             if getattr(saved, k) != getattr(self.cfg, k):
                 raise ConfigError(f"checkpoint has {k}={getattr(saved, k)!r}, this run "
                                   f"{k}={getattr(self.cfg, k)!r}")

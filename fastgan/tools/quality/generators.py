@@ -42,6 +42,8 @@ def describe(G: nn.Module) -> str:
         text += f", LeakyReLU slope {acts[0].negative_slope:g}"
     if bns:
         text += f", BatchNorm eps {bns[0].eps:g}"
+    if lins[0].weight.dtype != torch.float32:
+        text += f", {str(lins[0].weight.dtype).removeprefix('torch.')} weights"
     return text
 
 
@@ -53,13 +55,17 @@ def generator_from_state(state: dict, negative_slope: Optional[float] = None,
     ``generator`` entry, as ``fastgan.train.Trainer.state_dict`` writes). A
     checkpoint's config gives G's LeakyReLU slope and BatchNorm eps; a bare
     state_dict records neither: they are ``negative_slope``/``bn_eps``, else
-    fastgan's defaults (0.2, 1e-5). Another architecture's state_dict raises
+    fastgan's defaults (0.2, 1e-5). A checkpoint trained in bf16 gives a
+    generator in bf16 (BatchNorm fp32), as it ran in training; a bare
+    state_dict's generator is fp32 (bf16 weights load exactly). Another architecture's state_dict raises
     ValueError naming every key that does not fit; score such a generator
     with ``evaluate(module)``."""
     from ...nn.models import Generator
     from ...train.config import TrainConfig
 
-    config = None
+    from ...train.precision import to_train_dtype
+
+    config, dtype = None, "fp32"
     if "generator" in state and isinstance(state["generator"], dict):
         config = state.get("config") if isinstance(state.get("config"), dict) else None
         state = state["generator"]
@@ -67,6 +73,7 @@ def generator_from_state(state: dict, negative_slope: Optional[float] = None,
         cfg = TrainConfig.from_dict(config)
         negative_slope = cfg.g_slope if negative_slope is None else negative_slope
         bn_eps = cfg.bn_eps if bn_eps is None else bn_eps
+        dtype = cfg.dtype
     bad = next((k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
                 and not bool(torch.isfinite(v).all())), None)
     if bad is not None:  # a diverged run's weights: no score means anything
@@ -81,6 +88,7 @@ def generator_from_state(state: dict, negative_slope: Optional[float] = None,
     G = Generator(latent_dim=latent, hidden=hidden, out_dim=out, fused=False,
                   negative_slope=0.2 if negative_slope is None else negative_slope,
                   eps=1e-5 if bn_eps is None else bn_eps)
+    to_train_dtype(G, dtype)
     try:
         G.load_state_dict(state)
     except (RuntimeError, KeyError):
@@ -106,15 +114,19 @@ def generate(G: Union[nn.Module, Callable[[Tensor], Tensor]], n: int, seed: int 
     """``n`` images ``(n, 784)`` from ``G`` on the CPU: noise ``N(0, 1)`` of
     ``latent_dim`` values (default: ``G.latent_dim``, else its first Linear's
     input) drawn from ``seed``; a module runs in eval mode (running BN stats, no
-    dropout). ValueError unless the images are finite, 784 values each, in [-1, 1]."""
+    dropout) and gets the noise in its input dtype (drawn in fp32); the images
+    come back in fp32. ValueError unless the images are finite, 784 values each, in [-1, 1]."""
+    from ...train.precision import input_dtype
+
     latent = _latent_dim(G) if latent_dim is None else latent_dim
     g = torch.Generator().manual_seed(seed)
     module = isinstance(G, nn.Module)
+    dtype = input_dtype(G) if module else torch.float32
     was = G.training if module else None
     if module:
         G.eval()
     try:
-        out = [G(torch.randn(min(batch, n - i), latent, generator=g).to(device)).float().cpu()
+        out = [G(torch.randn(min(batch, n - i), latent, generator=g).to(device, dtype)).float().cpu()
                for i in range(0, n, batch)]
     finally:
         if module:

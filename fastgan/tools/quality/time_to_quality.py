@@ -8,7 +8,9 @@ in the machine's load slows all of them alike; only the training steps are
 timed (evaluation is not). Variants (``VARIANTS``): ``fastgan`` (the engine,
 default settings), ``eager`` (the plain-PyTorch loop, default settings),
 ``alternating`` and ``simultaneous`` (the engine with that schedule), ``seed``
-(``--preset seed``: the seed GAN's own settings, batch 32).
+(``--preset seed``: the seed GAN's own settings, batch 32), ``fastgan-bf16``
+(the engine, default settings, ``--dtype bf16``: bf16 weights with fp32
+master weights, ``fastgan.train.precision``).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def variant_config(name: str, batch: int, seed: int) -> dict:
     base = {"batch_size": batch, "seed": seed}
     table = {"fastgan": {}, "eager": {"reference": True},
              "alternating": {"schedule": "alternating"},
-             "simultaneous": {"schedule": "simultaneous"}}
+             "simultaneous": {"schedule": "simultaneous"}, "fastgan-bf16": {"dtype": "bf16"}}
     if name == "seed":
         return {**base, **preset("seed"), "seed": seed}
     if name not in table:
@@ -43,7 +45,7 @@ def variant_config(name: str, batch: int, seed: int) -> dict:
     return {**base, **table[name]}
 
 
-VARIANTS = ("fastgan", "eager", "alternating", "simultaneous", "seed")
+VARIANTS = ("fastgan", "eager", "alternating", "simultaneous", "seed", "fastgan-bf16")
 
 
 def train_curves(variants: Sequence[str], images: Tensor, judge: Judge, seed: int = 0,

@@ -184,9 +184,10 @@ def linear_bn_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_
 def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
                            bn_bias: Tensor, h: Tensor, mean: Tensor, rstd: Tensor, training: bool,
                            activation: str, negative_slope: float, p: float, seed: Tensor,
-                           offset: Tensor, compute_dx: bool
+                           offset: Tensor, compute_dx: bool, compute_dw: bool = True
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dW, db, dgamma, dbeta)``; ``dx`` is empty if not ``compute_dx``.
+    """Returns ``(dx, dW, db, dgamma, dbeta)``; ``dx`` is empty if not ``compute_dx``,
+    ``dW`` if not ``compute_dw`` (a frozen weight: its GEMM is skipped).
 
     The activation derivative and the dropout mask are recomputed from ``h``
     and ``(seed, offset)``; nothing else is saved. ``dgamma``/``dbeta`` are
@@ -194,12 +195,13 @@ def linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight:
     """
     dz, xhat = bn_act_dropout_backward(grad_y, h, mean, rstd, bn_weight, bn_bias, activation,
                                        negative_slope, p, seed, offset)
-    return bn_linear_backward(dz, xhat, x, weight, bn_weight, rstd, training, compute_dx)
+    return bn_linear_backward(dz, xhat, x, weight, bn_weight, rstd, training, compute_dx,
+                              compute_dw)
 
 
 def bn_linear_backward(dz: Tensor, xhat: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
-                       rstd: Tensor, training: bool,
-                       compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       rstd: Tensor, training: bool, compute_dx: bool, compute_dw: bool = True
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dW, db, dgamma, dbeta)`` from ``dz``, the gradient at the BN output
     (batch statistics in training: their own gradient terms; running ones in eval)."""
     dgamma = (dz * xhat).sum(0)
@@ -209,7 +211,7 @@ def bn_linear_backward(dz: Tensor, xhat: Tensor, x: Tensor, weight: Tensor, bn_w
         dh = rstd * (dxhat - dxhat.mean(0) - xhat * (dxhat * xhat).mean(0))
     else:
         dh = dxhat * rstd
-    return (*linear_backward(dh.to(x.dtype), x, weight, compute_dx), dgamma, dbeta)
+    return (*linear_backward(dh.to(x.dtype), x, weight, compute_dx, compute_dw), dgamma, dbeta)
 
 
 # The pieces of linear_bn_act that do not depend on where the batch statistics
@@ -257,12 +259,13 @@ def bn_act_dropout_backward(grad_y: Tensor, h: Tensor, mean: Tensor, rstd: Tenso
     return act_backward(g, z, activation, negative_slope), xhat
 
 
-def linear_backward(dh: Tensor, x: Tensor, weight: Tensor,
-                    compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+def linear_backward(dh: Tensor, x: Tensor, weight: Tensor, compute_dx: bool,
+                    compute_dw: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dW, db)`` of ``h = x @ W.T + b`` from ``dh`` (in ``x.dtype``); ``db``
-    is summed in fp32 (fp64 for fp64 inputs); ``dx`` is empty if not ``compute_dx``."""
+    is summed in fp32 (fp64 for fp64 inputs); ``dx`` is empty if not ``compute_dx``,
+    ``dW`` if not ``compute_dw``. ``db`` is always computed (a column sum)."""
     dx = dh @ weight if compute_dx else x.new_empty(0)
-    dw = dh.t() @ x
+    dw = dh.t() @ x if compute_dw else weight.new_empty(0)
     db = dh.sum(0, dtype=acc_dtype(x)).to(x.dtype)
     return dx, dw, db
 
@@ -279,8 +282,10 @@ def linear_act_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activa
 
 def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str,
                         negative_slope: float, p: float, seed: Tensor, offset: Tensor,
-                        compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(dx, dW, db)``. The activation derivative comes from the saved
+                        compute_dx: bool, compute_dw: bool = True
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dW, db)`` (``dx``/``dW`` empty unless ``compute_dx``/``compute_dw``).
+    The activation derivative comes from the saved
     output ``y`` (dropped elements get zero gradient anyway, kept ones are
     divided back by the dropout scale), so no pre-activation is stored."""
     a = y.to(acc_dtype(x))
@@ -288,7 +293,7 @@ def linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, ac
     if p != 0.0:
         a = a / dropout_scale(p)
     dz = (g * act_grad_from_output(a, activation, negative_slope)).to(x.dtype)
-    return linear_backward(dz, x, weight, compute_dx)
+    return linear_backward(dz, x, weight, compute_dx, compute_dw)
 
 
 # --------------------------------------------------------------------------
@@ -345,18 +350,18 @@ def _masked(grad_y: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> Tenso
 
 def linear_act_grads(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                      activation: str, negative_slope: float, keep: Optional[Tensor],
-                     compute_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     compute_dx: bool, compute_dw: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dW, db)`` of ``linear_act``, differentiable in every tensor argument.
     The activation's derivative comes from the recomputed pre-activation."""
     z = F.linear(x, weight, bias).to(acc_dtype(x))
     dz = act_backward(_masked(grad_y, keep, z.dtype), z, activation, negative_slope)
-    return linear_backward(dz.to(x.dtype), x, weight, compute_dx)
+    return linear_backward(dz.to(x.dtype), x, weight, compute_dx, compute_dw)
 
 
 def linear_bn_act_grads(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                         bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, rstd: Tensor,
                         training: bool, eps: float, activation: str, negative_slope: float,
-                        keep: Optional[Tensor], compute_dx: bool
+                        keep: Optional[Tensor], compute_dx: bool, compute_dw: bool = True
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dx, dW, db, dgamma, dbeta)`` of ``linear_bn_act``, differentiable in every
     tensor argument. In training the batch statistics are recomputed from ``x``
@@ -371,7 +376,8 @@ def linear_bn_act_grads(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optiona
     xhat = (h - mean) * rstd
     z = xhat * bn_weight + bn_bias
     dz = act_backward(_masked(grad_y, keep, mean.dtype), z, activation, negative_slope)
-    return bn_linear_backward(dz, xhat, x, weight, bn_weight, rstd, training, compute_dx)
+    return bn_linear_backward(dz, xhat, x, weight, bn_weight, rstd, training, compute_dx,
+                              compute_dw)
 
 
 def gan_bce_grads(grad_loss: Tensor, logits_a: Tensor, logits_b: Optional[Tensor],

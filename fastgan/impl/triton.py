@@ -38,10 +38,11 @@ def linear_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, run
 
 
 def linear_bn_act_backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training,
-                           activation, negative_slope, p, seed, offset, compute_dx):
+                           activation, negative_slope, p, seed, offset, compute_dx,
+                           compute_dw=True):
     return _linear_bn_act.backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd,
                                    training, activation, negative_slope, p, seed, offset,
-                                   compute_dx)
+                                   compute_dx, compute_dw)
 
 
 def linear_act_forward(x, weight, bias, activation, negative_slope, p, seed, offset):
@@ -49,9 +50,9 @@ def linear_act_forward(x, weight, bias, activation, negative_slope, p, seed, off
 
 
 def linear_act_backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset,
-                        compute_dx):
+                        compute_dx, compute_dw=True):
     return _linear_act.backward(grad_y, x, weight, y, activation, negative_slope, p, seed,
-                                offset, compute_dx)
+                                offset, compute_dx, compute_dw)
 
 
 def gan_bce_forward(logits_a, logits_b, target_a, target_b):

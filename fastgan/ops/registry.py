@@ -10,8 +10,11 @@ Every op is wired the same way, by ``define`` from one ``OpDef`` row:
   unchecked: it only sees tensors its forward produced. It takes the gradient
   of the op's first output, then forward inputs and outputs *by name* (what
   the autograd Function saves), then whether the first input that gets a
-  gradient needs it (``compute_dx``) and the backend the forward ran on
-  (``backend``, "" for the one chosen now). No mask is ever stored: backward
+  gradient needs it (``compute_dx``) and, for the Linear ops, whether the
+  weight needs it (``compute_dw``: the G phase of a GAN step backpropagates
+  through the frozen D, and dW is a whole GEMM), then the backend the
+  forward ran on (``backend``, "" for the one chosen now). A gradient not
+  asked for comes back as an empty tensor. No mask is ever stored: backward
   recomputes dropout from ``(seed, offset)`` and the activation's derivative
   from the saved tensors.
 * ``<Op>Function``, the op's one ``autograd.Function`` over those two ops;
@@ -59,9 +62,12 @@ from . import checks, dispatch, spec
 
 # Plain eager tensors: an op's body may run on them directly (see ``_plain``).
 _PLAIN = (Tensor, torch.nn.Parameter)
-# Every backward (and differentiable backward) ends with these two parameters:
-# whether the first input that gets a gradient needs it, and the forward's backend.
-_TRAILING = ("compute_dx", "backend")
+# Every backward (and differentiable backward) ends with flags saying whether the
+# inputs that get gradients need them, in ``OpDef.grads`` order (``compute_dx`` for
+# the first; the Linear ops add ``compute_dw`` for the weight), then the forward's
+# backend. An op declares a prefix of _FLAGS; a gradient not asked for is empty.
+_FLAGS = ("compute_dx", "compute_dw")
+_BACKEND = "backend"
 
 
 def _plain(tensors) -> bool:
@@ -94,7 +100,7 @@ class OpDef:
     The backend functions are ``spec.OPS[name]``: a forward, and a backward
     unless the op's backward is plain tensor math (``backward_fake`` None).
     ``backward`` and ``double`` take the gradient, then forward inputs and
-    outputs by name, then ``_TRAILING``.
+    outputs by name, then the flags (a prefix of ``_FLAGS``) and ``backend``.
     """
     name: str
     signature: Callable          # typed signature of fastgan::<name> (body unused): schema, names
@@ -111,6 +117,16 @@ class OpDef:
 
 def _params(fn: Callable) -> tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
+
+
+def _trailing(op: OpDef) -> tuple[str, ...]:
+    """The flags and ``backend`` that end ``op.backward`` and ``op.double``."""
+    params = _params(op.backward)
+    flags = tuple(f for f in _FLAGS if f in params)
+    trailing = (*flags, _BACKEND)
+    assert flags == _FLAGS[:len(flags)] and len(flags) <= len(op.grads), op.name
+    assert params[-len(trailing):] == _params(op.double)[-len(trailing):] == trailing, op.name
+    return trailing
 
 
 def _tensor_hint(hint) -> bool:
@@ -148,7 +164,7 @@ def _register_backward(op: OpDef):
     Without a backend backward function, ``op.backward`` is plain math: both."""
     functions = spec.OPS[op.name]
     assert (len(functions) == 2) == (op.backward_fake is not None), op.name
-    assert _params(op.backward)[-2:] == _params(op.double)[-2:] == _TRAILING, op.name
+    _trailing(op)
     if len(functions) == 1:
         return op.backward, op.backward
     backward_fn = functions[1]
@@ -170,7 +186,7 @@ def _register_backward(op: OpDef):
 
 def _saved(op: OpDef):
     """Where the arguments of ``op.backward`` and ``op.double`` come from, between
-    the gradient and ``_TRAILING``: each names a forward input or output.
+    the gradient and the trailing flags and backend: each names a forward input or output.
     Returns the sources of the saved tensors (save_for_backward) and of the
     saved constants (the hyper-parameters, kept on ctx), each an (is_output,
     index) pair, and for each of the two functions its arguments as
@@ -178,9 +194,10 @@ def _saved(op: OpDef):
     inputs = _params(op.signature)
     hints = typing.get_type_hints(op.signature)
     tensors, constants, layouts = [], [], []
+    trailing = len(_trailing(op))
     for fn in (op.backward, op.double):
         layout = []
-        for name in _params(fn)[1:-len(_TRAILING)]:
+        for name in _params(fn)[1:-trailing]:
             is_output = name in op.outputs
             source = (is_output, op.outputs.index(name) if is_output else inputs.index(name))
             into = tensors if is_output or _tensor_hint(hints[name]) else constants
@@ -217,6 +234,7 @@ def define(class_name: str, op: OpDef) -> type:
     inputs = _params(op.signature)
     hints = typing.get_type_hints(op.signature)
     grad_index = tuple(inputs.index(n) for n in op.grads)
+    flag_index = grad_index[:len(_trailing(op)) - 1]   # the inputs the flags ask about
     check = getattr(checks, op.name)
     forward_fn = spec.OPS[op.name][0]
     tensor_args = _picker(i for i, n in enumerate(inputs) if _tensor_hint(hints[n]))
@@ -261,14 +279,15 @@ def define(class_name: str, op: OpDef) -> type:
     def backward(ctx, grad, *_not_differentiable):
         tensors, constants = ctx.saved_tensors, ctx.constants
         needs = ctx.needs_input_grad
+        flags = [needs[i] for i in flag_index]
         if torch.is_grad_enabled():  # create_graph: the gradient must be differentiable
             with _no_autocast(grad.device.type):
-                out = op.double(grad, *_unpack(double_layout, tensors, constants),
-                                needs[grad_index[0]], ctx.backend)
+                out = op.double(grad, *_unpack(double_layout, tensors, constants), *flags,
+                                ctx.backend)
         else:
             args = _unpack(layout, tensors, constants)
             run = backward_body if _eager(grad, *tensors) else backward_op
-            out = run(grad, *args, needs[grad_index[0]], ctx.backend or "")
+            out = run(grad, *args, *flags, ctx.backend or "")
         grads = [None] * len(needs)
         for i, g in zip(grad_index, out):
             if needs[i]:
@@ -330,10 +349,12 @@ def _keep(backend: Optional[str], shape, p: float, seed: Tensor, offset: Tensor)
 
 # ------------------------------------------------------------------ linear_bn_act
 # Fakes return contiguous tensors, as every backend does (whatever the inputs' strides).
-def _linear_grads_fake(x, weight, compute_dx):
-    """Empty (dx, dW, db) of a Linear's backward; dx is empty unless compute_dx."""
+def _linear_grads_fake(x, weight, compute_dx, compute_dw):
+    """Empty (dx, dW, db) of a Linear's backward; dx (dW) has no elements unless
+    compute_dx (compute_dw)."""
     dx = x.new_empty(x.shape) if compute_dx else x.new_empty(0)
-    return dx, weight.new_empty(weight.shape), x.new_empty(weight.shape[0])
+    dw = weight.new_empty(weight.shape) if compute_dw else weight.new_empty(0)
+    return dx, dw, x.new_empty(weight.shape[0])
 
 
 def _linear_bn_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Tensor,
@@ -353,27 +374,29 @@ def _linear_bn_act_fake(x, weight, bias, bn_weight, *_):
 def _linear_bn_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor,
                             bn_bias: Tensor, h: Tensor, mean: Tensor, rstd: Tensor,
                             training: bool, activation: str, negative_slope: float, p: float,
-                            seed: Tensor, offset: Tensor, compute_dx: bool, backend: str = ""
+                            seed: Tensor, offset: Tensor, compute_dx: bool,
+                            compute_dw: bool = True, backend: str = ""
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, dW, db, dgamma, dbeta); dx is empty unless compute_dx."""
+    """Returns (dx, dW, db, dgamma, dbeta); dx (dW) is empty unless compute_dx
+    (compute_dw)."""
 
 
 def _linear_bn_act_backward_fake(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training,
                                  activation, negative_slope, p, seed, offset, compute_dx,
-                                 backend=""):
-    return (*_linear_grads_fake(x, weight, compute_dx), bn_weight.new_empty(bn_weight.shape),
-            bn_bias.new_empty(bn_bias.shape))
+                                 compute_dw=True, backend=""):
+    return (*_linear_grads_fake(x, weight, compute_dx, compute_dw),
+            bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
 
 
 def _linear_bn_act_double(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                           bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, rstd: Tensor,
                           training: bool, eps: float, activation: str, negative_slope: float,
                           p: float, seed: Tensor, offset: Tensor, compute_dx: bool,
-                          backend: Optional[str]):
+                          compute_dw: bool, backend: Optional[str]):
     keep = _keep(backend, grad_y.shape, p, seed, offset)
     return _reference().linear_bn_act_grads(grad_y, x, weight, bias, bn_weight, bn_bias, mean,
                                             rstd, training, eps, activation, negative_slope,
-                                            keep, compute_dx)
+                                            keep, compute_dx, compute_dw)
 
 
 LinearBNActFunction = define("LinearBNActFunction", OpDef(
@@ -397,22 +420,24 @@ def _linear_act_fake(x, weight, *_):
 
 def _linear_act_backward(grad_y: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str,
                          negative_slope: float, p: float, seed: Tensor, offset: Tensor,
-                         compute_dx: bool, backend: str = "") -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dW, db); dx is empty unless compute_dx. The activation's
-    derivative comes from the output y, so no pre-activation is stored."""
+                         compute_dx: bool, compute_dw: bool = True, backend: str = ""
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dW, db); dx (dW) is empty unless compute_dx (compute_dw). The
+    activation's derivative comes from the output y, so no pre-activation is stored."""
 
 
 def _linear_act_backward_fake(grad_y, x, weight, y, activation, negative_slope, p, seed, offset,
-                              compute_dx, backend=""):
-    return _linear_grads_fake(x, weight, compute_dx)
+                              compute_dx, compute_dw=True, backend=""):
+    return _linear_grads_fake(x, weight, compute_dx, compute_dw)
 
 
 def _linear_act_double(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                        activation: str, negative_slope: float, p: float, seed: Tensor,
-                       offset: Tensor, compute_dx: bool, backend: Optional[str]):
+                       offset: Tensor, compute_dx: bool, compute_dw: bool,
+                       backend: Optional[str]):
     keep = _keep(backend, grad_y.shape, p, seed, offset)
     return _reference().linear_act_grads(grad_y, x, weight, bias, activation, negative_slope,
-                                         keep, compute_dx)
+                                         keep, compute_dx, compute_dw)
 
 
 LinearActFunction = define("LinearActFunction", OpDef(

@@ -123,7 +123,7 @@ def test_backward_op_takes_the_backend():
     y = torch.ops.fastgan.linear_act(x, w, None, "tanh", 0.0, 0.2, s, o)
     args = (torch.randn_like(y), x, w, y, "tanh", 0.0, 0.2, s, o, True)
     before = backend.calls[("reference", "linear_act_backward")]
-    got = torch.ops.fastgan.linear_act_backward(*args, "reference")
+    got = torch.ops.fastgan.linear_act_backward(*args, True, "reference")
     assert backend.calls[("reference", "linear_act_backward")] == before + 1
     default = backend.select(torch.device("cpu"))
     before = backend.calls[(default, "linear_act_backward")]

@@ -1,15 +1,19 @@
 """Drop-in costs of the fused layers, each side by side with plain PyTorch in one process.
 
     python bench/bench_drop_in.py overhead [out.json]   # Python + dispatch cost of one layer call
+    python bench/bench_drop_in.py overhead --modes train --samples 9 --threads 1
     python bench/bench_drop_in.py wgan-gp [out.json]    # WGAN-GP critic step on the seed D
     python bench/bench_drop_in.py wgan-gp --batch 64 256 --penalty r1 --threads 2
 
-``overhead``: one training forward of a tiny ``LinearAct`` / ``LinearBNAct``
-(grad enabled, the eager fast path: layer -> Function.apply -> check ->
-dispatch -> backend) against the backend's C++ forward called directly on the
-same tensors. The difference is what the Python layers cost per call; the
-target is 10 us or less. It needs only the public layers and
-``torch.ops.fastgan_C``, so the same command measures an older checkout
+``overhead`` (the one per-call overhead measurement; ``bench/bench_cpu_overhead.py``
+runs it too): one forward of a tiny ``LinearAct`` / ``LinearBNAct``, dropout 0
+and 0.2, in training (grad enabled, the eager fast path: layer ->
+Function.apply -> check -> dispatch -> backend) and in eval under no_grad,
+against the backend's C++ forward called directly on the same tensors, the
+functional op, and the plain ``nn.Sequential``. layer - C++ forward is what
+the Python layers cost per call; the target is 10 us or less. It needs only
+the public layers, ``fastgan.functional`` and ``torch.ops.fastgan_C``, so the
+same command measures an older checkout
 (``PYTHONPATH=<checkout> python bench/bench_drop_in.py overhead``).
 
 ``wgan-gp``: one critic step of WGAN-GP (Gulrajani et al.) on the seed
@@ -62,47 +66,85 @@ def _cpu_us(fns: dict, calls: int, rounds: int) -> dict:
     return best
 
 
-def overhead(repeat: int = 2000, samples: int = 15) -> list[dict]:
-    """Per-call forward time of a tiny fused layer and of its C++ forward alone (us):
-    wall clock on fastgan's timer (median) and thread CPU time (best round)."""
+def _overhead_callables(cls, p: float, train: bool) -> dict:
+    """The four ways to run one tiny fused layer's forward on the same tensors:
+    ``layer`` (the fused module), ``functional`` (``fastgan.functional``: the
+    argument check, dispatch and autograd.Function, no module), ``kernel`` (the
+    backend's C++ forward alone: the floor) and ``plain`` (the same block as an
+    ``nn.Sequential``, what the layer replaces)."""
+    import importlib
+
+    from fastgan import functional as FG
     from fastgan import nn as fnn
+    from fastgan.nn import layers
     from fastgan.ops.spec import ACTIVATIONS
+
+    importlib.import_module("fastgan._C")  # registers torch.ops.fastgan_C
+    C = torch.ops.fastgan_C
+    torch.manual_seed(0)
+    bn = cls is fnn.LinearBNAct
+    layer = cls(8, 8, dropout=p).train(train)
+    plain = (layers.linear_bn_act_sequential if bn else layers.linear_act_sequential)(
+        8, 8, dropout=p).train(train)
+    x = torch.randn(4, 8)
+    lin = layer[0]
+    w, b = lin.weight, lin.bias
+    seed = torch.zeros(1, dtype=torch.int64)
+    offset = torch.zeros(1, dtype=torch.int64)
+    code = ACTIVATIONS["leaky_relu"]
+    q = p if train else 0.0   # an eval layer applies no dropout
+    if bn:
+        m = layer[1]
+        # copies: the kernel and functional calls must not move the layer's statistics
+        st = (m.weight, m.bias, m.running_mean.clone(), m.running_var.clone(),
+              m.num_batches_tracked.clone())
+
+        def kernel():
+            return C.linear_bn_act_forward(x, w, b, *st, train, 0.1, 1e-5, code, 0.2, q, seed,
+                                           offset)
+
+        def functional():
+            return FG.linear_bn_act(x, w, b, *st, train, 0.1, 1e-5, "leaky_relu", 0.2, q, seed,
+                                    offset)
+    else:
+        def kernel():
+            return C.linear_act_forward(x, w, b, code, 0.2, q, seed, offset)
+
+        def functional():
+            return FG.linear_act(x, w, b, "leaky_relu", 0.2, q, train, seed, offset)
+    return {"layer": lambda: layer(x), "functional": functional, "kernel": kernel,
+            "plain": lambda: plain(x)}
+
+
+def overhead(repeat: int = 2000, samples: int = 15, modes=("train", "eval")) -> list[dict]:
+    """Per-call forward time (us) of a tiny fused layer (B=4, 8->8: the GEMM and
+    epilogue cost ~1 us, so what is left is Python and dispatch), its
+    functional op, its C++ forward alone and the plain block, side by side:
+    wall clock on fastgan's timer (median) and thread CPU time (best round).
+    ``train``: a training forward, parameters needing grad (the autograd graph
+    is built); ``eval``: an eval-mode forward under no_grad (inference).
+    ``overhead_us`` = layer - kernel: what the Python layers cost per call."""
+    from fastgan import nn as fnn
 
     timing = _timing()
     cpu = torch.device("cpu")
     rows = []
-    for cls in (fnn.LinearAct, fnn.LinearBNAct):
-        for p in (0.0, 0.2):
-            torch.manual_seed(0)
-            layer = cls(8, 8, dropout=p).train()
-            x = torch.randn(4, 8)
-            lin = layer[0]
-            seed = torch.zeros(1, dtype=torch.int64)
-            offset = torch.zeros(1, dtype=torch.int64)
-            code = ACTIVATIONS["leaky_relu"]
-            if cls is fnn.LinearAct:
-                def kernel(x=x, lin=lin, p=p):
-                    return torch.ops.fastgan_C.linear_act_forward(
-                        x, lin.weight, lin.bias, code, 0.2, p, seed, offset)
-            else:
-                bn = layer[1]
-                nbt = bn.num_batches_tracked.clone()
-                rm, rv = bn.running_mean.clone(), bn.running_var.clone()
-
-                def kernel(x=x, lin=lin, bn=bn, p=p, rm=rm, rv=rv, nbt=nbt):
-                    return torch.ops.fastgan_C.linear_bn_act_forward(
-                        x, lin.weight, lin.bias, bn.weight, bn.bias, rm, rv, nbt, True, 0.1,
-                        1e-5, code, 0.2, p, seed, offset)
-            fns = {"layer": lambda layer=layer, x=x: layer(x), "kernel": kernel}
-            t = timing.measure_many(fns, cpu, warmup=50, iters=samples, repeat=repeat)
-            c = _cpu_us(fns, repeat, samples)
-            layer_us, kernel_us = t["layer"].median_ms * 1e3, t["kernel"].median_ms * 1e3
-            rows.append({"layer": cls.__name__, "shape": "B=4, 8->8", "dropout": p,
-                         "layer_us": round(layer_us, 2), "kernel_us": round(kernel_us, 2),
-                         "overhead_us": round(layer_us - kernel_us, 2),
-                         "layer_cpu_us": round(c["layer"], 2),
-                         "kernel_cpu_us": round(c["kernel"], 2),
-                         "overhead_cpu_us": round(c["layer"] - c["kernel"], 2)})
+    for mode in modes:
+        train = mode == "train"
+        for cls in (fnn.LinearAct, fnn.LinearBNAct):
+            for p in (0.0, 0.2):
+                fns = _overhead_callables(cls, p, train)
+                with torch.enable_grad() if train else torch.no_grad():
+                    t = timing.measure_many(fns, cpu, warmup=50, iters=samples, repeat=repeat)
+                    c = _cpu_us(fns, repeat, samples)
+                us = {k: v.median_ms * 1e3 for k, v in t.items()}
+                row = {"layer": cls.__name__, "shape": "B=4, 8->8", "dropout": p, "mode": mode}
+                for k in fns:
+                    row[f"{k}_us"] = round(us[k], 2)
+                    row[f"{k}_cpu_us"] = round(c[k], 2)
+                row["overhead_us"] = round(us["layer"] - us["kernel"], 2)
+                row["overhead_cpu_us"] = round(c["layer"] - c["kernel"], 2)
+                rows.append(row)
     return rows
 
 
@@ -171,16 +213,21 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--modes", nargs="+", choices=("train", "eval"), default=["train", "eval"],
+                    help="overhead: training forward (grad) and/or eval forward (no_grad)")
+    ap.add_argument("--repeat", type=int, default=2000, help="overhead: calls per sample")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "overhead":
-        rows = overhead(samples=args.samples or 15)
+        rows = overhead(args.repeat, args.samples or 15, tuple(args.modes))
         for r in rows:
-            print(f"{r['layer']:12s} dropout {r['dropout']:.1f}: wall: layer {r['layer_us']:7.2f} us, "
-                  f"C++ forward {r['kernel_us']:6.2f} us, overhead {r['overhead_us']:6.2f} us; "
-                  f"CPU time: layer {r['layer_cpu_us']:6.2f} us, C++ forward "
-                  f"{r['kernel_cpu_us']:6.2f} us, overhead {r['overhead_cpu_us']:6.2f} us")
+            print(f"{r['layer']:12s} {r['mode']:5s} dropout {r['dropout']:.1f}: "
+                  f"wall: layer {r['layer_us']:7.2f} us, functional {r['functional_us']:7.2f} us, "
+                  f"C++ forward {r['kernel_us']:6.2f} us, plain {r['plain_us']:7.2f} us, "
+                  f"overhead {r['overhead_us']:6.2f} us; CPU time: layer "
+                  f"{r['layer_cpu_us']:6.2f} us, C++ forward {r['kernel_cpu_us']:6.2f} us, "
+                  f"overhead {r['overhead_cpu_us']:6.2f} us", flush=True)
     else:
         rows = wgan_gp(args.batch, args.penalty, args.samples or 10, args.min_run_time)
         for r in rows:

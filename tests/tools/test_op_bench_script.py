@@ -3,6 +3,7 @@ argument errors, and a tiny real run on the CPU. Nothing here asserts on timing.
 import importlib.util
 import json
 import os
+import runpy
 
 import pytest
 import torch
@@ -59,3 +60,29 @@ def test_tiny_cpu_run(bench, tmp_path, capsys):
         assert "skipped" not in r, r
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["samples"] == 2
         assert r["iters"] == 2 and r["speedup_vs_eager"] > 0
+
+
+BENCH = os.path.dirname(PATH)
+
+
+@pytest.mark.skipif("cpu" not in fastgan.backends(), reason="the cpu backend is not built")
+def test_overhead_is_one_measurement(tmp_path, capsys):
+    """bench/bench_drop_in.py overhead is the one per-call overhead measurement;
+    bench/bench_cpu_overhead.py (the command the issue 11 notes cite) runs it."""
+    drop_in = runpy.run_path(os.path.join(BENCH, "bench_drop_in.py"))
+    rows = drop_in["overhead"](repeat=2, samples=1)
+    assert [(r["layer"], r["mode"], r["dropout"]) for r in rows] == [
+        (cls, mode, p) for mode in ("train", "eval") for cls in ("LinearAct", "LinearBNAct")
+        for p in (0.0, 0.2)]
+    for r in rows:
+        for k in ("layer", "functional", "kernel", "plain"):
+            assert r[f"{k}_us"] > 0 and r[f"{k}_cpu_us"] >= 0
+        assert r["overhead_us"] == pytest.approx(r["layer_us"] - r["kernel_us"], abs=0.02)
+    out = tmp_path / "o" / "overhead.json"
+    shim = runpy.run_path(os.path.join(BENCH, "bench_cpu_overhead.py"))
+    assert shim["main"](["--out", str(out), "--threads", "1", "--samples", "1", "--repeat", "2",
+                         "--modes", "eval"]) == 0  # conftest.py puts the thread count back
+    doc = json.loads(out.read_text())
+    assert doc["what"] == "overhead" and {r["mode"] for r in doc["rows"]} == {"eval"}
+    assert len(doc["rows"]) == 4 and "functional_us" in doc["rows"][0]
+    assert "overhead" in capsys.readouterr().out

@@ -14,6 +14,7 @@ Contenders
 ``eager``                    the plain-PyTorch reference (``fused=False`` models, nn layers),
                              ``torch.optim.Adam`` with its defaults, as most users write it
 ``eager-fused-adam``         the same with ``torch.optim.Adam(fused=True)``: a careful user
+                             (train step only: an op benchmark has no optimizer)
 ``eager-bf16``               the same as ``eager`` under ``torch.autocast(<device>, bfloat16)``
                              (fp32 weights): always bf16, whatever the run's dtypes
 ``compile[-<mode>]``         the reference under ``torch.compile`` (default mode; on a

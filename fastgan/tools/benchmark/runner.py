@@ -97,8 +97,10 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
         schedules = (cfg.schedules or (None,)) if kind == "step" else (None,)
         for batch in cfg.batches:
             # One group: every (contender, dtype, schedule), sampled round-robin.
+            # An op has no optimizer and no graph: eager-fused-adam would be
+            # eager again, and there is no graph contender.
             group = [(c, d, s) for s in schedules for c, d in cs
-                     if not (kind == "op" and c.cuda_graph)]
+                     if not (kind == "op" and (c.cuda_graph or c.fused_adam))]
             fns, notes, timings = {}, {}, {}
             for c, d, s in group:  # build and warm up each; a failure is recorded, not fatal
                 key = (c.name, d, s)

@@ -3,8 +3,8 @@ side by side; a table on the terminal, JSON + CSV + PNG on disk.
 
     fastgan bench                       # everything available here, default sizes
     fastgan bench --quick               # CI smoke run: tiny sizes, few iterations
-    fastgan bench --no-ops --batch-sizes 64,256 --contenders eager-all,compile,fastgan-cpu \
-        --dtypes fp32,bf16              # the honest contenders, fp32 and bf16, one run
+    fastgan bench --no-ops --batch-sizes 64,256 --dtypes fp32,bf16 --contenders eager-all,fastgan-cpu
+                                        # the honest contenders, fp32 and bf16, side by side
     fastgan bench --no-ops --batch-sizes 64 --profile   # where the step's time goes
     fastgan bench --quality             # time-to-quality: fastgan vs the eager reference
     fastgan bench --schedule alternating,simultaneous --no-ops   # both train-step schedules
@@ -32,9 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default=None,
                    help="default fp32,bf16 (fp32 with --quick); comma-separated from fp32, "
                         "bf16, fp16, tf32 (fp32 with TF32 matmuls; labelled separately). "
-                        "bf16/fp16 is autocast for eager and compile, and for fastgan its "
-                        "bf16 training mode (bf16 weights, fp32 master weights, BN fp32); "
-                        "eager-bf16 always runs bf16")
+                        "bf16: autocast for eager and compile, fastgan's bf16 training mode "
+                        "for fastgan (bf16 weights, fp32 master weights, BN fp32); fp16: "
+                        "autocast. eager-bf16 always runs bf16; every row gives its ratio to "
+                        "eager in its own dtype (xeager) and to eager fp32 (xfp32)")
     p.add_argument("--tf32", action="store_true", help="add the tf32 dtype label")
     p.add_argument("--contenders", default=None,
                    help="comma-separated names or families; default: all available. Names: "

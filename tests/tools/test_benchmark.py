@@ -345,6 +345,7 @@ def test_run_records_and_schema(tmp_path):
     B.validate(doc)
     assert doc["peaks"]["fp32"]["gflops"] > 0 and doc["peaks"]["bf16"]["gflops"] > 0
     assert doc["peaks"]["fp32"]["n"] == 128 == doc["config"]["peak_n"]
+    assert ["eager", "bf16", "autocast bf16"] in doc["config"]["runs"]
     assert doc["machine"]["cpu"] and doc["machine"]["torch"] == torch.__version__
     del doc["records"][0]["median_ms"]
     with pytest.raises(ValueError, match="record 0"):

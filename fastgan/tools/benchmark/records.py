@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ...ops import dispatch as _backend
-from .contenders import Contender, contenders, eager_baseline, precision_label
+from .contenders import Contender, contenders, eager_baseline, precision_label, runs
 from .timing import Timing
 
 if TYPE_CHECKING:
@@ -151,6 +151,9 @@ def result(cfg: Config, records: list[dict], machine: Optional[dict] = None,
         "machine": machine if machine is not None else machine_info(cfg.device),
         "config": {"batches": list(cfg.batches), "dtypes": list(cfg.dtypes),
                    "contenders": [c.name for c in contenders(cfg.device, cfg.contenders)],
+                   # what was timed: (contender, compute dtype, how it computed it)
+                   "runs": [[c.name, d, precision_label(c, d)]
+                            for c, d in runs(contenders(cfg.device, cfg.contenders), cfg.dtypes)],
                    "peak_n": cfg.peak_n if cfg.peak else None,
                    "ops": list(cfg.ops), "passes": list(cfg.passes), "steps": cfg.steps,
                    "warmup": cfg.warmup, "iters": cfg.iters, "min_time_s": cfg.min_time_s,

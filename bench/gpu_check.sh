@@ -18,8 +18,9 @@
 # Each stage has a time limit, capped by what is left of the 350 s budget, and
 # writes into OUTDIR as it goes; a stage that times out gets SIGINT first (pytest
 # then still writes its junit XML). summary.tsv / the table at the end list every
-# stage. Like with like: fp32 GEMMs are IEEE in every contender (no --tf32), bf16
-# is bf16 everywhere.
+# stage. Like with like: fp32 GEMMs are IEEE in every contender (no --tf32; under
+# the tf32 label Triton's fp32 GEMMs take TF32 too, as cuBLAS: kernels/runtime.py
+# tf32), bf16 is bf16 everywhere.
 set -uo pipefail
 OUTDIR="${1:?usage: bench/gpu_check.sh OUTDIR}"
 mkdir -p "$OUTDIR"

@@ -68,17 +68,18 @@ def jobs(dt: str = "*bf16"):
         for has_dropout in (False, True):
             c = dict(ACT=act, HAS_DROPOUT=has_dropout)
             out.append((LA._fwd_kernel, dict(gemm, y_ptr=dt, **rng, **drop),
-                        dict(c, HAS_BIAS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)))
+                        dict(c, HAS_BIAS=True, TF32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)))
             for single in (False, True):
                 out.append((LA._bwd_dz_kernel,
                             dict(g_ptr=dt, y_ptr=dt, dz_ptr=dt, part_ptr=f, db_ptr=dt, M=1, N=1,
                                  stride_gm=1, stride_gn=1, stride_ym=1, stride_yn=1, **rng,
                                  **drop),
-                            dict(c, SINGLE=single, BLOCK_M=64, BLOCK_N=64)))
+                            dict(c, SINGLE=single, BLOCK_M=256 if single else 128,
+                                 BLOCK_N=64)))
             for cumulative in (False, True):
                 out.append((LBA._fwd_single_kernel,
                             dict(gemm, y_ptr=dt, h_ptr=dt, **bn, **running, **rng, **drop),
-                            dict(c, HAS_BIAS=True, CUMULATIVE=cumulative, BLOCK_M=256,
+                            dict(c, HAS_BIAS=True, CUMULATIVE=cumulative, TF32=False, BLOCK_M=256,
                                  BLOCK_N=32, BLOCK_K=64)))
                 out.append((LBA._fwd_apply_kernel,
                             dict(h_ptr=dt, psum_ptr=f, pm2_ptr=f, y_ptr=dt, M=1, N=1, R=1,
@@ -87,7 +88,7 @@ def jobs(dt: str = "*bf16"):
             out.append((LBA._fwd_eval_kernel,
                         dict(gemm, rm_ptr=f, rv_ptr=f, eps=1.0, y_ptr=dt, h_ptr=dt, **bn, **rng,
                              **drop),
-                        dict(c, HAS_BIAS=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)))
+                        dict(c, HAS_BIAS=False, TF32=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)))
             for training in (False, True):
                 for single in (False, True):
                     out.append((LBA._bwd_kernel,
@@ -98,11 +99,11 @@ def jobs(dt: str = "*bf16"):
             out.append((LBA._bwd_reduce_kernel, dict(bwd, pdbeta_ptr=f, pdgamma_ptr=f),
                         dict(c, BLOCK_M=128, BLOCK_N=64)))
     out.append((LBA._fwd_stats_kernel, dict(gemm, h_ptr=dt, psum_ptr=f, pm2_ptr=f),
-                dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)))
+                dict(HAS_BIAS=True, TF32=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)))
     out.append((MM._matmul_kernel,
                 dict(a_ptr=dt, b_ptr=dt, c_ptr=dt, M=1, N=1, K=1, stride_am=1, stride_ak=1,
                      stride_bk=1, stride_bn=1, stride_cm=1, stride_cn=1),
-                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)))
+                dict(TF32=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)))
     out.append((MM._col_sum_kernel, dict(part_ptr=f, out_ptr=dt, R=1, N=1), dict(BLOCK_N=128)))
     for has_b in (False, True):
         out.append((GB._gan_bce_kernel,

@@ -39,11 +39,14 @@ def tile_offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                 offs_m, offs_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+                BLOCK_K: tl.constexpr, TF32: tl.constexpr):
     """fp32 tile ``A[offs_m, :] @ B[:, offs_n]`` of A (M, K) and B (K, N), any strides.
 
     Out-of-range rows/columns/depth are masked to zero, so the tile never reads
-    past a tensor. fp32 inputs use IEEE fp32 products (no TF32)."""
+    past a tensor. fp32 inputs use IEEE fp32 products (the fp32 contract; on
+    Hopper that runs on FMA units, not tensor cores) unless ``TF32``, the
+    labelled opt-in (``runtime.tf32``): TF32 tensor-core products, as cuBLAS
+    with TF32 allowed. The interpreter emulates TF32 by rounding the inputs."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
@@ -63,12 +66,19 @@ def matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_b
             # pairwise, as accurately as a blocked BLAS: so gather B already
             # transposed, (BLOCK_N, BLOCK_K), rather than tl.trans a view. The sum
             # stays fp32 like the GPU's tl.dot, so the tests see fp32 round-off.
-            bt = tl.load(b_ptrs_t, mask=n_ok_t & k_ok[None, :], other=0.0)
-            acc += tl.sum(a.to(tl.float32)[:, None, :] * bt.to(tl.float32)[None, :, :], axis=2)
+            bt = tl.load(b_ptrs_t, mask=n_ok_t & k_ok[None, :], other=0.0).to(tl.float32)
+            af = a.to(tl.float32)
+            if TF32:
+                af = _round_tf32(af)
+                bt = _round_tf32(bt)
+            acc += tl.sum(af[:, None, :] * bt[None, :, :], axis=2)
             b_ptrs_t += BLOCK_K * stride_bk
         else:
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            if TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
             b_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
     return acc
@@ -77,14 +87,22 @@ def matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_b
 @triton.jit
 def linear_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                 offs_m, offs_n, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TF32: tl.constexpr):
     """fp32 tile of ``x @ W.T + b`` for x (M, K), W (N, K), b (N,)."""
     # W.T as the (K, N) operand: swap W's strides.
     acc = matmul_tile(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
-                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K)
+                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _round_tf32(x):
+    """fp32 -> fp32 holding the TF32 value (10 mantissa bits), rounded to
+    nearest with ties away from zero as the GPU's cvt.rna.tf32 (interpreter only)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -81,5 +81,5 @@ def forward(logits_a, logits_b, target_a, target_b):
     runtime.launch("gan_bce", _gan_bce_kernel, (1,), a, b, grad_a,
                    grad_a if logits_b is None else grad_b, loss, prob_a, prob_b,
                    a.numel(), b.numel(), float(target_a), float(target_b),
-                   HAS_B=logits_b is not None, BLOCK=configs.BCE_BLOCK, num_warps=4)
+                   HAS_B=logits_b is not None, BLOCK=configs.BCE_BLOCK, num_warps=configs.BCE_WARPS)
     return loss, prob_a, prob_b, grad_a, grad_b

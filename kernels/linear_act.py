@@ -22,16 +22,17 @@ from .common import (act, act_grad_from_output, drop, linear_tile, load_tile, ro
 from .matmul import col_sum, matmul
 
 
-@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K"],
+@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K", "TF32"],
                  prune_configs_by=configs.PRUNE)
 @triton.jit
 def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, seed_ptr, offset_ptr, M, N, K,
                 stride_xm, stride_xk, stride_wn, stride_wk, slope, p, scale,
                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
     _, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     acc = linear_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                      offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                      offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
     # the Linear output, in x.dtype like nn.Linear
     z = round_to(acc, y_ptr.dtype.element_ty).to(tl.float32)
     a = act(z, ACT, slope)
@@ -78,11 +79,12 @@ def forward(x, weight, bias, activation, negative_slope, p, seed, offset):
     runtime.launch("linear_act_fwd", _fwd_kernel, grid, x, weight,
                    weight if bias is None else bias, y, seed, offset, b, n, k,
                    x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                   *scalars, HAS_BIAS=bias is not None, **flags)
+                   *scalars, HAS_BIAS=bias is not None, TF32=runtime.tf32(x.dtype), **flags)
     return y
 
 
-def backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset, compute_dx):
+def backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset, compute_dx,
+             compute_dw=True):
     b, n = x.shape[0], weight.shape[0]
     guards.operands(x=x, weight=weight)
     guards.operands((b, n), grad_y=grad_y, y=y)
@@ -104,5 +106,5 @@ def backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset, 
     elif n > 0:
         db.zero_()
     dx = matmul(dz, weight) if compute_dx else x.new_empty(0)
-    dw = matmul(dz.t(), x)
+    dw = matmul(dz.t(), x) if compute_dw else weight.new_empty(0)
     return dx, dw, db

@@ -42,10 +42,10 @@ from .matmul import col_sum, matmul
 @triton.jit
 def _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
               offs_m, offs_n, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TF32: tl.constexpr):
     """Stores the tile of h = x @ W.T + b (in h's dtype); returns it as fp32."""
     acc = linear_tile(x_ptr, w_ptr, b_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                      offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                      offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     return store_tile(h_ptr, acc, offs_m, offs_n, N, mask).to(tl.float32)
 
@@ -126,14 +126,15 @@ def _bwd_dh(dz, xhat, rstd, gamma, sum_dz, sum_dz_xhat, M, TRAINING: tl.constexp
 
 
 # ---------------------------------------------------------------- forward kernels
-@triton.autotune(configs=configs.gemm_configs(with_block_m=False), key=["M", "N", "K"],
+@triton.autotune(configs=configs.gemm_configs(with_block_m=False), key=["M", "N", "K", "TF32"],
                  prune_configs_by=configs.PRUNE, restore_value=["rm_ptr", "rv_ptr"])
 @triton.jit(do_not_specialize=["M"])  # M == 1 would become a constexpr: M.to() fails
 def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, nbt_ptr,
                        y_ptr, h_ptr, mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, K,
                        stride_xm, stride_xk, stride_wn, stride_wk, momentum, unbias, eps, slope,
                        p, scale, HAS_BIAS: tl.constexpr, CUMULATIVE: tl.constexpr,
-                       ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, TF32: tl.constexpr,
+                       BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Training, whole batch in one tile (M <= BLOCK_M): one program per column block."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -141,7 +142,7 @@ def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
     n_ok = offs_n < N
     m_ok = offs_m < M
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
-                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
     _, mean, m2 = _moments(hf, m_ok, M.to(tl.float32))
     var = div_ieee(m2, M.to(tl.float32))
     rstd = div_ieee(1.0, tl.sqrt_rn(var + eps))
@@ -152,18 +153,19 @@ def _fwd_single_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr,
                   HAS_DROPOUT)
 
 
-@triton.autotune(configs=configs.gemm_configs(with_block_m=False), key=["M", "N", "K"],
+@triton.autotune(configs=configs.gemm_configs(with_block_m=False), key=["M", "N", "K", "TF32"],
                  prune_configs_by=configs.PRUNE)
 @triton.jit
 def _fwd_stats_kernel(x_ptr, w_ptr, b_ptr, h_ptr, psum_ptr, pm2_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     """Training, multi-tile pass 1: h, and per (row tile, column) the sum of h
     and the sum of squares about the tile's own mean."""
     pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
-                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
     tile_sum, _, m2 = _moments(hf, offs_m < M, count)
     tl.store(psum_ptr + pid_m * N + offs_n, tile_sum, mask=n_ok)
@@ -201,19 +203,20 @@ def _fwd_apply_kernel(h_ptr, psum_ptr, pm2_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_
                   seed_ptr, offset_ptr, slope, p, scale, ACT, HAS_DROPOUT)
 
 
-@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K"],
+@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K", "TF32"],
                  prune_configs_by=configs.PRUNE)
 @triton.jit
 def _fwd_eval_kernel(x_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, rm_ptr, rv_ptr, y_ptr, h_ptr,
                      mean_ptr, rstd_ptr, seed_ptr, offset_ptr, M, N, K, stride_xm, stride_xk,
                      stride_wn, stride_wk, eps, slope, p, scale, HAS_BIAS: tl.constexpr,
-                     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, TF32: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Eval: GEMM with BN by the running statistics folded into the epilogue."""
     pid_m, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     n_ok = offs_n < N
     hf = _linear_h(x_ptr, w_ptr, b_ptr, h_ptr, M, N, K, stride_xm, stride_xk, stride_wn,
-                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                   stride_wk, offs_m, offs_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
     mean = tl.load(rm_ptr + offs_n, mask=n_ok, other=0.0)
     rv = tl.load(rv_ptr + offs_n, mask=n_ok, other=1.0)
     rstd = div_ieee(1.0, tl.sqrt_rn(rv + eps))
@@ -302,6 +305,7 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
     bias_arg = weight if bias is None else bias  # never read when HAS_BIAS is False
     (slope, p, scale), flags = runtime.act_args(activation, negative_slope, p)
     gemm = (b, n, k, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1))
+    tf32 = runtime.tf32(x.dtype)
     if b == 0 or n == 0:  # eval on an empty batch: nothing to compute
         mean.copy_(running_mean)
         rstd.copy_(torch.rsqrt(running_var + eps))
@@ -311,7 +315,7 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
         runtime.launch("linear_bn_act_fwd_eval", _fwd_eval_kernel, grid, x, weight, bias_arg,
                        bn_weight, bn_bias, running_mean, running_var, y, h, mean, rstd, seed,
                        offset, *gemm, float(eps), slope, p, scale, HAS_BIAS=bias is not None,
-                       **flags)
+                       TF32=tf32, **flags)
         return y, h, mean, rstd
     cumulative = momentum is None
     stats = dict(momentum=0.0 if cumulative else float(momentum), unbias=b / (b - 1),
@@ -320,7 +324,7 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         runtime.launch("linear_bn_act_fwd_single", _fwd_single_kernel, grid, x, weight, bias_arg,
                        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, y, h,
-                       mean, rstd, seed, offset, *gemm, HAS_BIAS=bias is not None,
+                       mean, rstd, seed, offset, *gemm, HAS_BIAS=bias is not None, TF32=tf32,
                        BLOCK_M=configs.single_tile_block_m(b), **stats)
     else:
         block_m = configs.STATS_BLOCK_M
@@ -329,7 +333,8 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
         pm2 = torch.empty((tiles_m, n), dtype=torch.float32, device=dev)
         grid = lambda meta: (tiles_m, triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         runtime.launch("linear_bn_act_fwd_stats", _fwd_stats_kernel, grid, x, weight, bias_arg,
-                       h, psum, pm2, *gemm, HAS_BIAS=bias is not None, BLOCK_M=block_m)
+                       h, psum, pm2, *gemm, HAS_BIAS=bias is not None, TF32=tf32,
+                       BLOCK_M=block_m)
         runtime.launch("linear_bn_act_fwd_apply", _fwd_apply_kernel, grid, h, psum, pm2,
                        bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, y,
                        mean, rstd, seed, offset, b, n, tiles_m, block_m, BLOCK_M=block_m,
@@ -340,7 +345,7 @@ def forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_
 
 
 def backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, activation,
-             negative_slope, p, seed, offset, compute_dx):
+             negative_slope, p, seed, offset, compute_dx, compute_dw=True):
     b, n = x.shape[0], weight.shape[0]
     guards.operands(x=x, weight=weight)
     guards.operands((b, n), grad_y=grad_y, h=h)
@@ -358,7 +363,7 @@ def backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, act
     if b == 0 or n == 0:
         for t in (db, dgamma, dbeta):
             t.zero_()
-        return _input_grads(dh, x, weight, compute_dx) + (db, dgamma, dbeta)
+        return _input_grads(dh, x, weight, compute_dx, compute_dw) + (db, dgamma, dbeta)
     single = b <= configs.MAX_SINGLE_TILE_B
     block_m = configs.single_tile_block_m(b) if single else configs.STATS_BLOCK_M
     tiles_m = triton.cdiv(b, block_m)
@@ -378,10 +383,11 @@ def backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training, act
                    TRAINING=bool(training), SINGLE=single, BLOCK_M=block_m, **flags)
     if not single:
         db = col_sum(pdb, x.dtype)
-    return _input_grads(dh, x, weight, compute_dx) + (db, dgamma, dbeta)
+    return _input_grads(dh, x, weight, compute_dx, compute_dw) + (db, dgamma, dbeta)
 
 
-def _input_grads(dh, x, weight, compute_dx):
-    """(dx, dW) = (dh @ W, dh.T @ x); dx empty unless ``compute_dx``."""
+def _input_grads(dh, x, weight, compute_dx, compute_dw=True):
+    """(dx, dW) = (dh @ W, dh.T @ x); dx (dW) empty unless ``compute_dx`` (``compute_dw``)."""
     dx = matmul(dh, weight) if compute_dx else x.new_empty(0)
-    return dx, matmul(dh.t(), x)
+    dw = matmul(dh.t(), x) if compute_dw else weight.new_empty(0)
+    return dx, dw

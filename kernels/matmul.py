@@ -13,15 +13,15 @@ from . import configs, runtime
 from .common import matmul_tile, round_to, sum_partials, tile_offsets
 
 
-@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K"],
+@triton.autotune(configs=configs.gemm_configs(epilogue=False), key=["M", "N", "K", "TF32"],
                  prune_configs_by=configs.PRUNE)
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                   stride_cm, stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   stride_cm, stride_cn, TF32: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     _, offs_m, offs_n = tile_offsets(BLOCK_M, BLOCK_N)
     acc = matmul_tile(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K)
+                      offs_m, offs_n, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, round_to(acc, c_ptr.dtype.element_ty), mask=mask)
@@ -40,7 +40,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return c.zero_()
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     runtime.launch("matmul", _matmul_kernel, grid, a, b, c, m, n, k, a.stride(0), a.stride(1),
-                   b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+                   b.stride(0), b.stride(1), c.stride(0), c.stride(1), TF32=runtime.tf32(a.dtype))
     return c
 
 

@@ -1,9 +1,10 @@
 """Static resource check of every Triton kernel for sm_90 and sm_80, no GPU.
 
-``python -m fastgan.kernels.resources [--arch 90 80] [--dtype fp32 bf16 fp16]
-[--out TABLE.md] [--jobs N]`` compiles, through the AOT path of
+``python -m fastgan.kernels.resources [--arch 90 80] [--dtype fp32 bf16 fp16 tf32]
+[--out TABLE.md] [--jobs N] [--fail-on-spills]`` compiles, through the AOT path of
 ``fastgan.kernels.aot``, every kernel x every autotune config of that
-architecture x dtype, reads each compiled kernel back (shared memory from
+architecture x dtype ("tf32": fp32 with the TF32 opt-in, whose GEMMs use the
+tensor-core config rows), reads each compiled kernel back (shared memory from
 Triton's metadata plus the cubin's static shared memory; registers, stack and
 local memory from the bundled ``cuobjdump --dump-resource-usage``: spilled
 registers live in the stack frame / local memory) and checks them against the
@@ -17,7 +18,10 @@ hardware:
 
 Activation and dropout are fixed at the costliest variant (tanh + dropout:
 the most live values); ``python -m fastgan.kernels.aot --all`` compiles the
-others. A second pass compiles every kernel as the JIT does for a batch of one
+others. Where the launcher chooses the tile height (single-tile kernels: the
+batch, up to 256 rows; multi-tile passes: 128), each config is compiled at the
+tallest height the pruner of ``configs.py`` lets it run at: registers only
+grow with the height. A second pass compiles every kernel as the JIT does for a batch of one
 (int arguments equal to 1 turn into constexprs unless ``do_not_specialize``).
 Compiles are cached by Triton (``TRITON_CACHE_DIR``), so a rerun only reads.
 Must run with TRITON_INTERPRET unset. Exit status 1 on a hard violation (or
@@ -48,21 +52,13 @@ from . import configs as C
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in max dynamic shared memory per block
 MAX_REGS = 255
 MAX_THREADS = 1024
-# kernel name -> why its spills are acceptable
-SPILL_ALLOWANCE: dict[str, str] = {
-    # ptxas (Triton 3.8, sm_90 bf16, HAS_B=1): 72 registers, 12 B spill stores/loads,
-    # no call and no local array in the PTX: the allocator's choice across the two
-    # logit loops. One program of 128 threads per step, spilled values stay in L1.
-    "_gan_bce_kernel": "one 128-thread program per step; 12 B spill in L1 is noise",
-}
-# Spills are findings, not launch failures: ``--fail-on-spills`` makes any spill
-# outside SPILL_ALLOWANCE fatal. The first full read (Triton 3.8, sm_90 bf16, tanh +
-# dropout) found spills of 8 B - 4.9 KB at 255 registers in most kernels at their
-# larger autotune tiles (>= 64 elements per thread in the epilogues); see the
-# table in bench/results. Until those tiles are pruned or re-warped, CI fails on
-# the hard limits (a kernel that does not compile or could not launch) only.
+# kernel name -> why its spills are acceptable (none is: every config of every
+# kernel compiles without spills for sm_90 and sm_80 in fp32, bf16, fp16, tf32;
+# see kernels/configs.py for how the tiles were sized). ``--fail-on-spills``
+# (CI) fails on any spill not listed here.
+SPILL_ALLOWANCE: dict[str, str] = {}
 # num_warps of the launches that are not autotuned (the launchers' defaults)
-LAUNCH_WARPS = {"_gan_bce_kernel": 4, "_col_sum_kernel": 4}
+LAUNCH_WARPS = {"_gan_bce_kernel": C.BCE_WARPS, "_col_sum_kernel": 4}
 WORST_ACT, WORST_DROPOUT = 3, True  # tanh + dropout: the most live values per element
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -72,29 +68,49 @@ def _name(kernel) -> str:
     return (kernel if isinstance(kernel, JITFunction) else kernel.fn).__name__
 
 
-def _configs(kernel, arch: int):
-    """The autotune configs of ``kernel`` that run on sm_<arch> (None: not autotuned)."""
+def _cls(dt: str, tf32: bool = False) -> str:
+    return "mma" if dt != "fp32" or tf32 else "fp32"
+
+
+def _configs(kernel, arch: int, dt: str = "bf16", tf32: bool = False):
+    """The autotune configs of ``kernel`` that run on sm_<arch> for dtype ``dt``
+    at some tile height (None: not autotuned)."""
     cfgs = getattr(kernel, "configs", None)
     if cfgs is None:
         return [None]
-    tag = f"sm{arch}"
-    kept = [c for c in cfgs if C._ARCH_OF_CONFIG.get(id(c), tag) == tag]
-    return kept or list(cfgs)
+    return [c for c in cfgs if C._TAG_OF_CONFIG[id(c)][:2] == (f"sm{arch}", _cls(dt, tf32))]
+
+
+def _height(cfg, arch: int, dt: str, tf32: bool, block_m: int) -> int:
+    """The tallest launcher tile height (``block_m`` halved down to 16) at which
+    the pruner admits ``cfg``: registers grow with the height, so that one is
+    the compile to check. ``block_m`` is the tallest height the launcher uses."""
+    h = block_m
+    while h > 16 and not C.admits(cfg, f"sm{arch}", _cls(dt, tf32), h):
+        h //= 2
+    return h
 
 
 def plan(archs, dtypes):
-    """One entry per compile: (arch, dtype, job index, config index or None, ones)."""
+    """One entry per compile: (arch, dtype, job index, config index or None, ones,
+    tile height or None, tf32). Dtype "tf32": fp32 with the TF32 opt-in."""
     out = []
-    for dt in dtypes:
+    for label in dtypes:
+        tf = label == "tf32"
+        dt = "fp32" if tf else label
         todo = aot.jobs("*" + dt)
         for j, (k, _, c) in enumerate(todo):
             if c.get("ACT", WORST_ACT) != WORST_ACT or c.get("HAS_DROPOUT", WORST_DROPOUT) != WORST_DROPOUT:
                 continue
             for arch in archs:
-                for ci, _ in enumerate(_configs(k, arch)):
-                    out.append((arch, dt, j, None if _configs(k, arch) == [None] else ci, False))
-                if dt == dtypes[0]:  # batch of one: the first config of each kernel suffices
-                    out.append((arch, dt, j, None if _configs(k, arch) == [None] else 0, True))
+                cfgs = _configs(k, arch, dt, tf)
+                for ci, cfg in enumerate(cfgs):
+                    h = None
+                    if cfg is not None and "BLOCK_M" not in cfg.kwargs:
+                        h = _height(cfg, arch, dt, tf, c["BLOCK_M"])
+                    out.append((arch, dt, j, None if cfg is None else ci, False, h, tf))
+                if label == dtypes[0]:  # batch of one: the first config of each kernel suffices
+                    out.append((arch, dt, j, None if cfgs == [None] else 0, True, None, tf))
     return out
 
 
@@ -112,18 +128,22 @@ def _usage(cubin: bytes) -> dict:
 
 
 def run_one(entry) -> dict:
-    arch, dt, j, ci, ones = entry
+    arch, dt, j, ci, ones, height, tf32 = entry
     kernel, args, consts = aot.jobs("*" + dt)[j]
     name = _name(kernel)
     warps, stages = LAUNCH_WARPS.get(name, 4), 3
     consts = dict(consts)
     if ci is not None:
-        cfg = _configs(kernel, arch)[ci]
+        cfg = _configs(kernel, arch, dt, tf32)[ci]
         consts.update(cfg.kwargs)
+        if height is not None:
+            consts["BLOCK_M"] = height
         warps, stages = cfg.num_warps, cfg.num_stages
     variant = {k: v for k, v in consts.items()
-               if not k.startswith("BLOCK") and k not in ("ACT", "HAS_DROPOUT")}
-    row = dict(kernel=name, arch=f"sm_{arch}", dtype=dt, batch_of_one=ones,
+               if not k.startswith("BLOCK") and k not in ("ACT", "HAS_DROPOUT", "TF32")}
+    if "TF32" in consts:
+        consts["TF32"] = tf32
+    row = dict(kernel=name, arch=f"sm_{arch}", dtype="tf32" if tf32 else dt, batch_of_one=ones,
                variant=",".join(f"{k}={int(v)}" for k, v in variant.items()),
                config=",".join(f"{k[6:] or k}{v}" for k, v in consts.items() if k.startswith("BLOCK")),
                num_warps=warps, num_stages=stages, threads=warps * 32)
@@ -182,8 +202,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SMEM_LIMIT))
-    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16", "fp16"],
-                    choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16", "fp16", "tf32"],
+                    choices=["fp32", "bf16", "fp16", "tf32"],
+                    help="tf32: fp32 with the TF32 opt-in (tensor-core tl.dot)")
     ap.add_argument("--out", help="write the table (markdown) here, and the rows as JSON beside it")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--fail-on-spills", action="store_true",

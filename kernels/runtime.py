@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import os
 
+import torch
+
 from fastgan.ops.spec import ACTIVATIONS, dropout_scale
 
 # TRITON_INTERPRET=1 must be set before any kernel module is imported: triton.jit
@@ -31,3 +33,13 @@ def act_args(activation: str, negative_slope: float, p: float) -> tuple[tuple, d
     fused kernels (scale: the inverted-dropout factor, 1 without dropout)."""
     scalars = (float(negative_slope), float(p), dropout_scale(p) if p > 0 else 1.0)
     return scalars, dict(ACT=ACTIVATIONS[activation], HAS_DROPOUT=p > 0)
+
+
+def tf32(dtype: torch.dtype) -> bool:
+    """The TF32 opt-in of the fp32 GEMMs (the ``TF32`` constexpr of the GEMM
+    kernels). Off by default: fp32 is IEEE fp32 (``tl.dot(input_precision="ieee")``),
+    the fp32 contract. On exactly when torch lets cuBLAS use TF32 for fp32
+    matmuls (``torch.backends.cuda.matmul.allow_tf32 = True``, which
+    ``torch.set_float32_matmul_precision("high")`` also sets), so that a
+    "tf32" benchmark compares TF32 with TF32. bf16/fp16 never look at it."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32

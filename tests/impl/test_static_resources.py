@@ -46,22 +46,33 @@ def _triton_subprocess(code: str, timeout: int = 900) -> subprocess.CompletedPro
 def test_triton_plan_covers_every_config_and_enforces_the_limits():
     r = _triton_subprocess("""
 from fastgan.kernels import aot, resources as R
-todo = R.plan([90, 80], ["fp32", "bf16", "fp16"])
+from fastgan.kernels import configs as C
+dtypes = ["fp32", "bf16", "fp16", "tf32"]
+todo = R.plan([90, 80], dtypes)
 jobs = aot.jobs("*bf16")
 kernels = {R._name(k) for k, _, _ in jobs}
 seen = {}
-for arch, dt, j, ci, ones in todo:
-    seen.setdefault((R._name(jobs[j][0]), arch, dt, ones), set()).add(ci)
+for arch, dt, j, ci, ones, height, tf32 in todo:
+    assert dt in ("fp32", "bf16", "fp16") and (dt == "fp32" or not tf32)
+    seen.setdefault((R._name(jobs[j][0]), arch, "tf32" if tf32 else dt, ones), set()).add(ci)
+    k, _, c = jobs[j]
+    if height is not None:  # launcher-chosen tile height: the tallest the pruner admits
+        cfg = R._configs(k, arch, dt, tf32)[ci]
+        assert C.admits(cfg, f"sm{arch}", R._cls(dt, tf32), height)
+        assert height == c["BLOCK_M"] or not C.admits(cfg, f"sm{arch}", R._cls(dt, tf32),
+                                                     2 * height)
 for k, _, c in jobs:
     for arch in (90, 80):
-        cfgs = R._configs(k, arch)
-        want = {None} if cfgs == [None] else set(range(len(cfgs)))
-        for dt in ("fp32", "bf16", "fp16"):
+        for dt in dtypes:
+            cfgs = R._configs(k, arch, dt, dt == "tf32")
+            want = {None} if cfgs == [None] else set(range(len(cfgs)))
             assert seen[(R._name(k), arch, dt, False)] == want, (R._name(k), arch, dt)
         assert (R._name(k), arch, "fp32", True) in seen
-# sm_90 and sm_80 lists differ: each arch compiles its own
+# each arch, and IEEE fp32 apart from the tensor-core dtypes, compiles its own list
 mm = [k for k, _, _ in jobs if R._name(k) == "_matmul_kernel"][0]
-assert R._configs(mm, 90) != R._configs(mm, 80)
+assert R._configs(mm, 90) != R._configs(mm, 80) != R._configs(mm, 80, "fp32")
+assert R._configs(mm, 90, "tf32", True) == R._configs(mm, 90, "bf16")
+assert R.SPILL_ALLOWANCE == {}  # every compile is spill-free: nothing is excused
 ok = dict(kernel="k", arch="sm_80", regs=255, spill_bytes=0, smem=163 * 1024, threads=1024)
 assert R.violations(ok) == []
 for bad, what in ((dict(regs=256), "registers"), (dict(spill_bytes=8), "spills"),
@@ -266,12 +277,19 @@ std::vector<int64_t> column(int64_t n) { dim3 g = column_grid(n), b = column_blo
   return {g.x, g.y, g.z, b.x, b.y, b.z}; }
 std::vector<int64_t> elementwise(int64_t numel) { dim3 g = elementwise_grid(numel);
   return {g.x, g.y, g.z, kThreads}; }
+std::vector<int64_t> chunks(int64_t b, int64_t n) {  // the GPU build's row chunking
+  set_row_chunking(kGpuChunkTargetBlocks, kGpuChunkMinRows);
+  const RowChunks c = row_chunks(b, n);
+  const dim3 g = column_grid(n, c);
+  set_row_chunking(1, int64_t(1) << 40);
+  return {c.count, c.rows, g.x, g.y, g.z}; }
 void try_launch(int64_t gx, int64_t gy, int64_t gz, int64_t bx, int64_t by, int64_t bz) {
   launch(noop_kernel, dim3(gx, gy, gz), dim3(bx, by, bz), current_stream(), 0); }
 }}
 TORCH_LIBRARY(fastgan_grids, m) {
   m.def("column", &fastgan::cuda::column);
   m.def("elementwise", &fastgan::cuda::elementwise);
+  m.def("chunks", &fastgan::cuda::chunks);
   m.def("try_launch", &fastgan::cuda::try_launch);
 }
 """)
@@ -292,10 +310,11 @@ def test_emulated_launch_refuses_what_the_gpu_refuses(grids):
 
 @pytest.mark.slow
 def test_grids_of_the_largest_accepted_shapes(grids):
-    """The ops accept batch * features < 2**32 (fastgan/ops/checks.py) with any
-    feature count up to that: the column-tile grid and the elementwise grid stay
-    within grid.x < 2**31, grid.y = grid.z = 1, threads <= 1024 (the launch helper
-    of the emulator checks the same limits on every emulated test)."""
+    """The ops accept batch * features < 2**31 (fastgan/ops/checks.py; the loops
+    below go further) with any feature count up to that: the column-tile grid and
+    the elementwise grid stay within grid.x < 2**31, grid.y = grid.z = 1, threads
+    <= 1024 (the launch helper of the emulator checks the same limits on every
+    emulated test)."""
     for n in (1, 31, 32, 33, 2**16, 2**31 - 1, 2**32 - 1):
         gx, gy, gz, bx, by, bz = grids.column(n)
         assert 1 <= gx < 2**31 and gy == gz == 1 and bx * by * bz <= MAX_THREADS, (n, gx)
@@ -303,3 +322,26 @@ def test_grids_of_the_largest_accepted_shapes(grids):
     for numel in (1, 255, 256, 2**31, 2**32 - 1):
         gx, gy, gz, threads = grids.elementwise(numel)
         assert 1 <= gx < 2**31 and gy == gz == 1 and threads <= MAX_THREADS
+
+
+
+@pytest.mark.slow
+def test_row_chunks_of_the_gpu_build(grids):
+    """The column-tile kernels' row chunks (grid.y) as the GPU build computes
+    them: within grid.y <= 65535 for every accepted shape, no empty chunk, every
+    row in one, at least 256 rows a chunk, and enough blocks to fill 132 SMs
+    twice where the batch allows; one chunk (the single-pass kernels) otherwise."""
+    for b in (1, 2, 3, 255, 256, 511, 512, 1000, 1024, 16384, 65536, 2**20 + 3, 2**31 - 1):
+        for n in (1, 3, 31, 32, 33, 64, 100, 256, 784, 1024, 8448, 2**16):
+            if b * n >= 2**31 and n > 1:
+                continue
+            count, rows, gx, gy, gz = grids.chunks(b, n)
+            assert gy == count and gz == 1 and 1 <= count <= 65535, (b, n, count)
+            assert (count - 1) * rows < b <= count * rows, (b, n, count, rows)
+            assert count == 1 or rows >= 256, (b, n, rows)
+            if count > 1:
+                assert gx * (count - 1) < 264, (b, n, gx, count)  # no more chunks than needed
+            if b >= 256 * 264 and gx < 264:
+                assert gx * count >= 264, (b, n, gx, count)  # a big batch fills the GPU
+    assert grids.chunks(16384, 64)[0] == 64 and grids.chunks(16384, 1024)[0] == 9
+    assert grids.chunks(100, 3)[0] == 1 and grids.chunks(16384, 8448)[0] == 1

@@ -455,3 +455,115 @@ def test_strided_parameter_vectors(K):
         K.linear_bn_act_forward(t["x"], t["weight"], None, t["bn_weight"], t["bn_bias"],
                                 strided(t["running_mean"]), t["running_var"], nbt, True, 0.1,
                                 1e-5, "relu", 0.0, 0.0, s, o)
+
+
+# ------------------------------------------------------------------ TF32 opt-in
+def _tf32(t):
+    """fp32 -> the TF32 value the GPU's cvt.rna.tf32 gives (10 mantissa bits,
+    ties away from zero), computed in integers."""
+    bits = t.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = (bits + 0x1000) & 0xFFFFE000
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+@pytest.fixture
+def allow_tf32():
+    prev = torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def test_fp32_gemms_are_ieee_unless_tf32_is_allowed(K, allow_tf32):
+    """fp32 is IEEE by default; torch's own TF32 switch for CUDA matmuls (what
+    cuBLAS obeys) is the one opt-in, and it reaches the kernels: the GEMMs
+    multiply TF32-rounded inputs (the interpreter emulates tl.dot's
+    input_precision="tf32"); bf16 ignores it."""
+    from fastgan.kernels import runtime
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 48, generator=g).to(DEVICE)
+    w = torch.randn(24, 48, generator=g).to(DEVICE)
+    s, o = rng()
+    exact = x.double() @ w.double().T
+    tf32_exact = _tf32(x).double() @ _tf32(w).double().T
+    assert not torch.backends.cuda.matmul.allow_tf32 and not runtime.tf32(torch.float32)
+    ieee = K.linear_act_forward(x, w, None, "identity", 0.0, 0.0, s, o)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert runtime.tf32(torch.float32) and not runtime.tf32(torch.bfloat16)
+    tf32 = K.linear_act_forward(x, w, None, "identity", 0.0, 0.0, s, o)
+    dx, dw, _ = K.linear_act_backward(torch.ones_like(tf32), x, w, tf32, "identity", 0.0, 0.0,
+                                      s, o, True)
+    err = lambda a, b: float((a.double() - b).abs().max() / b.abs().max())  # noqa: E731
+    assert err(ieee, exact) < 1e-6 < 1e-4 < err(ieee, tf32_exact) + err(tf32, exact)
+    assert err(tf32, tf32_exact) < 1e-6, "TF32 opt-in did not reach the forward GEMM"
+    ones = torch.ones(20, 24, dtype=torch.float64, device=DEVICE)
+    assert err(dx, ones @ _tf32(w).double()) < 1e-6  # the backward GEMMs too
+    assert err(dw, ones.T @ _tf32(x).double()) < 1e-6
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert torch.equal(K.linear_act_forward(x, w, None, "identity", 0.0, 0.0, s, o), ieee)
+
+
+@pytest.mark.slow
+def test_tf32_constexpr_selects_the_ptx_precision():
+    """Compiled for sm_90 (no GPU: the AOT path), fp32 GEMMs run IEEE FMA by
+    default and TF32 tensor-core MMAs with TF32=True: the opt-in reaches
+    tl.dot's input_precision."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = """
+from fastgan.kernels import aot, matmul as MM
+args = dict(a_ptr="*fp32", b_ptr="*fp32", c_ptr="*fp32", M=1, N=1, K=1, stride_am=1,
+            stride_ak=1, stride_bk=1, stride_bn=1, stride_cm=1, stride_cn=1)
+for tf32 in (False, True):
+    ptx = aot.compile_one(MM._matmul_kernel, args, dict(TF32=tf32, BLOCK_M=64, BLOCK_N=64,
+                          BLOCK_K=16), 90).asm["ptx"]
+    print(tf32, "tf32" in ptx, ptx.count("fma.rn.f32") >= 64 * 64 * 16 // 128)
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # IEEE: one FMA per product (a 64 x 64 x 16 tile over 128 threads); TF32: MMAs
+    assert r.stdout.split("\n")[:2] == ["False False True", "True True False"], r.stdout
+
+
+# ------------------------------------------------------------------ autotune configs
+def test_config_tables_fit_the_registers():
+    """Every GPU config list (built here without compiling anything): at most 16
+    warps (at 32 the 64-register cap spills), tiles within the per-thread
+    budget of their kind, a config for every arch x dtype class at every tile
+    height a launcher uses, and a sub-128-row tile first (what
+    FASTGAN_TRITON_AUTOTUNE=0 runs)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = """
+from fastgan.kernels import configs as C, aot, resources as R
+kernels = {R._name(k): k for k, _, _ in aot.jobs()}
+heights = [2**i for i in range(4, 9)]  # 16 .. MAX_SINGLE_TILE_B
+assert C.MAX_SINGLE_TILE_B == 256 and C.STATS_BLOCK_M == 128
+for name, k in kernels.items():
+    cfgs = getattr(k, "configs", None)
+    if cfgs is None:
+        continue
+    for c in cfgs:
+        arch, cls, cap = C._TAG_OF_CONFIG[id(c)]
+        assert 4 <= c.num_warps <= 16, (name, c)
+        if "BLOCK_M" in c.kwargs:
+            assert C.per_thread(0, c) <= cap, (name, c)
+    for arch in ("sm80", "sm90"):
+        for cls in ("mma", "fp32"):
+            for h in ([None] if "BLOCK_M" in cfgs[0].kwargs else heights):
+                kept = [c for c in cfgs if C.admits(c, arch, cls, h)]
+                assert kept, (name, arch, cls, h)
+                if h is None:
+                    assert kept[0].kwargs["BLOCK_M"] <= 64, (name, kept[0])
+mm, fwd = kernels["_matmul_kernel"], kernels["_fwd_kernel"]
+big = lambda k: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in k.configs}
+assert (128, 128) in big(mm) and (128, 128) not in big(fwd)  # no epilogue: a bigger tile
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]

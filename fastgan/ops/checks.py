@@ -22,8 +22,9 @@ from torch import Tensor
 from . import spec
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# Dropout numbers the elements of a (B, N) output with a 32-bit Philox counter.
-MAX_OUTPUT_NUMEL = 2**32
+# One limit for every backend: the Triton kernels index a (B, N) output with
+# 32-bit offsets (the C++ kernels and the 32-bit dropout counter would allow 2**32).
+MAX_OUTPUT_NUMEL = 2**31
 
 
 # ----------------------------------------------------------------- shared helpers
@@ -116,7 +117,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor, offs
         tensor(bias, "bias", ndim=1, dtype=dtype, device=device, numel=n)
     rng(seed, offset, device)
     if b * n >= MAX_OUTPUT_NUMEL:
-        raise ValueError(f"batch * out_features must be below 2**32, got {b} * {n}")
+        raise ValueError(f"batch * out_features must be below 2**31 (32-bit element offsets), "
+                         f"got x with {b} rows and weight with {n} out_features")
 
 
 # ----------------------------------------------------------------- one check per op

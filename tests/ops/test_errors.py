@@ -128,12 +128,31 @@ def test_registered_op_and_fake_check_too(device):
                                   torch.randn(3, 1, device=device), 1.0, 1.5)
 
 
-def test_batch_times_out_features_limit():
-    # Meta tensors: the fake runs the check, nothing is allocated.
+@pytest.mark.parametrize("op", ["linear_act", "linear_bn_act"])
+def test_batch_times_out_features_limit(op):
+    """One B * N limit for every backend (below 2**31: the Triton kernels' 32-bit
+    offsets), checked at the op boundary before any backend sees the call. Meta
+    tensors: the fake runs the check, nothing is allocated."""
     z = torch.zeros(1, dtype=I64, device="meta")
-    x, w = torch.empty(2**16 + 1, 8, device="meta"), torch.empty(2**16, 8, device="meta")
-    with pytest.raises(ValueError, match="batch \\* out_features must be below 2\\*\\*32"):
-        FG.linear_act(x, w, None, "relu", 0.0, 0.0, True, z, z)
+
+    def call(b, n):
+        x, w = torch.empty(b, 8, device="meta"), torch.empty(n, 8, device="meta")
+        if op == "linear_act":
+            return FG.linear_act(x, w, None, "relu", 0.0, 0.0, True, z, z)
+        v = torch.empty(n, device="meta")
+        return FG.linear_bn_act(x, w, None, v, v, v.clone(), v.clone(), z.clone(), True, 0.1,
+                                1e-5, "relu", 0.0, 0.0, z, z)
+
+    assert call(2**16, 2**15 - 1).shape == (2**16, 2**15 - 1)  # 2**31 - 2**16: accepted
+    for b, n in ((2**16, 2**15), (2**31, 1), (1, 2**31), (2**20 + 1, 2**11)):
+        with pytest.raises(ValueError, match=f"^batch \\* out_features must be below 2\\*\\*31 "
+                           f"\\(32-bit element offsets\\), got x with {b} rows and weight with "
+                           f"{n} out_features$"):
+            call(b, n)
+    with pytest.raises(ValueError, match="below 2\\*\\*31"):  # through the op, as compile sees it
+        torch.ops.fastgan.linear_act(torch.empty(2**16, 8, device="meta"),
+                                     torch.empty(2**15, 8, device="meta"), None, "relu", 0.0, 0.0,
+                                     z, z)
 
 
 def test_gan_bce_bad_input():

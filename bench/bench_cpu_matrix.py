@@ -2,14 +2,27 @@
 ``nn.Sequential`` it replaces, side by side in one process.
 
 Cells: batch x layer (in -> out) x dropout {0, 0.2} x BN {on, off} x
-{fp32, bf16} x {train, eval} x {forward, forward+backward}. Each cell times
-the fused layer (``LinearBNAct`` / ``LinearAct``, cpu backend) and the plain
-block (``linear_bn_act_sequential`` / ``linear_act_sequential``) round-robin
-with the one timer (fastgan.tools.benchmark.timing.measure_many) and reports
-speed-up = plain median / fused median. Writes every cell to a JSON file and
-prints the worst cells.
+{fp32, bf16} x {train, eval} x {forward, forward+backward}. Each cell times,
+round-robin with the one timer (fastgan.tools.benchmark.timing.measure_many):
 
-    python bench/bench_cpu_matrix.py              # the full matrix (idle machine: ~10 min)
+* ``fused``: the fused layer (``LinearBNAct`` / ``LinearAct``, cpu backend) as a
+  user runs it, with the plain fallback of the speed rule
+  (``fastgan.nn.fuse.speed``) in force;
+* ``forced``: the same layer with the fused op forced (``fused_path("fused")``);
+* ``fallback``: the same layer with its plain path forced (``fused_path("plain")``,
+  what the rule falls back to: the children, and the fused kernels' dropout mask);
+* ``plain``: the plain block (``linear_bn_act_sequential`` / ``linear_act_sequential``).
+
+``speedup`` = plain / fused (the figure the issue's rule is about: no cell
+below 1.0x beyond noise), ``speedup_forced`` = plain / forced (what the
+rule is calibrated from), ``speedup_fallback`` = plain / fallback. Writes
+every cell to a JSON file and prints the worst cells. ``--write-rule``
+rewrites the speed rule's table from this run's cells
+(``speed.calibrate``) and prints the worst cell the new rule would give,
+from the same run's times.
+
+    python bench/bench_cpu_matrix.py --write-rule # the full matrix + calibration (idle: ~13 min)
+    python bench/bench_cpu_matrix.py              # the full matrix
     python bench/bench_cpu_matrix.py --quick      # B in {1, 64, 1024}, fewer samples
     python bench/bench_cpu_matrix.py --gemm aten  # the same with the cpu backend's GEMMs on ATen
     python bench/bench_cpu_matrix.py --batches 64 --layers 512x1024 --with-aten
@@ -30,6 +43,7 @@ import torch
 import fastgan
 from fastgan.impl import cpu as cpu_impl
 from fastgan.nn import layers
+from fastgan.nn.fuse import speed
 from fastgan.tools.benchmark.timing import measure_many
 
 BATCHES = (1, 2, 16, 64, 256, 1024, 4096)
@@ -71,6 +85,20 @@ def under_aten(fn):
     return call
 
 
+def under_path(fn, path: str):
+    # (the switch's thread-local, set directly: a context manager per call would
+    # add its own microseconds to the tiny cells)
+    state = layers._path_state
+
+    def call():
+        prev, state.path = state.path, path
+        try:
+            fn()
+        finally:
+            state.path = prev
+    return call
+
+
 def cell(b, k, n, dropout, bn, dt, mode, backward, iters, min_time_s, with_aten=False):
     dtype = DTYPES[dt]
     g = torch.Generator().manual_seed(1)
@@ -81,15 +109,23 @@ def cell(b, k, n, dropout, bn, dt, mode, backward, iters, min_time_s, with_aten=
         m = build(bn, k, n, dropout, dtype, fused)
         m.train(mode == "train")
         fns["fused" if fused else "plain"] = step_fn(m, x, gy, backward)
+    fns["forced"] = under_path(fns["fused"], "fused")
+    fns["fallback"] = under_path(fns["fused"], "plain")
+    fns["fused"] = under_path(fns["fused"], "auto")
     if with_aten:  # the same fused layer with its GEMMs on ATen: the oneDNN gain alone
-        fns["fused_aten"] = under_aten(fns["fused"])
+        fns["fused_aten"] = under_aten(fns["forced"])
     # one thread-visible cost per call: repeat tiny cells so a sample is >= ~1 ms
     t = measure_many(fns, torch.device("cpu"), warmup=3, iters=iters, min_time_s=min_time_s,
                      repeat=max(1, min(50, int(2e5 // max(b * k * n, 1)) or 1)))
     fused_ms, plain_ms = t["fused"].median_ms, t["plain"].median_ms
     out = dict(batch=b, layer=f"{k}->{n}", dropout=dropout, bn=bn, dtype=dt, mode=mode,
                pass_="fwd+bwd" if backward else "fwd", fused_ms=fused_ms, plain_ms=plain_ms,
-               speedup=plain_ms / fused_ms)
+               speedup=plain_ms / fused_ms, forced_ms=t["forced"].median_ms,
+               fallback_ms=t["fallback"].median_ms)
+    out["speedup_forced"] = plain_ms / out["forced_ms"]
+    out["speedup_fallback"] = plain_ms / out["fallback_ms"]
+    out.update(forced_min_ms=min(t["forced"].samples_ms),
+               fallback_min_ms=min(t["fallback"].samples_ms))
     # On a shared machine the fastest sample is the one least hit by others'
     # load: the min ratio is reported next to the median one.
     out.update(fused_min_ms=min(t["fused"].samples_ms), plain_min_ms=min(t["plain"].samples_ms))
@@ -113,7 +149,17 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/issue11-layer-matrix.json")
     ap.add_argument("--note", default="", help="machine state, written with the results")
+    ap.add_argument("--write-rule", action="store_true",
+                    help="rewrite the speed rule's table (fastgan/nn/fuse/speed.py) from this run")
+    ap.add_argument("--noise", type=float, default=0.0,
+                    help="calibration: a fused cell may be this far below 1.0x (default 0)")
+    ap.add_argument("--by", choices=("median", "min"), default="median",
+                    help="calibrate from median times (idle machine) or fastest samples (loaded)")
+    ap.add_argument("--from-json", nargs="*", default=None,
+                    help="skip timing: calibrate (--write-rule) from these result files")
     a = ap.parse_args(argv)
+    if a.from_json:
+        return calibrate_from(a)
     torch.set_num_threads(a.threads)
     batches = a.batches or ((1, 64, 1024) if a.quick else BATCHES)
     iters = a.iters or (5 if a.quick else 15)
@@ -130,8 +176,9 @@ def main(argv=None):
             c = cells[-1]
             aten = f"  fused/ATen GEMMs {c['fused_aten_ms']:8.3f} ms" if a.with_aten else ""
             print(f"B={b:5} {c['layer']:>9} p={p} bn={int(bn)} {dt} {mode:5} {c['pass_']:7} "
-                  f"fused {c['fused_ms']:8.3f} ms  plain {c['plain_ms']:8.3f} ms{aten}  "
-                  f"{c['speedup']:5.2f}x", flush=True)
+                  f"fused {c['fused_ms']:8.3f} ms  forced {c['forced_ms']:8.3f} ms  fallback "
+                  f"{c['fallback_ms']:8.3f} ms  plain {c['plain_ms']:8.3f} ms{aten}  "
+                  f"{c['speedup']:5.2f}x (forced {c['speedup_forced']:5.2f}x)", flush=True)
     worst = sorted(cells, key=lambda c: c["speedup"])[:10]
     meta = dict(command="python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
                 machine=f"{platform.processor() or platform.machine()}, "
@@ -141,11 +188,60 @@ def main(argv=None):
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(dict(meta=meta, worst=worst, cells=cells), f, indent=1)
-    print(f"\n{len(cells)} cells -> {a.out}; worst speed-ups:")
+    print(f"\n{len(cells)} cells -> {a.out}; worst speed-ups (fused layer, rule as run):")
     for c in worst:
-        print(f"  {c['speedup']:5.2f}x  B={c['batch']} {c['layer']} p={c['dropout']} "
-              f"bn={int(c['bn'])} {c['dtype']} {c['mode']} {c['pass_']}")
+        print(f"  {describe(c, c['speedup'])}")
+    if a.write_rule:
+        rows = speed.calibrate(cells, a.noise, a.by)
+        write_rule(rows, f"{meta['command']} ({meta['machine']}, {time.strftime('%Y-%m-%d')})")
+        # the new rule's worst cell, from this run's times: plain / (forced or fallback)
+        worst_new = min(cells, key=lambda c: predicted(c, rows))
+        print(f"rule rewritten ({len(rows)} rows) in {speed.__file__}; worst cell under it "
+              f"(same run): {describe(worst_new, predicted(worst_new, rows))}")
     return cells
+
+
+def calibrate_from(a) -> list:
+    """--write-rule from saved result files (no timing)."""
+    cells = []
+    for path in a.from_json:
+        with open(path) as f:
+            cells += json.load(f)["cells"]
+    rows = speed.calibrate(cells, a.noise, a.by)
+    if a.write_rule:
+        write_rule(rows, f"calibrated from {', '.join(a.from_json)} (by {a.by}, "
+                         f"{time.strftime('%Y-%m-%d')})")
+    for key, value in sorted(rows.items()):
+        print(f"  {key}: {value}")
+    return cells
+
+
+def describe(c: dict, ratio: float) -> str:
+    return (f"{ratio:5.2f}x  B={c['batch']} {c['layer']} p={c['dropout']} bn={int(c['bn'])} "
+            f"{c['dtype']} {c['mode']} {c['pass_']}")
+
+
+def predicted(c: dict, rows: dict) -> float:
+    """plain / the path the rule ``rows`` takes for cell ``c``."""
+    min_batch, min_work = rows.get(speed.cell_key(c), (0, 0))
+    fused = c["batch"] >= min_batch and speed.cell_work(c) >= min_work
+    return c["speedup_forced"] if fused else c["speedup_fallback"]
+
+
+def write_rule(rows: dict, note: str) -> None:
+    """Rewrite the block between ``# BEGIN TABLE`` and ``# END TABLE`` of speed.py."""
+    path = speed.__file__
+    with open(path) as f:
+        text = f.read()
+    head, rest = text.split("# BEGIN TABLE", 1)
+    _, tail = rest.split("# END TABLE", 1)
+    lines = [f"        {key!r}: {value!r}," for key, value in sorted(rows.items())]
+    block = ("# BEGIN TABLE (written by bench/bench_cpu_matrix.py --write-rule)\n"
+             "TABLE: dict = {\n    \"cpu\": {\n" + "\n".join(lines) + "\n    },\n}\n"
+             "CALIBRATION = (\n" + "\n".join(f"    {note[i:i + 80]!r}"
+                                               for i in range(0, len(note), 80)) + ")\n")
+    with open(path, "w") as f:
+        f.write(head + block + "# END TABLE" + tail)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ if not torch.cuda.is_available():
 
 import pytest
 
+# The fused layers take the fused op in every test (the speed rule would run small
+# test layers plainly); tests of the rule and its fallback choose the path themselves.
+os.environ.setdefault("FASTGAN_FUSED_PATH", "fused")
+
 torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 (docs/design.md, Numerics)
 torch.backends.cudnn.allow_tf32 = False
 

@@ -29,16 +29,32 @@ draws a fresh mask with no host involvement; the draw itself is a device op
 too (a graph captured before any training forward holds it). ``seed_dropout``
 sets the streams explicitly; ``dropout_rng_state`` / ``set_dropout_rng_state``
 save and restore them (checkpoints).
+
+Fused or plain: where the fused op would be slower than the children run as
+plain PyTorch (small layers, batch 1: fixed per-call costs), a fused layer
+runs the plain computation of its own children: ``act(bn(linear(x)))``,
+each child called as in the ``nn.Sequential``. The decision is the one speed
+rule, ``fastgan.nn.fuse.speed`` (measured per backend, dtype, BatchNorm1d
+mode, dropout and grad; cached per shape). Dropout on the plain path keeps
+the fused layer's semantics: it draws the same ``(seed, offset)`` from the
+layer's stream and applies the mask the fused kernels would (the backend's
+own Philox mask, made by its ``linear_act`` on a column of ones), so a
+layer's masks are the same whichever path a call takes. The arguments are
+checked by the op's own check on both paths (same errors). ``fused_path``
+(or ``FASTGAN_FUSED_PATH``) forces either path.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..ops import checks, spec
+from ..ops import checks, dispatch, spec
 from ..ops.registry import LinearActFunction, LinearBNActFunction
 
 _instances = itertools.count()
@@ -128,6 +144,125 @@ def zero_key(device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+# ------------------------------------------------------------ fused or plain
+PATHS = ("auto", "fused", "plain")
+_ENV_PATH = "FASTGAN_FUSED_PATH"
+_environ = getattr(os.environ, "_data", None)   # (as fastgan.ops.dispatch reads its variable)
+_ENV_PATH_KEY = os.environ.encodekey(_ENV_PATH) if _environ is not None else None
+
+
+class _PathState(threading.local):
+    path: Optional[str] = None
+
+
+_path_state = _PathState()
+
+
+def _check_path(path) -> str:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    return path
+
+
+@contextlib.contextmanager
+def fused_path(path: str):
+    """Inside the block (this thread), the fused layers take ``path``: "fused" always
+    calls the fused op, "plain" always runs the children's plain computation,
+    "auto" (the default) asks the speed rule. For tests and benchmarks."""
+    _check_path(path)
+    prev = _path_state.path
+    _path_state.path = path
+    try:
+        yield
+    finally:
+        _path_state.path = prev
+
+
+def current_path() -> str:
+    """The fused layers' path now: ``fused_path``'s, else ``FASTGAN_FUSED_PATH``, else "auto"."""
+    path = _path_state.path
+    if path is not None:
+        return path
+    if _environ is None:
+        value = os.environ.get(_ENV_PATH)
+    else:
+        value = _environ.get(_ENV_PATH_KEY)
+        value = os.environ.decodevalue(value) if value else None
+    return _check_path(value) if value else "auto"
+
+
+_PLAIN = (Tensor, nn.Parameter)
+_speed = None
+# How a fused layer's call runs (``_route``).
+GENERAL, NO_GRAD, PLAIN = 0, 1, 2
+
+
+def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_training: Optional[bool],
+           p: float, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None
+           ) -> int:
+    """How this call runs: ``PLAIN`` (the children), ``NO_GRAD`` (the fused op's body
+    with no autograd node: plain eager tensors, nothing needs a gradient) or
+    ``GENERAL`` (the op's ``call``: autograd, torch.compile, meta or subclass
+    tensors, arguments the op's check refuses: it raises the op's error). The
+    fused layers ask on every forward, so it reads only attributes; the speed
+    rule's answer is cached per kind of call."""
+    path = _path_state.path or current_path()
+    if x.__class__ not in _PLAIN or weight.__class__ not in _PLAIN or x.dim() != 2 \
+            or x.is_meta or torch.compiler.is_compiling():
+        return PLAIN if path == "plain" else GENERAL
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        or (bn_weight is not None and (bn_weight.requires_grad or bn_bias.requires_grad)))
+    if path == "auto":
+        global _speed
+        if _speed is None:  # (imported here: fastgan.nn.fuse imports this module)
+            from .fuse import speed as _speed
+        b, k = x.shape
+        if _speed.fused_wins(_speed.backend(x.device.type), x.dtype, b, k, weight.shape[0],
+                             bn_training, p > 0, grad):
+            return GENERAL if grad else NO_GRAD
+    elif path == "fused":
+        return GENERAL if grad else NO_GRAD
+    # The plain path, for arguments the fused op accepts (else its check raises):
+    # the Linear's quick check here, the rest on the way (``_Fused._plain``).
+    dtype, device = x.dtype, x.device
+    if (dtype in checks.FLOAT_DTYPES and weight.dtype is dtype and weight.device == device
+            and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+            and (bias is None or (bias.__class__ in _PLAIN and bias.dtype is dtype
+                                  and bias.shape == weight.shape[:1]
+                                  and bias.device == device))
+            and x.shape[0] * weight.shape[0] < checks.MAX_OUTPUT_NUMEL):
+        return PLAIN
+    return GENERAL
+
+
+_ONES: dict = {}   # (n, device) -> ones(n, 1): the K = 1 operands of _dropout_mask
+
+
+def _ones(n: int, device: torch.device) -> Tensor:
+    t = _ONES.get((n, device))
+    if t is None:
+        if len(_ONES) > 256:
+            _ONES.clear()
+        t = _ONES[(n, device)] = torch.ones(n, 1, device=device)
+    return t
+
+
+def _dropout_mask(y: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
+    """``y`` with the fused kernels' dropout mask for ``(seed, offset)``: the mask of the
+    backend that would run the op (its ``linear_act`` on a column of ones, K = 1:
+    the same Philox call and element numbering), applied in fp32 and rounded once."""
+    dev = y.device
+    name = dispatch.select(dev)
+    rows, cols = _ones(y.shape[0], dev), _ones(y.shape[1], dev)
+    with torch.no_grad():
+        keep = dispatch.module(name).linear_act_forward(rows, cols, None, "identity", 0.0, p,
+                                                        seed, offset)
+    if y.dtype == torch.float32:
+        return y * keep
+    return (y.to(keep.dtype) * keep).to(y.dtype)
 
 
 def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -365,6 +500,28 @@ class _Fused(nn.Sequential):
             y = m(y)
         return y
 
+    def _plain(self, plan: _Plan, x: Tensor, p: float) -> Tensor:
+        """The plain computation of the fused children, each called as in the
+        nn.Sequential, with this call's dropout mask from the layer's stream (the
+        key a fused call would draw) in place of nn.Dropout's. The op's checks of
+        the hyper-parameters (and of BatchNorm1d's tensors) run first: the same
+        errors as on the fused path."""
+        row, act = plan.row, plan.act
+        checks.hyper(row.name, row.slope_of(act), p)
+        bn = plan.bn
+        if bn is not None:
+            seed, offset = zero_key(x.device)
+            checks.linear_bn_act(x, *_linear_tensors(plan.linear), *_bn_tensors(bn),
+                                 bn.training, bn.momentum, bn.eps, row.name, row.slope_of(act),
+                                 p, seed, offset)
+            y = act(bn(plan.linear(x)))
+        else:
+            y = act(plan.linear(x))
+        if p > 0:
+            seed, offset = self.dropout_key(p)
+            return _dropout_mask(y, p, seed, offset)
+        return y
+
 
 class LinearBNAct(_Fused):
     """Fused Linear -> BatchNorm1d -> activation -> Dropout.
@@ -410,10 +567,17 @@ class LinearBNAct(_Fused):
         return super().forward(x)
 
     def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
-        x, weight, bias, activation, slope, p, seed, offset = self._inputs(plan, x)
-        bn = plan.bn
-        return LinearBNActFunction.call(x, weight, bias, *_bn_tensors(bn), bn.training,
-                                        bn.momentum, bn.eps, activation, slope, p, seed, offset)
+        xc, weight, bias = autocast_inputs(x, *_linear_tensors(plan.linear))
+        drop, bn = plan.dropout, plan.bn
+        p = float(drop.p) if drop is not None and drop.training else 0.0
+        bn_tensors = _bn_tensors(bn)
+        route = _route(xc, weight, bias, bn.training, p, bn_tensors[0], bn_tensors[1])
+        if route == PLAIN:
+            return self._plain(plan, x, p)
+        seed, offset = self.dropout_key(p)
+        run = LinearBNActFunction.call_no_grad if route == NO_GRAD else LinearBNActFunction.call
+        return run(xc, weight, bias, *bn_tensors, bn.training, bn.momentum, bn.eps,
+                   plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
 
 
 class LinearAct(_Fused):
@@ -430,7 +594,15 @@ class LinearAct(_Fused):
         self._validate()
 
     def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
-        return LinearActFunction.call(*self._inputs(plan, x))
+        xc, weight, bias = autocast_inputs(x, *_linear_tensors(plan.linear))
+        drop = plan.dropout
+        p = float(drop.p) if drop is not None and drop.training else 0.0
+        route = _route(xc, weight, bias, None, p)
+        if route == PLAIN:
+            return self._plain(plan, x, p)
+        seed, offset = self.dropout_key(p)
+        run = LinearActFunction.call_no_grad if route == NO_GRAD else LinearActFunction.call
+        return run(xc, weight, bias, plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
 
 
 def _fused_layers(model: nn.Module) -> list:

@@ -102,6 +102,8 @@ def rng(seed: Tensor, offset: Tensor, device: torch.device):
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor, offset: Tensor):
     """The Linear of both linear ops: x (B, K) float, weight (N, K) and bias (N,) of
     x's dtype and device, the dropout key, and B * N within the dropout counter."""
+    if _linear_fits(x, weight, bias, seed, offset):
+        return
     if not (x.__class__ in _PLAIN and x.dim() == 2):
         tensor(x, "x", ndim=2)
     dtype, device = x.dtype, x.device
@@ -121,6 +123,25 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], seed: Tensor, offs
                          f"got x with {b} rows and weight with {n} out_features")
 
 
+def _linear_fits(x, weight, bias, seed, offset) -> bool:
+    """Quick: ``linear`` passes. Every condition of the full check, in one
+    expression of attribute reads (the full check runs only when one fails)."""
+    c = x.__class__
+    if not (c in _PLAIN and weight.__class__ in _PLAIN and seed.__class__ in _PLAIN
+            and offset.__class__ in _PLAIN):
+        return False
+    dtype, device, shape = x.dtype, x.device, x.shape
+    wshape = weight.shape
+    return (len(shape) == 2 and dtype in FLOAT_DTYPES and len(wshape) == 2
+            and weight.dtype is dtype and wshape[1] == shape[1] and weight.device == device
+            and (bias is None or (bias.__class__ in _PLAIN and bias.dtype is dtype
+                                  and bias.shape == wshape[:1] and bias.device == device))
+            and seed.dtype is torch.int64 and offset.dtype is torch.int64
+            and seed.numel() == 1 and offset.numel() == 1
+            and seed.device == device and offset.device == device
+            and shape[0] * wshape[0] < MAX_OUTPUT_NUMEL)
+
+
 # ----------------------------------------------------------------- one check per op
 def linear_act(x, weight, bias, activation, negative_slope, p, seed, offset):
     """Arguments of ``fastgan::linear_act``."""
@@ -135,14 +156,14 @@ def linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var
     parameters and statistics ((N,), fp32; fp64 for fp64 x), eps, momentum and,
     in training, a batch of more than one row."""
     linear(x, weight, bias, seed, offset)
-    n, device = weight.shape[0], x.device
+    n, device = weight.shape[:1], x.device
     stat_dtype = torch.float64 if x.dtype is torch.float64 else torch.float32  # spec.acc_dtype
     stats = (bn_weight, bn_bias, running_mean, running_var)
     for t in stats:
-        if not (t.__class__ in _PLAIN and t.dtype is stat_dtype and t.device == device
-                and t.dim() == 1 and t.numel() == n):  # _fits, inlined: 4 per call
+        if not (t.__class__ in _PLAIN and t.dtype is stat_dtype and t.shape == n
+                and t.device == device):  # _fits, inlined: 4 per call
             for u, name in zip(stats, ("bn_weight", "bn_bias", "running_mean", "running_var")):
-                tensor(u, name, ndim=1, dtype=stat_dtype, device=device, numel=n)
+                tensor(u, name, ndim=1, dtype=stat_dtype, device=device, numel=n[0])
             break
     if not _fits(num_batches_tracked, None, torch.int64, device, 1):
         tensor(num_batches_tracked, "num_batches_tracked", dtype=torch.int64, device=device,

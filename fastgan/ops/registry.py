@@ -259,20 +259,23 @@ def define(class_name: str, op: OpDef) -> type:
             return out
         return out[0] if op.results == 1 else out[:op.results]
 
+    def run_body(args):
+        """The op's body, inlined: check, dispatch, backend; returns (backend, out)."""
+        check(*args)
+        backend, fn = dispatch.resolve(forward_fn, args[0].device)
+        if contiguous:
+            call_args = list(args)
+            for i in contiguous:
+                call_args[i] = None if args[i] is None else args[i].contiguous()
+            return backend, fn(*call_args)
+        return backend, fn(*args)
+
     def forward(ctx, *args):
         if not _eager(*tensor_args(args)):
             out = forward_op(*args)
             backend = None if torch.compiler.is_compiling() else dispatch.forced()
-        else:  # the op's body, inlined: check, dispatch, backend
-            check(*args)
-            backend, fn = dispatch.resolve(forward_fn, args[0].device)
-            if contiguous:
-                call_args = list(args)
-                for i in contiguous:
-                    call_args[i] = None if args[i] is None else args[i].contiguous()
-                out = fn(*call_args)
-            else:
-                out = fn(*args)
+        else:
+            backend, out = run_body(args)
         save(ctx, args, out, backend)
         return results(out)
 
@@ -299,12 +302,32 @@ def define(class_name: str, op: OpDef) -> type:
 
     def call(*args):
         """The op's results, differentiable: what ``fastgan.functional`` calls."""
-        if not op.mutates and torch.compiler.is_compiling():
-            # The registered op differentiates through this very Function's
-            # setup_context and backward, and dynamo traces it where it cannot
-            # trace Function.apply (one tensor passed as two arguments).
-            return results(forward_op(*args))
+        if torch.compiler.is_compiling():
+            if not op.mutates:
+                # The registered op differentiates through this very Function's
+                # setup_context and backward, and dynamo traces it where it cannot
+                # trace Function.apply (one tensor passed as two arguments).
+                return results(forward_op(*args))
+        elif not (torch.is_grad_enabled() and _any_requires_grad(args)) and \
+                _plain(tensor_args(args)):
+            # Nothing to differentiate: no autograd node (Function.apply costs
+            # microseconds per call), the same check, backend and outputs.
+            return results(run_body(args)[1])
         return function.apply(*args)
+
+    def call_no_grad(*args):
+        """``call`` for plain eager tensors of which none needs a gradient (the caller
+        knows): the op's body, with no autograd node."""
+        return results(run_body(args)[1])
+
+    def _any_requires_grad(args) -> bool:
+        for i in grad_index:
+            t = args[i]
+            if t.__class__ in _PLAIN and t.requires_grad:
+                return True
+            if t is not None and t.__class__ not in _PLAIN:
+                return True   # (a subclass, or no tensor: Function.apply and the check decide)
+        return False
 
     function = type(class_name, (torch.autograd.Function,), {
         "__doc__": f"The autograd of ``torch.ops.fastgan.{op.name}``: its forward and "
@@ -314,6 +337,7 @@ def define(class_name: str, op: OpDef) -> type:
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
         "call": staticmethod(call),
+        "call_no_grad": staticmethod(call_no_grad),
     })
     return function
 

@@ -400,15 +400,15 @@ def test_same_seed_runs_are_reproducible():
 
 # ----------------------------------------------------------------------------- speed rule
 @pytest.mark.parametrize("cls", WITHOUT_DROPOUT, ids=lambda c: c.__name__)
-def test_no_dropout_model_runs_exactly_as_before_on_the_cpu(cls):
-    """Without dropout no run gains on the CPU: fuse leaves every run plain, says so,
-    and a training step is bit for bit the untouched model's."""
+def test_no_dropout_model_runs_exactly_as_before_on_the_cpu(cls, dropout_only_rule):
+    """Where no run gains (a rule in which only dropout runs do): fuse leaves every
+    run plain, says so, and a training step is bit for bit the untouched model's."""
     if fastgan.nn.fuse.speed.backend("cpu") != "cpu":
         pytest.skip("the cpu backend is not built here")
     model, ref = make(cls), make(cls)
     _, report = fuse(model)
     assert report.runs and not report.fused
-    assert all("would not gain: on the CPU a run without active dropout" in r.reason
+    assert all(f"would not gain: {fastgan.nn.fuse.speed.NEVER}" in r.reason
                for r in report.unfused)
     args = inputs(cls, 64)
     before = op_calls()
@@ -425,7 +425,7 @@ def test_no_dropout_model_runs_exactly_as_before_on_the_cpu(cls):
 @pytest.mark.parametrize("cls,runs", [(CganDiscriminator, ["model.2", "model.5"]),
                                       (MnistDiscriminator, ["fc1", "fc2", "fc3"])],
                          ids=["cgan", "mnist"])
-def test_dropout_runs_fuse_on_the_cpu_where_the_rule_says(cls, runs):
+def test_dropout_runs_fuse_on_the_cpu_where_the_rule_says(cls, runs, dropout_only_rule):
     if fastgan.nn.fuse.speed.backend("cpu") != "cpu":
         pytest.skip("the cpu backend is not built here")
     model = make(cls)

@@ -159,7 +159,9 @@ class Run:
         if self.only_if_faster and speed.no_gain(
                 x.device.type, _compute_dtype(x), x.shape[0] if x.dim() == 2 else
                 x.numel() // max(x.shape[-1], 1), lin.in_features, lin.out_features,
-                bn_training, p) is not None:
+                bn_training, p, torch.is_grad_enabled() and (
+                    x.requires_grad or any(t.requires_grad for t in lin.parameters()))
+                ) is not None:
             return self.plain(owner, mods, x)
         if hooks.global_hooks() or any(m is not None and hooks.needs_plain(m, m is lin)
                                        for m in mods):

@@ -1,30 +1,33 @@
-"""When a fused run gains over the same children run as plain PyTorch.
+"""When a fused op beats the same children run as plain PyTorch: the one rule.
 
-``fuse`` must never make a model slower, so every call of a fused run asks
-``no_gain`` first and runs plain PyTorch when it returns a reason (the report
-quotes the reason). The rule is conservative: a run fuses only where a
-measurement showed the fused op ahead.
+Both users of fused ops read it: the fused layers (``fastgan.nn.LinearAct`` /
+``LinearBNAct`` run their own children plainly where it says no, see
+``fastgan.nn.layers``) and ``fuse`` (a run calls its children, with the reason
+in the report). Neither may make a model slower than the plain model.
 
-* CPU (the ``cpu`` backend): training forward+backward, one thread, batch 64,
-  measured side by side (``bench/results/issue13-fuse-speed-rule.md``, loaded
-  2-vCPU AMD EPYC VM): with dropout active the fused op gained 1.04-1.12x at
-  256x512, 512x512, 512x1024 and 1024x784 (LinearAct 1024x784: 0.93-1.15x
-  across runs, within noise); without dropout it lost at every size
-  (0.55-0.88x: the GEMM dominates and eager's epilogue is cheap); 100x128
-  lost even with dropout (0.75x: fixed per-call costs). bf16 lost in both
-  cases (the CPU-speed issue's measurements). So on the CPU a run fuses
-  only with dropout active, in fp32 without autocast, batch >= 64 and
-  in_features * out_features >= 256 * 512.
-* CUDA (``triton`` / ``cuda``): a run fuses when it has BatchNorm1d in
-  training or dropout active, where fusion removes whole passes over the
-  activations and the dropout mask tensor; a Linear -> activation run
-  without either stays cuBLAS + one elementwise kernel. No GPU has measured
-  this yet (``bench/gpu_check.sh`` will).
-* The ``reference`` backend (plain-PyTorch math of the spec) is slower than
-  eager everywhere; any other device has no fused backend.
+The rule is a table of measurements (``TABLE``), per backend and per kind of
+call: the compute dtype, BatchNorm1d (none, training or eval statistics),
+whether dropout is active and whether the call records a backward (grad on).
+A row holds the smallest batch and the smallest forward work ``B * K * N``
+from which the fused op was measured ahead of the plain layers in every
+cell of the matrix; below either, the plain computation runs. A backend with
+a table runs the plain computation for a kind of call it has no row for (not
+measured: a dtype the matrix did not time, fp16 and fp64 on the CPU). A
+backend without a table runs the fused op everywhere (the CUDA backends: no
+GPU has run the matrix yet). The ``reference`` backend (plain-PyTorch math
+of the spec, a test oracle) never gains; a device with no fused backend
+neither. ``calibrate`` makes the rows from the matrix's cells: per kind, the
+thresholds that leave every cell where the fused op lost on the plain path
+and fuse the most of the others.
 
-``fuse(model, only_if_faster=False)`` skips the rule (to test or benchmark
-the kernels).
+Calibration (an idle machine, ~10 min; it rewrites ``TABLE`` below from the
+matrix and prints the worst cell)::
+
+    python bench/bench_cpu_matrix.py --write-rule
+
+``fastgan.nn.fused_path("fused" | "plain")`` (or ``FASTGAN_FUSED_PATH``) forces
+the fused layers onto either path; ``fuse(model, only_if_faster=False)`` skips
+the rule for ``fuse``.
 """
 from __future__ import annotations
 
@@ -34,19 +37,51 @@ import torch
 
 from ...ops import dispatch
 
-CPU_MIN_BATCH = 64
-CPU_MIN_WEIGHT = 256 * 512     # in_features * out_features
+# ---------------------------------------------------------------- the table
+# backend -> {(dtype, bn, dropout, grad): (min_batch, min_work) or None}
+#   dtype: "float32" | "bfloat16" | ...; bn: "none" | "train" | "eval";
+#   dropout: dropout active in this call; grad: the call records a backward.
+#   None: the fused op lost in every measured cell of the row.
+# BEGIN TABLE (written by bench/bench_cpu_matrix.py --write-rule)
+TABLE: dict = {
+    "cpu": {
+        ('bfloat16', 'eval', False, False): (65, 33554433),
+        ('bfloat16', 'eval', False, True): (65, 33554433),
+        ('bfloat16', 'none', False, False): (65, 33554433),
+        ('bfloat16', 'none', False, True): (65, 33554433),
+        ('bfloat16', 'none', True, False): (64, 33554432),
+        ('bfloat16', 'none', True, True): (64, 33554432),
+        ('bfloat16', 'train', False, False): (65, 33554433),
+        ('bfloat16', 'train', False, True): (65, 33554433),
+        ('bfloat16', 'train', True, False): (64, 33554432),
+        ('bfloat16', 'train', True, True): (64, 33554432),
+        ('float32', 'eval', False, False): (1, 33554432),
+        ('float32', 'eval', False, True): (1, 33554432),
+        ('float32', 'none', False, False): (1, 33554432),
+        ('float32', 'none', False, True): (65, 33554433),
+        ('float32', 'none', True, False): (1, 204800),
+        ('float32', 'none', True, True): (1, 33554432),
+        ('float32', 'train', False, False): (16, 4096),
+        ('float32', 'train', False, True): (16, 4096),
+        ('float32', 'train', True, False): (16, 4096),
+        ('float32', 'train', True, True): (16, 4096),
+    },
+}
+CALIBRATION = (
+    'calibrated from bench/results/issue11-layer-matrix-small.json, bench/results/iss'
+    'ue11-layer-512x1024-b64.json (by min, 2026-12-02)')
+# END TABLE
 
 REFERENCE = "the reference backend runs the spec's plain-PyTorch math, slower than eager"
 NO_BACKEND = "no fused backend runs on this device"
-CPU_NO_DROPOUT = ("on the CPU a run without active dropout is faster unfused (eager's epilogue "
-                  "is cheap next to the GEMM)")
-CPU_DTYPE = "on the CPU only fp32 runs fuse (bf16/fp16/fp64 measured or expected slower)"
-CPU_SMALL = (f"on the CPU a layer below {CPU_MIN_WEIGHT} weights (256 x 512) is faster unfused "
-             "(fixed per-call costs)")
-CPU_BATCH = f"on the CPU a batch below {CPU_MIN_BATCH} rows is faster unfused (fixed per-call costs)"
-GPU_PLAIN = ("on CUDA a Linear -> activation run without BatchNorm1d in training or active "
-             "dropout is left to cuBLAS and one elementwise kernel")
+NEVER = "the fused op was measured slower than the plain layers for every size of this kind"
+UNMEASURED = "this kind of call (dtype, BatchNorm1d mode, dropout, grad) was not measured here"
+
+
+def _small(min_batch: int, min_work: int) -> str:
+    return (f"the fused op was measured slower than the plain layers below batch {min_batch} "
+            f"or B*K*N = {min_work} for this kind of call")
+
 
 _chosen: dict = {}   # device type -> the backend the dispatcher would pick (None: none)
 
@@ -63,29 +98,119 @@ def backend(device_type: str) -> Optional[str]:
     return _chosen[device_type]
 
 
+def bn_kind(bn_training: Optional[bool]) -> str:
+    return "none" if bn_training is None else ("train" if bn_training else "eval")
+
+
+def row(name: Optional[str], dtype: torch.dtype, bn_training: Optional[bool], dropout: bool,
+        grad: bool):
+    """The table's row for this kind of call on backend ``name``: (min_batch, min_work),
+    None (never gains), or ``...`` when it has none."""
+    rows = TABLE.get(name)
+    if rows is None:
+        return ...
+    key = (str(dtype).rpartition(".")[2], bn_kind(bn_training), bool(dropout), bool(grad))
+    return rows.get(key, ...)
+
+
 def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_features: int,
-            out_features: int, bn_training: Optional[bool], p: float) -> Optional[str]:
+            out_features: int, bn_training: Optional[bool], p: float,
+            grad: bool = True, name: Optional[str] = "") -> Optional[str]:
     """None if the fused op gains for this call, else why it would not.
 
     ``dtype``: the inputs' dtype after autocast; ``bn_training``: None without
-    BatchNorm1d, else its mode; ``batch`` None: not known (the report asks at
-    fuse time), assumed large enough.
+    BatchNorm1d, else its mode; ``p``: this call's dropout probability (0: none
+    active); ``grad``: the call records a backward (the report assumes so);
+    ``batch`` None: not known (the report asks at fuse time), assumed large
+    enough; ``name``: the backend that would run it ("" asks ``backend``).
     """
-    name = backend(device_type)
+    if name == "":
+        name = backend(device_type)
     if name is None:
         return NO_BACKEND
     if name == "reference":
         return REFERENCE
-    if name == "cpu":
-        if p <= 0:
-            return CPU_NO_DROPOUT
-        if dtype != torch.float32:
-            return CPU_DTYPE
-        if in_features * out_features < CPU_MIN_WEIGHT:
-            return CPU_SMALL
-        if batch is not None and batch < CPU_MIN_BATCH:
-            return CPU_BATCH
-        return None
-    if p <= 0 and not bn_training:
-        return GPU_PLAIN
+    limits = row(name, dtype, bn_training, p > 0, grad)
+    if limits is ...:
+        return None if name not in TABLE else UNMEASURED
+    if limits is None:
+        return NEVER
+    min_batch, min_work = limits
+    if batch is None:
+        batch = max(min_batch, -(-min_work // max(in_features * out_features, 1)))
+    if batch < min_batch or batch * in_features * out_features < min_work:
+        return _small(min_batch, min_work)
     return None
+
+
+_decisions: dict = {}   # the fused layers' per-call question, answered once per kind
+
+
+def fused_wins(name: Optional[str], dtype: torch.dtype, batch: int, in_features: int,
+               out_features: int, bn_training: Optional[bool], dropout: bool,
+               grad: bool) -> bool:
+    """``no_gain(...) is None`` for backend ``name``, cached: the fused layers ask on
+    every forward."""
+    key = (name, dtype, batch, in_features, out_features, bn_training, dropout, grad)
+    hit = _decisions.get(key)
+    if hit is None:
+        if len(_decisions) > 4096:   # shapes a run no longer uses
+            _decisions.clear()
+        hit = _decisions[key] = no_gain("", dtype, batch, in_features, out_features,
+                                        bn_training, 1.0 if dropout else 0.0, grad,
+                                        name) is None
+    return hit
+
+
+def reset() -> None:
+    """Forget the cached answers (after ``TABLE`` changes, in tests)."""
+    _decisions.clear()
+    _chosen.clear()
+
+
+# ---------------------------------------------------------------- calibration
+def cell_key(cell: dict) -> tuple:
+    """The table key of one cell of bench/bench_cpu_matrix.py's JSON."""
+    train = cell["mode"] == "train"
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cell["dtype"]]
+    bn = ("train" if train else "eval") if cell["bn"] else "none"
+    return dtype, bn, bool(cell["dropout"] > 0 and train), cell["pass_"] == "fwd+bwd"
+
+
+def cell_work(cell: dict) -> int:
+    k, n = map(int, cell["layer"].split("->"))
+    return cell["batch"] * k * n
+
+
+def cell_speedup(cell: dict, by: str = "median") -> float:
+    """Plain time / fused-op time of a cell (the fused path forced), from the
+    medians or (``by="min"``, a loaded machine) the fastest samples."""
+    if by == "min":
+        if "forced_min_ms" in cell:
+            return cell["plain_min_ms"] / cell["forced_min_ms"]
+        return cell.get("speedup_min", cell["speedup"])
+    return cell.get("speedup_forced", cell["speedup"])
+
+
+def calibrate(cells: list, noise: float = 0.0, by: str = "median") -> dict:
+    """Rows of ``TABLE`` from matrix cells: per kind, the (min_batch, min_work) that
+    fuses the most cells while every fused cell was measured at >= 1 - noise
+    (a kind that lost everywhere fuses only beyond its largest measured cell)."""
+    kinds: dict = {}
+    for c in cells:
+        kinds.setdefault(cell_key(c), []).append((c["batch"], cell_work(c),
+                                                  cell_speedup(c, by)))
+    rows = {}
+    for key, points in sorted(kinds.items()):
+        best = None
+        for mb in sorted({b for b, _, _ in points}):
+            for mw in sorted({w for _, w, _ in points}):
+                covered = [s for b, w, s in points if b >= mb and w >= mw]
+                if covered and min(covered) >= 1.0 - noise and (best is None
+                                                                or len(covered) > best[0]):
+                    best = (len(covered), mb, mw)
+        if best is None:
+            rows[key] = (max(b for b, _, _ in points) + 1, max(w for _, w, _ in points) + 1)
+        else:
+            rows[key] = best[1:]
+    return rows

@@ -20,15 +20,16 @@ TORCH_LIBRARY(fastgan_C, m) {
   m.def(
       "linear_bn_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bn_weight, "
       "Tensor bn_bias, Tensor h, Tensor mean, Tensor rstd, bool training, int activation, "
-      "float negative_slope, float p, Tensor seed, Tensor offset, bool compute_dx) "
+      "float negative_slope, float p, Tensor seed, Tensor offset, bool compute_dx, "
+      "bool compute_dw=True) "
       "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dbn_weight, Tensor dbn_bias)");
   m.def(
       "linear_act_forward(Tensor x, Tensor weight, Tensor? bias, int activation, "
       "float negative_slope, float p, Tensor seed, Tensor offset) -> Tensor");
   m.def(
       "linear_act_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor y, int activation, "
-      "float negative_slope, float p, Tensor seed, Tensor offset, bool compute_dx) "
-      "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+      "float negative_slope, float p, Tensor seed, Tensor offset, bool compute_dx, "
+      "bool compute_dw=True) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def(
       "gan_bce_forward(Tensor logits_a, Tensor? logits_b, float target_a, float target_b) "
       "-> (Tensor loss, Tensor mean_prob_a, Tensor mean_prob_b, Tensor grad_a, Tensor grad_b)");

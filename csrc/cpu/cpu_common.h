@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <type_traits>
 
@@ -56,12 +57,45 @@ inline void dispatch_activation(int64_t act, const F& f) {
 // ISA level and picked at load time (GCC/Clang target_clones, an ifunc): 16
 // float lanes with AVX-512, 8 with AVX2, 4 on baseline SSE2. Each tile loop
 // is a function of __restrict__ pointers and by-value scalars, so -O3 sees
-// no aliasing and vectorizes it.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+// no aliasing and vectorizes it. The AVX-512 clone is x86-64-v4 (F, BW, VL,
+// DQ, CD), not bare AVX-512F: packing fp32 lanes into bf16 needs AVX-512BW's
+// 16-bit lane ops, and with F alone GCC leaves every bf16 loop scalar.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 11
+#define FASTGAN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTGAN_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FASTGAN_ISA_CLONES
 #endif
+
+// ------------------------------------------------------------------ dtype conversions
+// widen<acc_t>(v) / narrow<scalar_t>(a): a tile loop's loads and stores between
+// the storage dtype and the accumulation dtype. For bf16 they are spelled out
+// branch-free, with exactly c10::BFloat16's rounding (to nearest even; any NaN
+// becomes the quiet NaN 0x7FC0): c10's own conversion branches on NaN, and
+// that one branch kept GCC from vectorizing every loop that stores bf16 (the
+// bf16 epilogues ran one element at a time). fp16 and the rest use c10's.
+template <typename acc_t, typename scalar_t>
+inline acc_t widen(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    return std::bit_cast<float>(static_cast<uint32_t>(v.x) << 16);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline scalar_t narrow(acc_t a) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    const uint32_t u = std::bit_cast<uint32_t>(a);
+    const uint32_t rne = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return c10::BFloat16(static_cast<uint16_t>(nan ? 0x7FC0u : rne), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(a);
+  }
+}
 
 // ------------------------------------------------------------------ dropout
 // Uniforms u[k] = philox(seed, offset, idx0 + k) for k < n. Defined in

@@ -6,7 +6,8 @@
 // Backward: one parallel pass over column blocks computes dz from grad_y and
 //           the saved output y (mask recomputed from (seed, offset), the
 //           activation derivative recovered from y) and the column sums of dz
-//           (db); then dW = dz^T x and dx = dz W through csrc/cpu/gemm.h.
+//           (db); then dW = dz^T x (unless compute_dw is false) and dx = dz W
+//           (if compute_dx) through csrc/cpu/gemm.h.
 #include <torch/library.h>
 
 #include <vector>
@@ -28,9 +29,9 @@ template <int A, bool kDrop, typename scalar_t, typename acc_t>
 FASTGAN_ISA_CLONES void act_tile(scalar_t* __restrict__ y, int64_t n, acc_t slope,
                                  const float* __restrict__ u, float p, acc_t scale) {
   for (int64_t j = 0; j < n; ++j) {
-    acc_t a = activate(static_cast<acc_t>(y[j]), A, slope);
+    acc_t a = activate(widen<acc_t>(y[j]), A, slope);
     if constexpr (kDrop) a = u[j] >= p ? a * scale : acc_t(0);
-    y[j] = static_cast<scalar_t>(a);
+    y[j] = narrow<scalar_t>(a);
   }
 }
 
@@ -43,15 +44,15 @@ FASTGAN_ISA_CLONES void act_grad_tile(const scalar_t* __restrict__ gy,
                                       const float* __restrict__ u, float p, acc_t scale,
                                       scalar_t* __restrict__ dz, double* __restrict__ sdz) {
   for (int64_t j = 0; j < n; ++j) {
-    acc_t g = static_cast<acc_t>(gy[j]);
-    acc_t a = static_cast<acc_t>(y[j]);
+    acc_t g = widen<acc_t>(gy[j]);
+    acc_t a = widen<acc_t>(y[j]);
     if constexpr (kDrop) {
       g = u[j] >= p ? g * scale : acc_t(0);
       a = a / scale;
     }
-    const scalar_t d = static_cast<scalar_t>(g * activate_grad_from_output(a, A, slope));
+    const scalar_t d = narrow<scalar_t>(g * activate_grad_from_output(a, A, slope));
     dz[j] = d;
-    sdz[j] += static_cast<double>(static_cast<acc_t>(d));
+    sdz[j] += static_cast<double>(widen<acc_t>(d));
   }
 }
 
@@ -96,7 +97,7 @@ at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
     int64_t activation, double negative_slope, double p, const at::Tensor& seed,
-    const at::Tensor& offset, bool compute_dx) {
+    const at::Tensor& offset, bool compute_dx, bool compute_dw) {
   const int64_t N = check_linear_act_backward(kBackend, grad_y, x, weight, y, seed, offset);
   const int64_t B = x.size(0);
   const auto dt = x.scalar_type();
@@ -139,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   });
 
   const at::Tensor xc = x.contiguous();
-  at::Tensor dweight = gemm::mm(dz.t(), xc);
+  // compute_dw is false where the weight needs no gradient (a frozen layer).
+  at::Tensor dweight = compute_dw ? gemm::mm(dz.t(), xc) : at::empty({0}, weight.options());
   at::Tensor dx = compute_dx ? gemm::mm(dz, weight) : at::empty({0}, x.options());
   return {dx, dweight, db};
 }

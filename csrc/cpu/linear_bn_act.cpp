@@ -37,7 +37,7 @@ FASTGAN_ISA_CLONES void shifted_column_sums(const scalar_t* __restrict__ h, int6
   for (int64_t i = 0; i < B; ++i) {
     const scalar_t* __restrict__ row = h + i * N;
     for (int64_t j = 0; j < w; ++j) {
-      const double d = static_cast<double>(static_cast<acc_t>(row[j])) - shift[j];
+      const double d = static_cast<double>(widen<acc_t>(row[j])) - shift[j];
       s[j] += d;
       ss[j] += d * d;
     }
@@ -52,10 +52,10 @@ FASTGAN_ISA_CLONES void bn_act_tile(const scalar_t* __restrict__ h, scalar_t* __
                                     const acc_t* __restrict__ beta, int64_t n, acc_t slope,
                                     const float* __restrict__ u, float p, acc_t scale) {
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t z = ((static_cast<acc_t>(h[j]) - mean[j]) * rstd[j]) * gamma[j] + beta[j];
+    const acc_t z = ((widen<acc_t>(h[j]) - mean[j]) * rstd[j]) * gamma[j] + beta[j];
     acc_t a = activate(z, A, slope);
     if constexpr (kDrop) a = u[j] >= p ? a * scale : acc_t(0);
-    y[j] = static_cast<scalar_t>(a);
+    y[j] = narrow<scalar_t>(a);
   }
 }
 
@@ -69,9 +69,9 @@ FASTGAN_ISA_CLONES void bn_dz_tile(const scalar_t* __restrict__ gy, const scalar
                                    acc_t scale, acc_t* __restrict__ dz, double* __restrict__ sdz,
                                    double* __restrict__ sdzx) {
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t xhat = (static_cast<acc_t>(h[j]) - mean[j]) * rstd[j];
+    const acc_t xhat = (widen<acc_t>(h[j]) - mean[j]) * rstd[j];
     const acc_t z = xhat * gamma[j] + beta[j];
-    acc_t g = static_cast<acc_t>(gy[j]);
+    acc_t g = widen<acc_t>(gy[j]);
     if constexpr (kDrop) g = u[j] >= p ? g * scale : acc_t(0);
     const acc_t d = g * activate_grad(z, A, slope);
     dz[j] = d;
@@ -90,16 +90,16 @@ FASTGAN_ISA_CLONES void bn_dh_tile(acc_t* __restrict__ dz, scalar_t* __restrict_
                                    const acc_t* __restrict__ m1, const acc_t* __restrict__ m2,
                                    int64_t n, double* __restrict__ sdh) {
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t xhat = (static_cast<acc_t>(h[j]) - mean[j]) * rstd[j];
+    const acc_t xhat = (widen<acc_t>(h[j]) - mean[j]) * rstd[j];
     const acc_t dxhat = dz[j] * gamma[j];
     const acc_t d = kTraining ? rstd[j] * ((dxhat - m1[j]) - xhat * m2[j]) : dxhat * rstd[j];
-    const scalar_t ds = static_cast<scalar_t>(d);
+    const scalar_t ds = narrow<scalar_t>(d);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       dz[j] = ds;
     } else {
       dh[j] = ds;
     }
-    sdh[j] += static_cast<double>(static_cast<acc_t>(ds));
+    sdh[j] += static_cast<double>(widen<acc_t>(ds));
   }
 }
 
@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& h,
     const at::Tensor& mean, const at::Tensor& rstd, bool training, int64_t activation,
     double negative_slope, double p, const at::Tensor& seed, const at::Tensor& offset,
-    bool compute_dx) {
+    bool compute_dx, bool compute_dw) {
   const int64_t N = check_linear_bn_act_backward(kBackend, grad_y, x, weight, bn_weight, bn_bias,
                                                  h, mean, rstd, seed, offset);
   const int64_t B = x.size(0);
@@ -274,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   });
 
   const at::Tensor xc = x.contiguous();
-  at::Tensor dweight = gemm::mm(dh.t(), xc);
+  // compute_dw is false where the weight needs no gradient (a frozen layer).
+  at::Tensor dweight = compute_dw ? gemm::mm(dh.t(), xc) : at::empty({0}, weight.options());
   at::Tensor dx = compute_dx ? gemm::mm(dh, weight) : at::empty({0}, x.options());
   return {dx, dweight, db, dgamma, dbeta};
 }

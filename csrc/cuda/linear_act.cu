@@ -6,7 +6,8 @@
 // the GEMM's own output buffer (no second (B, N) allocation).
 // Backward = one column-tile kernel that recomputes the dropout mask, takes the
 // activation derivative from the saved output y, writes dz and reduces the
-// bias gradient from it + the two GEMMs dx = dz @ W, dW = dz.T @ x.
+// bias gradient from it (a large batch over few columns: in row chunks, then
+// chunk_sum_kernel) + the two GEMMs dx = dz @ W, dW = dz.T @ x.
 #include "common.cuh"
 
 #include <ATen/ops/linear.h>
@@ -28,13 +29,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dz = dropout(grad_y) * act'(a), a = y / scale recovered from the output
-// (dropped elements get no gradient, so their y = 0 does not matter).
+// (dropped elements get no gradient, so their y = 0 does not matter). Rows in
+// chunks of `rows` (grid.y); with more than one chunk the bias gradient's
+// column sums go to `partial` (chunks x N) for chunk_sum_kernel.
 template <typename T>
 __global__ void __launch_bounds__(kTileN * kTileRows)
     act_backward_kernel(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ dz,
-                        T* __restrict__ dbias, int64_t B, int64_t N, int act, float slope,
-                        DropoutArgs drop) {
+                        T* __restrict__ dbias, float* __restrict__ partial, int64_t B, int64_t N,
+                        int64_t rows, int act, float slope, DropoutArgs drop) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kTileN + threadIdx.x;
+  const ChunkRows chunk(B, rows);
   const bool valid = j < N;
   const DropoutMask mask(drop);
   // The reference divides by the Python float scale; PyTorch's CUDA division
@@ -42,7 +46,7 @@ __global__ void __launch_bounds__(kTileN * kTileRows)
   const float inv_scale = 1.f / drop.scale;
   float acc[1] = {0.f};
   if (valid)
-    for (int64_t i = threadIdx.y; i < B; i += kTileRows) {
+    for (int64_t i = chunk.first + threadIdx.y; i < chunk.last; i += kTileRows) {
       const int64_t idx = i * N + j;
       float a = load(y, idx);
       float g = load(grad_y, idx);
@@ -55,7 +59,12 @@ __global__ void __launch_bounds__(kTileN * kTileRows)
       acc[0] += static_cast<float>(d);
     }
   column_sum(acc);
-  if (valid && threadIdx.y == 0) dbias[j] = static_cast<T>(acc[0]);
+  if (valid && threadIdx.y == 0) {
+    if (partial != nullptr)
+      store_chunk(partial, N, j, acc);
+    else
+      dbias[j] = static_cast<T>(acc[0]);
+  }
 }
 
 }  // namespace
@@ -83,7 +92,7 @@ at::Tensor linear_act_forward(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& y,
     int64_t activation, double negative_slope, double p, const at::Tensor& seed,
-    const at::Tensor& offset, bool compute_dx) {
+    const at::Tensor& offset, bool compute_dx, bool compute_dw) {
   const int64_t n = check_linear_act_backward(kBackend, grad_y, x, weight, y, seed, offset);
   const int64_t batch = x.size(0);
 
@@ -95,15 +104,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
   at::Tensor dz = at::empty({batch, n}, xc.options());
   at::Tensor dbias = at::empty({n}, xc.options());
   if (n > 0) {
+    const RowChunks chunks = row_chunks(batch, n);
+    const at::Tensor part = chunks.count > 1
+        ? at::empty({1, chunks.count, n}, xc.options().dtype(at::kFloat)) : at::Tensor();
     FASTGAN_DISPATCH_FLOATING(xc.scalar_type(), "linear_act_backward", [&] {
-      launch(act_backward_kernel<scalar_t>, column_grid(n), column_block(), stream,
+      launch(act_backward_kernel<scalar_t>, column_grid(n, chunks), column_block(), stream,
              gyc.data_ptr<scalar_t>(), yc.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(),
-             dbias.data_ptr<scalar_t>(), batch, n, static_cast<int>(activation),
+             dbias.data_ptr<scalar_t>(), part.defined() ? part.data_ptr<float>() : nullptr,
+             batch, n, chunks.rows, static_cast<int>(activation),
              static_cast<float>(negative_slope), dropout_args(seed, offset, p));
+      if (part.defined()) sum_chunks(part, 0, dbias.data_ptr<scalar_t>(), stream);
     });
   }
   at::Tensor dx = compute_dx ? at::mm(dz, wc) : at::empty({0}, xc.options());
-  at::Tensor dweight = at::mm(dz.t(), xc);
+  at::Tensor dweight = compute_dw ? at::mm(dz.t(), xc) : at::empty({0}, wc.options());
   return {dx, dweight, dbias};
 }
 

@@ -91,6 +91,24 @@ if os.environ.get("FASTGAN_CPU_GEMM"):
     set_gemm(os.environ["FASTGAN_CPU_GEMM"])
 
 
+_MALLOC_KEPT = None
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Keep memory that tensors free in the process's heap for the next step instead of
+    returning it to the OS (glibc malloc's M_MMAP_THRESHOLD / M_TRIM_THRESHOLD; see
+    csrc/cpu/memory.cpp for why). Process-wide and sticky, so it is opt-in: the
+    training engine and ``fastgan bench`` call it (every contender of a benchmark runs
+    under it alike); ``FASTGAN_CPU_MALLOC=0`` turns it off. Returns whether it applied
+    (False on a C library other than glibc, or when turned off)."""
+    global _MALLOC_KEPT
+    if os.environ.get("FASTGAN_CPU_MALLOC", "1") == "0":
+        return False
+    if _MALLOC_KEPT is None:
+        _MALLOC_KEPT = bool(torch.ops.fastgan_C.cpu_malloc_keep(mmap_threshold, trim_threshold))
+    return _MALLOC_KEPT
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 
@@ -105,10 +123,12 @@ def linear_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, run
 
 
 def linear_bn_act_backward(grad_y, x, weight, bn_weight, bn_bias, h, mean, rstd, training,
-                           activation, negative_slope, p, seed, offset, compute_dx):
+                           activation, negative_slope, p, seed, offset, compute_dx,
+                           compute_dw=True):
     return torch.ops.fastgan_C.linear_bn_act_backward(
         _c(grad_y), _c(x), _c(weight), _c(bn_weight), _c(bn_bias), _c(h), _c(mean), _c(rstd),
-        training, ACTIVATIONS[activation], negative_slope, p, seed, offset, compute_dx)
+        training, ACTIVATIONS[activation], negative_slope, p, seed, offset, compute_dx,
+        compute_dw)
 
 
 def linear_act_forward(x, weight, bias, activation, negative_slope, p, seed, offset):
@@ -117,10 +137,10 @@ def linear_act_forward(x, weight, bias, activation, negative_slope, p, seed, off
 
 
 def linear_act_backward(grad_y, x, weight, y, activation, negative_slope, p, seed, offset,
-                        compute_dx):
+                        compute_dx, compute_dw=True):
     return torch.ops.fastgan_C.linear_act_backward(
         _c(grad_y), _c(x), _c(weight), _c(y), ACTIVATIONS[activation], negative_slope, p, seed,
-        offset, compute_dx)
+        offset, compute_dx, compute_dw)
 
 
 def gan_bce_forward(logits_a, logits_b, target_a, target_b):

@@ -203,7 +203,7 @@ def _bn_backward_args(b=4, k=3, n=5):
     return dict(grad_y=torch.randn_like(y), x=a["x"], weight=a["weight"], bn_weight=a["bn_weight"],
                 bn_bias=a["bn_bias"], h=h, mean=mean, rstd=rstd, training=True,
                 activation=LEAKY, negative_slope=0.2, p=0.1, seed=a["seed"], offset=a["offset"],
-                compute_dx=True)
+                compute_dx=True, compute_dw=True)
 
 
 BN_BACKWARD_BAD = [
@@ -528,3 +528,78 @@ def test_set_gemm_rejects_bad_values():
         cpu_impl.set_gemm(min_work=-1)
     with pytest.raises(RuntimeError, match="policy"):
         torch.ops.fastgan_C.cpu_gemm_set(7, 0)
+
+
+def _bf16_specials(n: int) -> torch.Tensor:
+    """n bf16 values: random magnitudes over the whole range, +-0, +-inf, NaN and the
+    largest finite value (products with it overflow in the epilogue)."""
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(n, generator=g) * torch.exp2(torch.randint(-60, 60, (n,), generator=g).float())
+    v[:6] = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 3.3895e38])
+    return v.bfloat16()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bf16_epilogue_rounds_as_torch(p):
+    # The bf16 tile loops convert with csrc/cpu/cpu_common.h's widen/narrow (written
+    # out so they vectorize); they must round exactly as torch's fp32 -> bf16 cast
+    # does, NaN and infinities included. With x = 0 and W = 0 the pre-activation z
+    # is the bias in every row; the identity op without dropout returns z itself,
+    # and the expected output is the reference's fp32 epilogue of z rounded by torch.
+    b, n = 3, 1500
+    bias = _bf16_specials(n)
+    x, w = torch.zeros(b, 4, dtype=torch.bfloat16), torch.zeros(n, 4, dtype=torch.bfloat16)
+    seed, offset = _key(5, 2)
+    z = C.linear_act_forward(x, w, bias, ACTIVATIONS["identity"], 0.0, 0.0, seed, offset)
+    assert z.isnan().any() and z.isinf().any()
+    slope = 0.3
+    y = C.linear_act_forward(x, w, bias, LEAKY, slope, p, seed, offset)
+    a = reference.act(z.float(), "leaky_relu", slope)
+    want = reference.apply_dropout(a, p, seed, offset).bfloat16()
+    # NaN payloads differ inside torch itself (its scalar cast gives 0x7FC0, its
+    # vectorized one 0xFFFF): NaN where the reference has NaN, the same bits elsewhere.
+    nan = want.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("op", ["linear_act", "linear_bn_act"])
+def test_compute_dw_false_skips_the_dw_gemm(op):
+    # The GEMM counters of csrc/cpu/gemm.cpp prove the product is not formed.
+    from fastgan.impl import cpu
+    b, k, n = 4, 3, 5
+    x, w = torch.randn(b, k), torch.randn(n, k)
+    seed, offset = _key(1, 0)
+    if op == "linear_act":
+        y = C.linear_act_forward(x, w, None, LEAKY, 0.2, 0.0, seed, offset)
+        args = (torch.ones(b, n), x, w, y, LEAKY, 0.2, 0.0, seed, offset, True)
+        run = C.linear_act_backward
+    else:
+        a = _bn_backward_args(b, k, n)
+        args = tuple(v for key, v in a.items() if key not in ("compute_dx", "compute_dw")) + (True,)
+        run = C.linear_bn_act_backward
+
+    def gemms(compute_dw):
+        before = sum(cpu.gemm_info()["calls"].values())
+        out = run(*args, compute_dw)
+        return sum(cpu.gemm_info()["calls"].values()) - before, out
+
+    n_with, full = gemms(True)
+    n_without, skipped = gemms(False)
+    assert (n_with, n_without) == (2, 1)   # dX and dW, then dX only
+    assert skipped[1].numel() == 0 and skipped[1].dtype == w.dtype
+    for i in (0, 2):
+        assert torch.equal(full[i], skipped[i])
+
+
+def test_keep_freed_memory_is_opt_in_and_sticky(monkeypatch):
+    from fastgan.impl import cpu
+    monkeypatch.setenv("FASTGAN_CPU_MALLOC", "0")
+    assert cpu.keep_freed_memory() is False
+    monkeypatch.delenv("FASTGAN_CPU_MALLOC")
+    import platform
+    on_glibc = platform.libc_ver()[0] == "glibc"
+    assert cpu.keep_freed_memory() is on_glibc
+    assert cpu.keep_freed_memory() is on_glibc   # once per process
+    with pytest.raises(RuntimeError, match="mmap_threshold must be"):
+        C.cpu_malloc_keep(0, 1 << 20)

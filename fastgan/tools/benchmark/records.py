@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Optional
 
@@ -61,6 +62,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_heap_kept() -> bool:
+    cpu = sys.modules.get("fastgan.impl.cpu")
+    return bool(cpu is not None and getattr(cpu, "_MALLOC_KEPT", False))
+
+
 def machine_info(device: torch.device) -> dict:
     """What the numbers were measured on: recorded with every result file."""
     try:
@@ -82,6 +88,8 @@ def machine_info(device: torch.device) -> dict:
         "git_commit": _git_commit(),
         "backends": dict(_backend.backends()),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        # fastgan.impl.cpu.keep_freed_memory: whether the heap keeps freed memory
+        "cpu_heap_kept": _cpu_heap_kept(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return info

@@ -67,6 +67,19 @@ def step_op(schedule: Optional[str]) -> str:
     return "gan_step" if schedule is None else f"gan_step:{schedule}"
 
 
+def keep_cpu_heap(device: torch.device) -> bool:
+    """On the CPU, freed tensor memory stays in the heap for the next step
+    (``fastgan.impl.cpu.keep_freed_memory``: no page faults re-touching the same
+    memory each step). Process-wide, so every contender of the run gets it alike."""
+    if device.type != "cpu":
+        return False
+    try:
+        from ...impl import cpu
+    except ImportError:  # the extension is not built: nothing of ours to tune
+        return False
+    return cpu.keep_freed_memory()
+
+
 def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Run every (contender, workload, batch, dtype) of ``cfg``; returns records.
 
@@ -77,6 +90,7 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
     by side too. The GEMM peaks (``peaks(cfg)``) are measured first.
     """
     device = cfg.device
+    keep_cpu_heap(device)
     pk = peaks(cfg)
     cs = runs(contenders(device, cfg.contenders), cfg.dtypes)
     # A sample is ``repeat`` calls between two CUDA events, which hides the

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..impl import keep_cpu_heap
 from ..nn import layers as fnn
 from ..nn.models import Discriminator, Generator, keras_init_
 from . import distributed as fdist
@@ -58,6 +59,7 @@ class Trainer:
                  steps_per_call: int = 1,
                  dist: Optional[fdist.Context] = None):
         self.cfg, self.device = cfg, torch.device(device)
+        keep_cpu_heap(self.device)   # no page faults re-touching each step's memory
         # Under torchrun (fastgan.distributed): this rank's shard, noise and
         # dropout streams; G and D in DDP; rank 0 logs and checkpoints.
         self.dist = dist if dist is not None else fdist.Context(rank=rank, device=self.device)

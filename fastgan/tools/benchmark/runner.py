@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...impl import keep_cpu_heap
 from ...ops import dispatch as _backend
 from .contenders import Contender, contenders, runs
 from .peak import PEAK_N, gemm_peaks
@@ -67,19 +68,6 @@ def step_op(schedule: Optional[str]) -> str:
     return "gan_step" if schedule is None else f"gan_step:{schedule}"
 
 
-def keep_cpu_heap(device: torch.device) -> bool:
-    """On the CPU, freed tensor memory stays in the heap for the next step
-    (``fastgan.impl.cpu.keep_freed_memory``: no page faults re-touching the same
-    memory each step). Process-wide, so every contender of the run gets it alike."""
-    if device.type != "cpu":
-        return False
-    try:
-        from ...impl import cpu
-    except ImportError:  # the extension is not built: nothing of ours to tune
-        return False
-    return cpu.keep_freed_memory()
-
-
 def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Run every (contender, workload, batch, dtype) of ``cfg``; returns records.
 
@@ -90,7 +78,7 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
     by side too. The GEMM peaks (``peaks(cfg)``) are measured first.
     """
     device = cfg.device
-    keep_cpu_heap(device)
+    keep_cpu_heap(device)   # every contender alike (fastgan.impl.keep_cpu_heap)
     pk = peaks(cfg)
     cs = runs(contenders(device, cfg.contenders), cfg.dtypes)
     # A sample is ``repeat`` calls between two CUDA events, which hides the

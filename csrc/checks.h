@@ -132,9 +132,10 @@ inline int64_t check_linear(const Backend& backend, const at::Tensor& x, const a
   }
   FASTGAN_CHECK_COUNTER(seed, x);
   FASTGAN_CHECK_COUNTER(offset, x);
-  TORCH_CHECK(x.size(0) * n < (int64_t(1) << 32),
-              "batch * out_features must be below 2**32 (the dropout counter), got ", x.size(0),
-              " * ", n);
+  // The op boundary's limit (fastgan/ops/checks.py): the Triton kernels' 32-bit offsets.
+  TORCH_CHECK(x.size(0) * n < (int64_t(1) << 31),
+              "batch * out_features must be below 2**31 (32-bit element offsets), got x with ",
+              x.size(0), " rows and weight with ", n, " out_features");
   return n;
 }
 

@@ -80,6 +80,47 @@ constexpr int64_t kMaxBlocks = 4096;
 
 inline dim3 column_grid(int64_t n) { return dim3(static_cast<unsigned>((n + kTileN - 1) / kTileN)); }
 inline dim3 column_block() { return dim3(kTileN, kTileRows); }
+
+// Row chunks of the column-tile kernels. ceil(N / kTileN) blocks alone leave a
+// large GPU idle when N is small (8-32 blocks on 132 SMs), each thread walking
+// B / kTileRows rows. So B is split across grid.y: a block reduces its chunk of
+// rows to partial sums in a float scratch buffer (values x chunks x N), and a
+// second pass (chunk_sum_kernel) adds the chunks in a fixed order: still
+// deterministic, no atomics. One chunk (small B, or enough column blocks)
+// keeps the single-pass kernels.
+constexpr int64_t kGpuChunkTargetBlocks = 2 * 132;  // two blocks per SM of an H100/H200
+constexpr int64_t kGpuChunkMinRows = 256;  // >= 16 rows per thread: a chunk earns its extra pass
+#ifdef FASTGAN_CUDA_EMULATE
+// Tests choose (set_row_chunking): by default never split, so the single-pass
+// kernels are what the other emulated tests check.
+inline int64_t row_chunk_target_blocks = 1;
+inline int64_t row_chunk_min_rows = int64_t(1) << 40;
+inline void set_row_chunking(int64_t target_blocks, int64_t min_rows) {
+  row_chunk_target_blocks = target_blocks;
+  row_chunk_min_rows = min_rows;
+}
+#else
+constexpr int64_t row_chunk_target_blocks = kGpuChunkTargetBlocks;
+constexpr int64_t row_chunk_min_rows = kGpuChunkMinRows;
+#endif
+constexpr int64_t kMaxGridY = 65535;
+
+struct RowChunks {
+  int64_t count;  // grid.y
+  int64_t rows;   // rows per chunk (the last one may have fewer, none is empty)
+};
+inline RowChunks row_chunks(int64_t b, int64_t n) {
+  const int64_t cols = (n + kTileN - 1) / kTileN;
+  const int64_t want = (row_chunk_target_blocks + cols - 1) / (cols < 1 ? 1 : cols);
+  const int64_t most = b / row_chunk_min_rows;  // every chunk gets at least min_rows rows
+  int64_t count = want < most ? want : most;
+  count = count < 1 ? 1 : (count > kMaxGridY ? kMaxGridY : count);
+  const int64_t rows = b < 1 ? 1 : (b + count - 1) / count;
+  return {b < 1 ? 1 : (b + rows - 1) / rows, rows};
+}
+inline dim3 column_grid(int64_t n, const RowChunks& chunks) {
+  return dim3(static_cast<unsigned>((n + kTileN - 1) / kTileN), static_cast<unsigned>(chunks.count));
+}
 inline dim3 elementwise_grid(int64_t numel) {
   const int64_t blocks = (numel + kThreads - 1) / kThreads;
   return dim3(static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks)));
@@ -141,6 +182,43 @@ __device__ __forceinline__ float load(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
+// out[j] = sum over chunks c of part[c * N + j], in chunk order, rounded once to T.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    chunk_sum_kernel(const float* __restrict__ part, T* __restrict__ out, int64_t chunks, int64_t N) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = start; j < N; j += stride) {
+    float s = 0.f;
+    for (int64_t c = 0; c < chunks; ++c) s += part[c * N + j];
+    out[j] = static_cast<T>(s);
+  }
+}
+
+// The partial sums of value v of a (values, chunks, N) float scratch buffer into out.
+template <typename T>
+void sum_chunks(const at::Tensor& part, int64_t v, T* out, Stream stream) {
+  const int64_t chunks = part.size(1), n = part.size(2);
+  launch(chunk_sum_kernel<T>, elementwise_grid(n), dim3(kThreads), stream,
+         part.data_ptr<float>() + v * chunks * n, out, chunks, n);
+}
+
+// Rows [first, last) of chunk blockIdx.y of a column-tile launch.
+struct ChunkRows {
+  int64_t first, last;
+  __device__ __forceinline__ ChunkRows(int64_t B, int64_t rows)
+      : first(static_cast<int64_t>(blockIdx.y) * rows),
+        last(first + rows < B ? first + rows : B) {}
+};
+
+// Column j's sums v[0..count) of chunk blockIdx.y into a (values, chunks, N) scratch buffer.
+template <int NV>
+__device__ __forceinline__ void store_chunk(float* partial, int64_t N, int64_t j,
+                                            const float (&v)[NV], int count = NV) {
+  const int64_t chunks = gridDim.y, c = blockIdx.y;
+  for (int k = 0; k < count; ++k) partial[(k * chunks + c) * N + j] = v[k];
+}
+
 // ------------------------------------------------------------ reductions
 // Column sums inside a column-tile block: every thread passes its partial sums
 // v[0..NV) for column threadIdx.x and gets back the totals over the kTileRows
@@ -168,6 +246,7 @@ __device__ __forceinline__ void column_sum(float (&v)[NV]) {
 // totals are valid in thread 0. Fixed tree order: deterministic.
 template <int NV, int kBlock>
 __device__ __forceinline__ void block_sum(float (&v)[NV]) {
+  static_assert(kBlock > 0 && (kBlock & (kBlock - 1)) == 0, "the tree halves: a power of two");
   __shared__ float buf[NV][kBlock];
   for (int k = 0; k < NV; ++k) buf[k][threadIdx.x] = v[k];
   __syncthreads();

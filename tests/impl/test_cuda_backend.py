@@ -343,7 +343,7 @@ def test_graph_replay_gan_bce():
 
 # ------------------------------------------------- CPU: the kernels, emulated
 EMULATED = ("linear_bn_act_forward", "linear_bn_act_backward", "linear_act_forward",
-            "linear_act_backward", "gan_bce_forward")
+            "linear_act_backward", "gan_bce_forward", "set_row_chunking", "row_chunking")
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +357,11 @@ def emu(tmp_path_factory):
     units = "\n".join(f'#include "cuda/{p.name}"' for p in sorted((ROOT / "csrc/cuda").glob("*.cu")))
     defs = "\n".join(f'  m.def("{f}", &fastgan::cuda::{f});' for f in EMULATED)
     src = build / "emulated.cpp"
-    src.write_text(f"#define FASTGAN_CUDA_EMULATE\n{units}\n"
+    # row_chunking: (grid.y, rows per chunk) of the column-tile kernels at (B, N)
+    chunking = ("namespace fastgan { namespace cuda {\n"
+                "std::vector<int64_t> row_chunking(int64_t b, int64_t n) {\n"
+                "  const RowChunks c = row_chunks(b, n); return {c.count, c.rows}; }\n}}\n")
+    src.write_text(f"#define FASTGAN_CUDA_EMULATE\n{units}\n{chunking}"
                    f"TORCH_LIBRARY(fastgan_cuda_emu, m) {{\n{defs}\n}}\n")
     cpp_extension.load(name="fastgan_cuda_emu", sources=[str(src)],
                        extra_include_paths=[str(ROOT / "csrc")],
@@ -380,7 +384,7 @@ def emu_bn(E, inputs, dtype, training, momentum, p, activation, steps=2):
                                t["running_mean"], t["running_var"], nbt, training, momentum,
                                1e-5, act, 0.2, p, seed, offset)
     dx, dw, db, dg, dbeta = bwd(t["grad_y"], t["x"], t["weight"], t["bn_weight"], t["bn_bias"],
-                                h, mean, rstd, training, act, 0.2, p, seed, offset, True)
+                                h, mean, rstd, training, act, 0.2, p, seed, offset, True, True)
     return dict(y=y, h=h, mean=mean, rstd=rstd, running_mean=t["running_mean"],
                 running_var=t["running_var"], nbt=nbt, dx=dx, dw=dw, db=db, dgamma=dg,
                 dbeta=dbeta)
@@ -393,8 +397,24 @@ def emu_act(E, inputs, dtype, p, activation):
     fwd = R.linear_act_forward if E is None else E.linear_act_forward
     bwd = R.linear_act_backward if E is None else E.linear_act_backward
     y = fwd(t["x"], t["weight"], t["bias"], act, 0.2, p, seed, offset)
-    dx, dw, db = bwd(t["grad_y"], t["x"], t["weight"], y, act, 0.2, p, seed, offset, True)
+    dx, dw, db = bwd(t["grad_y"], t["x"], t["weight"], y, act, 0.2, p, seed, offset, True, True)
     return dict(y=y, dx=dx, dw=dw, db=db)
+
+
+def assert_emu_bn(E, inputs, shape, dtype, mode, activation, what):
+    """The emulated linear_bn_act (forward twice, backward) against the reference,
+    each measured against the float64 gold run; h bit-identical (the same GEMM)."""
+    args = mode + (activation,)
+    got, ref = emu_bn(E, inputs, dtype, *args), emu_bn(None, inputs, dtype, *args)
+    gold = emu_bn(None, inputs, torch.float64, *args)
+    assert torch.equal(got["h"], ref["h"]), "h must be the reference's GEMM output"
+    assert torch.equal(got.pop("nbt"), gold.pop("nbt"))
+    ref.pop("nbt")
+    if mode[2] > 0:
+        keep = R.dropout_keep_mask(*rng("cpu"), shape[::2], mode[2])
+        assert not got["y"][~keep].any(), "dropped elements must be zero"
+    bias = ("db", bias_grad_scale(inputs, mode[2])) if mode[0] else None
+    assert_close_to_gold(what, got, ref, gold, dtype, bias)
 
 
 EMU_SHAPES = [(5, 7, 3), (1, 33, 65), (2, 33, 65), (3, 33, 65), (17, 20, 40)]
@@ -411,17 +431,8 @@ def test_emulated_linear_bn_act(emu, shape, mode, dtype):
         pytest.skip("batch 1 cannot train BN (test_emulated_entry_checks checks the error)")
     inputs = make_bn_inputs(*shape, seed=5)
     for activation in ("leaky_relu", "tanh") if dtype == torch.float32 else ("relu",):
-        args = mode + (activation,)
-        got, ref = emu_bn(emu, inputs, dtype, *args), emu_bn(None, inputs, dtype, *args)
-        gold = emu_bn(None, inputs, torch.float64, *args)
-        assert torch.equal(got["h"], ref["h"]), "h must be the reference's GEMM output"
-        assert torch.equal(got.pop("nbt"), gold.pop("nbt"))
-        ref.pop("nbt")
-        if mode[2] > 0:
-            keep = R.dropout_keep_mask(*rng("cpu"), shape[::2], mode[2])
-            assert not got["y"][~keep].any(), "dropped elements must be zero"
-        bias = ("db", bias_grad_scale(inputs, mode[2])) if mode[0] else None
-        assert_close_to_gold(f"emulated linear_bn_act {activation}", got, ref, gold, dtype, bias)
+        assert_emu_bn(emu, inputs, shape, dtype, mode, activation,
+                      f"emulated linear_bn_act {activation}")
 
 
 @pytest.mark.slow
@@ -436,6 +447,51 @@ def test_emulated_linear_act(emu, shape, p, dtype):
                                                                        activation)
         gold = emu_act(None, inputs, torch.float64, p, activation)
         assert_close_to_gold(f"emulated linear_act {activation}", got, ref, gold, dtype)
+
+
+@pytest.fixture
+def row_chunks_on(emu):
+    """The column-tile kernels split B across grid.y as on a big GPU with few
+    columns: here for any batch (target 4 blocks, chunks of >= 1 row)."""
+    emu.set_row_chunking(4, 1)
+    yield emu
+    emu.set_row_chunking(1, 2**40)  # back to the emulator's default: never split
+
+
+# B 1, 2, 3 (chunks of one row, most threads idle), 1000+ (chunks of ~250 rows);
+# N below, at and off a multiple of the 32-column tile.
+CHUNK_SHAPES = [(2, 9, 5), (3, 9, 33), (1003, 12, 40), (1000, 6, 3), (1024, 5, 64)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("mode", EMU_MODES, ids=["train-m0.1", "train-mNone-p0.5", "eval-p0.2"])
+@pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_row_chunks_linear_bn_act(row_chunks_on, shape, mode, dtype):
+    """Row chunks (grid.y > 1, partial sums, a second pass) match the reference:
+    BN statistics (Chan's combination), running statistics, dgamma, dbeta, db, dh."""
+    E = row_chunks_on
+    b, _, n = shape
+    chunks, rows = E.row_chunking(b, n)
+    cols = -(-n // 32)
+    assert chunks == min(-(-4 // cols), b) > 1 and (chunks - 1) * rows < b <= chunks * rows
+    assert_emu_bn(E, make_bn_inputs(*shape, seed=7), shape, dtype, mode, "leaky_relu",
+                  f"row-chunked linear_bn_act {shape}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p", [0.0, 0.5])
+@pytest.mark.parametrize("shape", [(1, 9, 5)] + CHUNK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_emulated_row_chunks_linear_act(row_chunks_on, shape, p):
+    E = row_chunks_on
+    chunks, _ = E.row_chunking(shape[0], shape[2])
+    assert chunks == min(-(-4 // -(-shape[2] // 32)), shape[0])
+    inputs = make_bn_inputs(*shape, seed=8)
+    for dtype in (torch.float32, torch.float16):
+        got, ref = emu_act(E, inputs, dtype, p, "tanh"), emu_act(None, inputs, dtype, p, "tanh")
+        gold = emu_act(None, inputs, torch.float64, p, "tanh")
+        assert_close_to_gold(f"row-chunked linear_act {shape}", got, ref, gold, dtype)
 
 
 @pytest.mark.slow
@@ -487,12 +543,12 @@ def test_emulated_entry_checks(emu):
         emu.gan_bce_forward(torch.zeros(3), torch.zeros(3, dtype=torch.float16), 1.0, 0.0)
     with pytest.raises(RuntimeError, match="y must have shape"):
         emu.linear_act_backward(t["grad_y"], t["x"], t["weight"], t["grad_y"][:2], 2, 0.2, 0.0,
-                                seed, offset, True)
+                                seed, offset, True, True)
     y, h, mean, rstd = fwd()
     with pytest.raises(RuntimeError, match="rstd must be contiguous"):
         emu.linear_bn_act_backward(t["grad_y"], t["x"], t["weight"], t["bn_weight"],
                                    t["bn_bias"], h, mean, torch.ones(10)[::2], True, 2, 0.2, 0.0,
-                                   seed, offset, True)
+                                   seed, offset, True, True)
     # Hyper-parameters are the op boundary's (Python): an unknown activation code
     # cannot move an index, and runs as identity.
     assert torch.equal(fwd(act=9)[0], fwd(act=ACTIVATIONS["identity"])[0])

@@ -51,8 +51,8 @@ AUTOTUNE = os.environ.get("FASTGAN_TRITON_AUTOTUNE", "1") != "0"
 # configs a launch's height would overflow.
 PER_THREAD = {"elementwise": {"mma": 16, "fp32": 8}, "gemm": 32, "matmul": 64}
 
-# id(config) -> (arch, dtype class, per-thread cap); see ``admits``.
-_TAG_OF_CONFIG: dict[int, tuple[str, str, int]] = {}
+# id(config) -> (arch, dtype class, per-thread cap, fewest warps); see ``admits``.
+_TAG_OF_CONFIG: dict[int, tuple[str, str, int, bool]] = {}
 
 
 def single_tile_block_m(b: int) -> int:
@@ -60,23 +60,26 @@ def single_tile_block_m(b: int) -> int:
     return max(16, triton.next_power_of_2(b))
 
 
-def _cfg(arch: str, cls: str, cap: int, num_warps: int, num_stages: int,
+def _cfg(arch: str, cls: str, cap: int, fewest: bool, num_warps: int, num_stages: int,
          **kwargs) -> triton.Config:
     c = triton.Config(kwargs, num_warps=num_warps, num_stages=num_stages)
-    _TAG_OF_CONFIG[id(c)] = (arch, cls, cap)
+    _TAG_OF_CONFIG[id(c)] = (arch, cls, cap, fewest)
     return c
 
 
-def configs(interpret: dict, rows: dict, cap: int | dict) -> list[triton.Config]:
+def configs(interpret: dict, rows: dict, cap: int | dict,
+            fewest: bool = False) -> list[triton.Config]:
     """Config list from ``{(arch, dtype class): [(kwargs, num_warps, num_stages)]}``;
-    ``cap``: elements per thread (see ``admits``), one or per dtype class.
-    Dtype classes: "mma" (bf16/fp16, and fp32 with the TF32 opt-in: tensor
-    cores) and "fp32" (IEEE fp32: FMA, which holds whole operand slices in
-    registers, so it wants thinner K)."""
+    ``cap``: elements per thread (see ``admits``), one or per dtype class;
+    ``fewest``: more than 4 warps only where half as many would overflow the cap.
+    Dtype classes: "mma" (bf16/fp16: tensor cores), "tf32" (fp32 with the TF32
+    opt-in: tensor cores on 4-byte operands, so the "mma" tiles at half the
+    depth) and "fp32" (IEEE fp32: FMA, which holds whole operand slices in
+    registers, so it wants thin K). Kernels without a GEMM see "mma" or "fp32"."""
     if INTERPRET:
         return [triton.Config(interpret, num_warps=1, num_stages=1)]
     caps = cap if isinstance(cap, dict) else {cls: cap for _, cls in rows}
-    return [_cfg(arch, cls, caps[cls], w, s, **kw) for (arch, cls), lst in rows.items()
+    return [_cfg(arch, cls, caps[cls], fewest, w, s, **kw) for (arch, cls), lst in rows.items()
             for kw, w, s in lst]
 
 
@@ -87,7 +90,9 @@ def _arch() -> str:
 
 def dtype_class(dtype, tf32: bool) -> str:
     """Which config rows a launch in ``dtype`` uses (``tf32``: the TF32 opt-in)."""
-    return "fp32" if dtype == torch.float32 and not tf32 else "mma"
+    if dtype != torch.float32:
+        return "mma"
+    return "tf32" if tf32 else "fp32"
 
 
 def per_thread(block_m: int, cfg: triton.Config) -> int:
@@ -99,10 +104,15 @@ def per_thread(block_m: int, cfg: triton.Config) -> int:
 def admits(cfg: triton.Config, arch: str, cls: str, block_m: int | None) -> bool:
     """Whether ``cfg`` runs on ``arch`` for dtype class ``cls`` at the launcher's
     tile height ``block_m`` (None: the config has its own BLOCK_M)."""
-    c_arch, c_cls, cap = _TAG_OF_CONFIG[id(cfg)]
+    c_arch, c_cls, cap, fewest = _TAG_OF_CONFIG[id(cfg)]
     if c_arch != arch or c_cls != cls:
         return False
-    return block_m is None or "BLOCK_M" in cfg.kwargs or per_thread(block_m, cfg) <= cap
+    if block_m is None or "BLOCK_M" in cfg.kwargs:
+        return True
+    per = per_thread(block_m, cfg)
+    # fewest: a tile of a few elements per thread over 16 warps made ptxas settle at
+    # 40 registers and spill (sm_80 fp32); such a tile gets fewer warps instead
+    return per <= cap and not (fewest and cfg.num_warps > 4 and 2 * per <= cap)
 
 
 def prune_for_device(cfgs, named_args, **kwargs):
@@ -156,27 +166,36 @@ _GEMM_HEIGHT = {
 }
 
 
+def _with_tf32(table: dict) -> dict:
+    """The table plus "tf32" rows: the "mma" tiles at half the depth (K >= 16)."""
+    out = dict(table)
+    for arch in ("sm80", "sm90"):
+        out[(arch, "tf32")] = [(m, n, max(16, k // 2), w, s) for m, n, k, w, s in table[(arch, "mma")]]
+    return out
+
+
 def gemm_configs(with_block_m: bool = True, epilogue: bool = True) -> list[triton.Config]:
     """Tiles of the GEMM kernels. ``with_block_m=False``: BLOCK_M is chosen by
     the launcher (the single-tile BN kernel holds the whole batch).
     ``epilogue=False``: a plain GEMM (no fused epilogue), which affords a
     128 x 128 tile."""
     if with_block_m:
-        rows = {key: _rows(lst + ([] if epilogue else _MATMUL_EXTRA[key]))
-                for key, lst in _GEMM.items()}
+        extra = _with_tf32(_MATMUL_EXTRA)
+        rows = {key: _rows(lst + ([] if epilogue else extra[key]))
+                for key, lst in _with_tf32(_GEMM).items()}
         interp = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
     else:
-        rows = {key: _rows(lst, False) for key, lst in _GEMM_HEIGHT.items()}
+        rows = {key: _rows(lst, False) for key, lst in _with_tf32(_GEMM_HEIGHT).items()}
         interp = dict(BLOCK_N=128, BLOCK_K=128)
     return configs(interp, rows, PER_THREAD["gemm" if epilogue else "matmul"])
 
 
 def elementwise_configs() -> list[triton.Config]:
     """Column-block width of the elementwise/reduction passes (the launcher
-    chooses the tile height): widths 16-64 at 4, 8 or 16 warps; the pruner keeps
-    those within the per-thread budget at the launch's height (up to 256 rows
-    for the single-tile kernels, 128 for the multi-tile passes)."""
-    widths = [(dict(BLOCK_N=n), w, 1)
-              for n, w in ((16, 4), (32, 8), (64, 16), (16, 8), (32, 16), (16, 16))]
+    chooses the tile height): widths 16-64, each at the fewest of 4, 8 or 16
+    warps that keeps the per-thread budget at the launch's height (up to 256
+    rows for the single-tile kernels, 128 for the multi-tile passes); the
+    pruner keeps those."""
+    widths = [(dict(BLOCK_N=n), w, 1) for n in (16, 32, 64) for w in (4, 8, 16)]
     rows = {(arch, cls): widths for arch in ("sm80", "sm90") for cls in ("mma", "fp32")}
-    return configs(dict(BLOCK_N=128), rows, PER_THREAD["elementwise"])
+    return configs(dict(BLOCK_N=128), rows, PER_THREAD["elementwise"], fewest=True)

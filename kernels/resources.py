@@ -69,7 +69,9 @@ def _name(kernel) -> str:
 
 
 def _cls(dt: str, tf32: bool = False) -> str:
-    return "mma" if dt != "fp32" or tf32 else "fp32"
+    if dt != "fp32":
+        return "mma"
+    return "tf32" if tf32 else "fp32"
 
 
 def _configs(kernel, arch: int, dt: str = "bf16", tf32: bool = False):
@@ -81,14 +83,16 @@ def _configs(kernel, arch: int, dt: str = "bf16", tf32: bool = False):
     return [c for c in cfgs if C._TAG_OF_CONFIG[id(c)][:2] == (f"sm{arch}", _cls(dt, tf32))]
 
 
-def _height(cfg, arch: int, dt: str, tf32: bool, block_m: int) -> int:
+def _height(cfg, arch: int, dt: str, tf32: bool, block_m: int) -> int | None:
     """The tallest launcher tile height (``block_m`` halved down to 16) at which
-    the pruner admits ``cfg``: registers grow with the height, so that one is
-    the compile to check. ``block_m`` is the tallest height the launcher uses."""
+    the pruner admits ``cfg`` (None: at none): registers grow with the height, so
+    that one is the compile to check. ``block_m``: the launcher's tallest height."""
     h = block_m
-    while h > 16 and not C.admits(cfg, f"sm{arch}", _cls(dt, tf32), h):
+    while h >= 16:
+        if C.admits(cfg, f"sm{arch}", _cls(dt, tf32), h):
+            return h
         h //= 2
-    return h
+    return None
 
 
 def plan(archs, dtypes):
@@ -102,12 +106,16 @@ def plan(archs, dtypes):
         for j, (k, _, c) in enumerate(todo):
             if c.get("ACT", WORST_ACT) != WORST_ACT or c.get("HAS_DROPOUT", WORST_DROPOUT) != WORST_DROPOUT:
                 continue
+            if tf and "TF32" not in c:  # no GEMM: the opt-in changes nothing (the fp32 rows)
+                continue
             for arch in archs:
                 cfgs = _configs(k, arch, dt, tf)
                 for ci, cfg in enumerate(cfgs):
                     h = None
                     if cfg is not None and "BLOCK_M" not in cfg.kwargs:
                         h = _height(cfg, arch, dt, tf, c["BLOCK_M"])
+                        if h is None:  # never runs for this kernel's heights
+                            continue
                     out.append((arch, dt, j, None if cfg is None else ci, False, h, tf))
                 if label == dtypes[0]:  # batch of one: the first config of each kernel suffices
                     out.append((arch, dt, j, None if cfgs == [None] else 0, True, None, tf))

@@ -531,7 +531,7 @@ for tf32 in (False, True):
 def test_config_tables_fit_the_registers():
     """Every GPU config list (built here without compiling anything): at most 16
     warps (at 32 the 64-register cap spills), tiles within the per-thread
-    budget of their kind, a config for every arch x dtype class at every tile
+    budget of their kind, every block size >= 16 (tl.dot's minimum), a config for every arch x dtype class at every tile
     height a launcher uses, and a sub-128-row tile first (what
     FASTGAN_TRITON_AUTOTUNE=0 runs)."""
     import os
@@ -548,12 +548,14 @@ for name, k in kernels.items():
     if cfgs is None:
         continue
     for c in cfgs:
-        arch, cls, cap = C._TAG_OF_CONFIG[id(c)]
+        arch, cls, cap, _ = C._TAG_OF_CONFIG[id(c)]
         assert 4 <= c.num_warps <= 16, (name, c)
         if "BLOCK_M" in c.kwargs:
             assert C.per_thread(0, c) <= cap, (name, c)
+        assert all(v >= 16 for b, v in c.kwargs.items() if b.startswith("BLOCK")), (name, c)
+    gemm = "TF32" in [p.name for p in k.fn.params]
     for arch in ("sm80", "sm90"):
-        for cls in ("mma", "fp32"):
+        for cls in ("mma", "fp32") + (("tf32",) if gemm else ()):
             for h in ([None] if "BLOCK_M" in cfgs[0].kwargs else heights):
                 kept = [c for c in cfgs if C.admits(c, arch, cls, h)]
                 assert kept, (name, arch, cls, h)

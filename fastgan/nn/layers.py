@@ -196,16 +196,17 @@ def current_path() -> str:
 _PLAIN = (Tensor, nn.Parameter)
 _speed = None
 # How a fused layer's call runs (``_route``).
-GENERAL, NO_GRAD, PLAIN = 0, 1, 2
+GENERAL, NO_GRAD, GRAD, PLAIN = 0, 1, 2, 3
 
 
 def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_training: Optional[bool],
            p: float, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None
            ) -> int:
     """How this call runs: ``PLAIN`` (the children), ``NO_GRAD`` (the fused op's body
-    with no autograd node: plain eager tensors, nothing needs a gradient) or
-    ``GENERAL`` (the op's ``call``: autograd, torch.compile, meta or subclass
-    tensors, arguments the op's check refuses: it raises the op's error). The
+    with no autograd node: plain eager tensors, nothing needs a gradient), ``GRAD``
+    (its autograd Function, applied directly: plain eager tensors) or ``GENERAL``
+    (the op's ``call``: torch.compile, meta or subclass tensors, arguments the
+    op's check refuses: it raises the op's error). The
     fused layers ask on every forward, so it reads only attributes; the speed
     rule's answer is cached per kind of call."""
     path = _path_state.path or current_path()
@@ -222,9 +223,9 @@ def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_training: Optio
         b, k = x.shape
         if _speed.fused_wins(_speed.backend(x.device.type), x.dtype, b, k, weight.shape[0],
                              bn_training, p > 0, grad):
-            return GENERAL if grad else NO_GRAD
+            return GRAD if grad else NO_GRAD
     elif path == "fused":
-        return GENERAL if grad else NO_GRAD
+        return GRAD if grad else NO_GRAD
     # The plain path, for arguments the fused op accepts (else its check raises):
     # the Linear's quick check here, the rest on the way (``_Fused._plain``).
     dtype, device = x.dtype, x.device
@@ -575,7 +576,7 @@ class LinearBNAct(_Fused):
         if route == PLAIN:
             return self._plain(plan, x, p)
         seed, offset = self.dropout_key(p)
-        run = LinearBNActFunction.call_no_grad if route == NO_GRAD else LinearBNActFunction.call
+        run = _RUN_BN[route]
         return run(xc, weight, bias, *bn_tensors, bn.training, bn.momentum, bn.eps,
                    plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
 
@@ -601,8 +602,15 @@ class LinearAct(_Fused):
         if route == PLAIN:
             return self._plain(plan, x, p)
         seed, offset = self.dropout_key(p)
-        run = LinearActFunction.call_no_grad if route == NO_GRAD else LinearActFunction.call
+        run = _RUN[route]
         return run(xc, weight, bias, plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
+
+
+# route -> how the fused op is called
+_RUN = {GENERAL: LinearActFunction.call, NO_GRAD: LinearActFunction.call_no_grad,
+        GRAD: LinearActFunction.apply}
+_RUN_BN = {GENERAL: LinearBNActFunction.call, NO_GRAD: LinearBNActFunction.call_no_grad,
+           GRAD: LinearBNActFunction.apply}
 
 
 def _fused_layers(model: nn.Module) -> list:

@@ -256,7 +256,8 @@ def test_step_flops_count_the_gemms_each_schedule_runs(schedule, monkeypatch):
     multiplies the whole [real; fake] batch through D's input gradients (zero
     on the real rows). The engine on the reference backend: simultaneous runs
     exactly the count, plus the K = 1 column GEMM that recomputes each dropout
-    mask; alternating also forms (and throws away) D's dW in the G step."""
+    mask; alternating runs exactly the count (the G step's backward through the
+    frozen D skips D's dW: ``compute_dw``)."""
     cfg = TrainConfig(**SMALL, dropout=0.2)
     B_, G, D = 16, *build_models(TrainConfig(**SMALL, reference=True))
     want = B.step_flops(G, D, B_, schedule)
@@ -274,7 +275,7 @@ def test_step_flops_count_the_gemms_each_schedule_runs(schedule, monkeypatch):
                   latent_dim=8, schedule=schedule)
     with fastgan.use_backend("reference"):
         masks = sum(2 * 2 * B_ * n for _, n in B.linear_shapes(Df)[:-1])  # dropout layers
-        extra = masks if schedule == "simultaneous" else f_d
+        extra = masks if schedule == "simultaneous" else 0
         assert _counted(lambda: eng(real)) == want + extra
 
 

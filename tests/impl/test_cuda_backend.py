@@ -419,12 +419,15 @@ def assert_emu_bn(E, inputs, shape, dtype, mode, activation, what):
 
 EMU_SHAPES = [(5, 7, 3), (1, 33, 65), (2, 33, 65), (3, 33, 65), (17, 20, 40)]
 EMU_MODES = [(True, 0.1, 0.0), (True, None, 0.5), (False, 0.1, 0.2)]
+FP32_BF16 = pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                              pytest.param(torch.bfloat16, id="bf16")])
+BN_MODES = pytest.mark.parametrize("mode", EMU_MODES,
+                                   ids=["train-m0.1", "train-mNone-p0.5", "eval-p0.2"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
-                                   pytest.param(torch.bfloat16, id="bf16")])
-@pytest.mark.parametrize("mode", EMU_MODES, ids=["train-m0.1", "train-mNone-p0.5", "eval-p0.2"])
+@FP32_BF16
+@BN_MODES
 @pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_linear_bn_act(emu, shape, mode, dtype):
     if shape[0] == 1 and mode[0]:
@@ -464,9 +467,8 @@ CHUNK_SHAPES = [(2, 9, 5), (3, 9, 33), (1003, 12, 40), (1000, 6, 3), (1024, 5, 6
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
-                                   pytest.param(torch.bfloat16, id="bf16")])
-@pytest.mark.parametrize("mode", EMU_MODES, ids=["train-m0.1", "train-mNone-p0.5", "eval-p0.2"])
+@FP32_BF16
+@BN_MODES
 @pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_emulated_row_chunks_linear_bn_act(row_chunks_on, shape, mode, dtype):
     """Row chunks (grid.y > 1, partial sums, a second pass) match the reference:

@@ -531,9 +531,9 @@ for tf32 in (False, True):
 def test_config_tables_fit_the_registers():
     """Every GPU config list (built here without compiling anything): at most 16
     warps (at 32 the 64-register cap spills), tiles within the per-thread
-    budget of their kind, every block size >= 16 (tl.dot's minimum), a config for every arch x dtype class at every tile
-    height a launcher uses, and a sub-128-row tile first (what
-    FASTGAN_TRITON_AUTOTUNE=0 runs)."""
+    budget of their kind, every block size >= 16 (tl.dot's minimum), a config
+    for every arch x dtype class at every tile height a launcher uses, and a
+    sub-128-row tile first (what FASTGAN_TRITON_AUTOTUNE=0 runs)."""
     import os
     import subprocess
     import sys

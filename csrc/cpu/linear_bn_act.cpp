@@ -93,14 +93,16 @@ FASTGAN_ISA_CLONES void bn_dh_tile(acc_t* __restrict__ dz, scalar_t* __restrict_
     const acc_t xhat = (widen<acc_t>(h[j]) - mean[j]) * rstd[j];
     const acc_t dxhat = dz[j] * gamma[j];
     const acc_t d = kTraining ? rstd[j] * ((dxhat - m1[j]) - xhat * m2[j]) : dxhat * rstd[j];
-    const scalar_t ds = narrow<scalar_t>(d);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      dz[j] = ds;
+      dz[j] = d;
     } else {
-      dh[j] = ds;
+      dh[j] = narrow<scalar_t>(d);
     }
-    sdh[j] += static_cast<double>(widen<acc_t>(ds));
   }
+  // A loop of its own, as in linear_act's act_grad_tile (vectorizes for bf16).
+  const scalar_t* __restrict__ out = std::is_same_v<scalar_t, acc_t>
+      ? reinterpret_cast<const scalar_t*>(dz) : dh;
+  for (int64_t j = 0; j < n; ++j) sdh[j] += static_cast<double>(widen<acc_t>(out[j]));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn_act_forward(

@@ -603,3 +603,23 @@ def test_keep_freed_memory_is_opt_in_and_sticky(monkeypatch):
     assert cpu.keep_freed_memory() is on_glibc   # once per process
     with pytest.raises(RuntimeError, match="mmap_threshold must be"):
         C.cpu_malloc_keep(0, 1 << 20)
+
+
+def test_bf16_dw_takes_aten_under_auto():
+    # dW = dz^T x: oneDNN's linear would need dz^T copied (slow in bf16); under
+    # "auto" ATen's bf16 mm takes the transposed view, dX stays on oneDNN.
+    from fastgan.impl import cpu
+    if not cpu.gemm_info()["onednn"]["bfloat16"]:
+        pytest.skip("no oneDNN bf16 GEMM on this CPU")
+    b, k, n = 64, 256, 512   # M*K*N above min_work for both products
+    x, w = torch.randn(b, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    seed, offset = _key(1, 0)
+    y = C.linear_act_forward(x, w, None, LEAKY, 0.2, 0.0, seed, offset)
+    with cpu.gemm_policy("auto"):
+        before = cpu.gemm_info()["calls"]
+        dx, dw, _ = C.linear_act_backward(torch.ones_like(y), x, w, y, LEAKY, 0.2, 0.0, seed,
+                                          offset, True)
+        after = cpu.gemm_info()["calls"]
+    assert (after["aten"] - before["aten"], after["onednn"] - before["onednn"]) == (1, 1)
+    dz = torch.where(y > 0, 1.0, 0.2).bfloat16()
+    torch.testing.assert_close(dw.float(), dz.float().t() @ x.float(), rtol=2e-2, atol=1e-1)

@@ -204,3 +204,15 @@ def test_fuse_and_the_layers_read_one_rule(table):
             layer(x)
             assert by_fuse == _ran("cpu", before) == ({"linear_act_forward"} if b >= 16
                                                       else set())
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_a_forced_reference_backend_runs(bn):
+    # The rule says the reference never gains when chosen automatically; forced (the
+    # op benchmarks' fastgan-reference contender, gold runs) it is what runs.
+    layer = _layer(bn)
+    forward = "linear_bn_act_forward" if bn else "linear_act_forward"
+    with backend.use_backend("reference"), layers.fused_path("auto"):
+        before = _calls("reference")
+        layer(torch.randn(4, 8))
+        assert _ran("reference", before) == {forward}

@@ -25,7 +25,8 @@ matrix and prints the worst cell)::
 
     python bench/bench_cpu_matrix.py --write-rule
 
-``fastgan.nn.fused_path("fused" | "plain")`` (or ``FASTGAN_FUSED_PATH``) forces
+The ``reference`` backend, when forced (``use_backend`` / ``FASTGAN_BACKEND``), runs
+in the fused layers: forcing the oracle says which code to run. ``fastgan.nn.fused_path("fused" | "plain")`` (or ``FASTGAN_FUSED_PATH``) forces
 the fused layers onto either path; ``fuse(model, only_if_faster=False)`` skips
 the rule for ``fuse``.
 """
@@ -153,6 +154,10 @@ def fused_wins(name: Optional[str], dtype: torch.dtype, batch: int, in_features:
                grad: bool) -> bool:
     """``no_gain(...) is None`` for backend ``name``, cached: the fused layers ask on
     every forward."""
+    if name == "reference" and dispatch.forced() == "reference":
+        # The reference forced (use_backend / FASTGAN_BACKEND: tests, gold runs) is
+        # what runs; the rule's "never gains" is about choosing it automatically.
+        return True
     key = (name, dtype, batch, in_features, out_features, bn_training, dropout, grad)
     hit = _decisions.get(key)
     if hit is None:

@@ -26,7 +26,8 @@ matrix and prints the worst cell)::
     python bench/bench_cpu_matrix.py --write-rule
 
 The ``reference`` backend, when forced (``use_backend`` / ``FASTGAN_BACKEND``), runs
-in the fused layers: forcing the oracle says which code to run. ``fastgan.nn.fused_path("fused" | "plain")`` (or ``FASTGAN_FUSED_PATH``) forces
+in the fused layers: forcing the oracle says which code to run.
+``fastgan.nn.fused_path("fused" | "plain")`` (or ``FASTGAN_FUSED_PATH``) forces
 the fused layers onto either path; ``fuse(model, only_if_faster=False)`` skips
 the rule for ``fuse``.
 """

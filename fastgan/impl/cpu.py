@@ -109,6 +109,11 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     return _MALLOC_KEPT
 
 
+def freed_memory_kept() -> bool:
+    """Whether ``keep_freed_memory`` applied in this process."""
+    return bool(_MALLOC_KEPT)
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 

@@ -64,7 +64,7 @@ def cpu_model() -> str:
 
 def _cpu_heap_kept() -> bool:
     cpu = sys.modules.get("fastgan.impl.cpu")
-    return bool(cpu is not None and getattr(cpu, "_MALLOC_KEPT", False))
+    return bool(cpu is not None and cpu.freed_memory_kept())
 
 
 def machine_info(device: torch.device) -> dict:

@@ -117,3 +117,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"fastgan {args.command}: {who}interrupted", file=sys.stderr)
         return 130
+
+
+def command(argv=None) -> None:
+    """The ``fastgan`` console command (and ``python -m fastgan``): ``main``, then exit.
+
+    A process that ran as a torchrun rank leaves with ``os._exit`` once its
+    output is flushed and Python's exit handlers ran: c10d leaves gloo's
+    threads running after the process group is destroyed, and letting the
+    interpreter and C++ static destructors tear them down aborted a rank that
+    had already finished (``train.distributed.left_a_group``). Everything
+    else exits through ``sys.exit`` as usual.
+    """
+    status = main(argv)
+    from ..train import distributed
+    if distributed.left_a_group():
+        import atexit
+        atexit._run_exitfuncs()   # logging.shutdown and the like: what sys.exit would run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -198,10 +198,28 @@ def init(device=None, timeout: Optional[datetime.timedelta] = None) -> Context:
                    device=dev)
 
 
+_left_a_group = False
+
+
 def shutdown() -> None:
     """Leave the process group (if this process joined one)."""
+    global _left_a_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _left_a_group = True
+
+
+def left_a_group() -> bool:
+    """Whether this process ran as a rank: its gloo threads outlive shutdown().
+
+    With gloo, ``destroy_process_group`` does not stop the backend once a
+    ``DistributedDataParallel`` was built on it: c10d keeps the backend, and its
+    worker and socket threads, alive until the process ends. Tearing those down
+    with the interpreter can abort the process (SIGABRT, "terminate called
+    without an active exception") after the run has finished and saved;
+    ``fastgan.cli.command`` therefore ends such a process with ``os._exit``.
+    """
+    return _left_a_group
 
 
 def wrap(module: nn.Module, ctx: Context) -> nn.Module:

@@ -162,3 +162,35 @@ def test_zero_valued_flags_are_values(npz, tmp_path):
     """--dropout 0 is a value, not "not given": it used to train with the default 0.2."""
     assert main(train_args(npz, tmp_path / "r", "--steps", 1, "--dropout", 0)) == 0
     assert checkpoint.load(tmp_path / "r" / "checkpoint.pt")["config"]["dropout"] == 0.0
+
+
+@pytest.mark.parametrize("ranked", [False, True])
+def test_command_exits_a_rank_without_teardown(monkeypatch, ranked):
+    """``fastgan.cli.command``: a process that ran as a rank leaves through
+    os._exit (gloo's threads outlive the process group, see
+    ``train.distributed.left_a_group``); any other through sys.exit."""
+    import os
+
+    from fastgan import cli
+    from fastgan.train import distributed
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda argv=None: 7)
+    monkeypatch.setattr(distributed, "_left_a_group", ranked)
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(status):
+        calls.append(("os._exit", status))
+        raise Exited
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr("atexit._run_exitfuncs", lambda: calls.append(("atexit",)))
+    if ranked:
+        with pytest.raises(Exited):
+            cli.command([])
+        assert calls == [("atexit",), ("os._exit", 7)]
+    else:
+        with pytest.raises(SystemExit) as e:
+            cli.command([])
+        assert e.value.code == 7 and calls == []

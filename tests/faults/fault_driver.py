@@ -16,7 +16,7 @@ one fault injected, chosen by the environment (the fault-injection tests set it)
     FAULT_STAMP=PATH       write the time.time() of the fault there
 
 Nothing of this is part of fastgan: it patches the trainer and ``os`` of
-this one process and then calls ``fastgan.cli.main``.
+this one process and then calls ``fastgan.cli.command``, as the console command does.
 """
 import errno
 import os
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from fastgan.cli import main
+from fastgan.cli import command
 from fastgan.train import checkpoint
 from fastgan.train import trainer as trainer_module
 
@@ -100,4 +100,4 @@ if os.environ.get("KEEP"):
     checkpoint.save = save
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    command(sys.argv[1:])   # as the fastgan console command ends

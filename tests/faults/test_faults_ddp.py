@@ -25,7 +25,8 @@ import time
 
 import pytest
 
-from fault_tools import ROOT, TINY, one_line, quiet, run_pair, start_pair, wait_all, write_npz
+from fault_tools import (ROOT, TINY, env, free_port, one_line, quiet, run_pair, start_pair,
+                         wait_all, write_npz)
 
 from fastgan import checkpoint
 
@@ -178,3 +179,32 @@ def test_torchrun_sigint_to_one_rank_does_not_hang(data, tmp_path):
     assert "fastgan/" not in stderr, stderr
     st = checkpoint.load(out / "checkpoint.pt")
     assert st["steps"] % 2 == 0 and st["steps"] > STEPS_PER_EPOCH - 1
+
+
+def test_gloo_threads_outlive_the_group_so_ranks_leave_with_os_exit(tmp_path):
+    """Why ``fastgan.cli.command`` ends a rank with os._exit: after a
+    DistributedDataParallel was built, ``destroy_process_group`` leaves gloo's
+    threads running (c10d keeps the backend). One rank in about a thousand
+    then aborted in the interpreter's teardown of those threads, after its
+    run had finished and saved. If this starts failing, torch stops the
+    threads itself and the os._exit in ``command`` can go."""
+    script = tmp_path / "ddp_threads.py"
+    script.write_text(
+        "import os, torch, torch.distributed as dist\n"
+        "from fastgan.train import distributed\n"
+        "dist.init_process_group('gloo')\n"
+        "m = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))\n"
+        "del m\n"
+        "distributed.shutdown()\n"
+        "names = {open(f'/proc/self/task/{t}/comm').read().strip()"
+        " for t in os.listdir('/proc/self/task')}\n"
+        "print(distributed.left_a_group(), 'pt_gloo_runloop' in names)\n")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=r,
+                                      WORLD_SIZE=2))
+             for r in range(2)]
+    res = wait_all(procs, 120, time.monotonic())
+    assert [r.returncode for r in res] == [0, 0], res
+    assert [r.stdout.split() for r in res] == [["True", "True"]] * 2, res

@@ -10,6 +10,11 @@
 #include <cstdlib>
 #include <string>
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
 #include "cpu_common.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -130,6 +135,53 @@ const PhiloxFn philox_best = pick_philox();
 
 void philox_uniform_row(const DropoutKey& key, uint32_t idx0, int64_t n, float* u) {
   philox_best(key, idx0, n, u);
+}
+
+// The mask alone, for a fused layer that runs its plain children instead of
+// the op (the speed rule, fastgan/nn/layers.py): keep[i, j] = scale where the
+// fused epilogue keeps element i * cols + j of key (state[0], state[1]), else
+// 0, in float32 (or in ``dtype`` where that holds the scale exactly); then
+// state[1] += 1, the advance of the layer's stream that
+// next_key makes. One call in place of a K = 1 linear_act on two columns of
+// ones plus the key's clone and add: that cost more than nn.Dropout itself.
+at::Tensor cpu_dropout_mask(const at::Tensor& state, int64_t rows, int64_t cols, double p,
+                            at::ScalarType dtype) {
+  FASTGAN_CHECK_DEVICE_TYPE(state, c10::DeviceType::CPU);
+  FASTGAN_CHECK_DTYPE(state, at::kLong);
+  FASTGAN_CHECK_SHAPE(state, 2);
+  TORCH_CHECK(rows >= 0 && cols >= 0 && rows * cols < (int64_t(1) << 31),
+              "rows * cols must be below 2**31 (32-bit element numbers), got ", rows, " x ", cols);
+  TORCH_CHECK(p > 0.0 && p < 1.0, "p must be in (0, 1), got ", p);
+  int64_t* s = state.data_ptr<int64_t>();
+  const DropoutKey key(s[0], s[1]);
+  s[1] += 1;
+  const float pf = static_cast<float>(p), scale = dropout_scale(p);
+  // A half-precision mask only where it holds the scale exactly (p = 0.2, 0.5,
+  // ...): then y * keep in that dtype rounds float(y) * scale once, as fp32 does.
+  at::ScalarType out = at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "cpu_dropout_mask", [&] {
+    if (static_cast<float>(static_cast<scalar_t>(scale)) == scale) out = dtype;
+  });
+  at::Tensor keep = at::empty({rows, cols}, state.options().dtype(out));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out, "cpu_dropout_mask", [&] {
+    scalar_t* kp = keep.data_ptr<scalar_t>();
+    const scalar_t kept = static_cast<scalar_t>(scale), dropped = static_cast<scalar_t>(0.0f);
+    at::parallel_for(0, rows * cols, int64_t(1) << 15, [&](int64_t a, int64_t b) {
+      float u[kTile];
+      for (int64_t t0 = a; t0 < b; t0 += kTile) {
+        const int64_t tw = std::min(kTile, b - t0);
+        philox_uniform_row(key, static_cast<uint32_t>(t0), tw, u);
+        for (int64_t k = 0; k < tw; ++k) kp[t0 + k] = u[k] >= pf ? kept : dropped;
+      }
+    });
+  });
+  return keep;
+}
+
+TORCH_LIBRARY_FRAGMENT(fastgan_C, m) {
+  m.def("cpu_dropout_mask(Tensor(a!) state, int rows, int cols, float p, ScalarType dtype) "
+        "-> Tensor",
+        &cpu_dropout_mask);
 }
 
 }  // namespace cpu

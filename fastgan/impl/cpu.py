@@ -114,6 +114,15 @@ def freed_memory_kept() -> bool:
     return bool(_MALLOC_KEPT)
 
 
+def dropout_mask(state, rows: int, cols: int, p: float, dtype=torch.float32) -> torch.Tensor:
+    """The ``(rows, cols)`` keep mask (0 or ``1 / (1 - p)``) of the key
+    ``(state[0], state[1])``, numbered as the fused ops number their outputs;
+    advances ``state[1]`` by one (a CPU int64 ``state``). In ``dtype`` where that
+    dtype holds the scale exactly, else float32: ``y * mask`` then rounds
+    ``float(y) * scale`` once either way."""
+    return torch.ops.fastgan_C.cpu_dropout_mask(state, rows, cols, p, dtype)
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 

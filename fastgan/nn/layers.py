@@ -52,6 +52,7 @@ import threading
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import checks, dispatch, spec
@@ -251,6 +252,20 @@ def _ones(n: int, device: torch.device) -> Tensor:
     return t
 
 
+_CPU_MASK: list = []   # [cpu backend's dropout_mask or None], once looked up
+
+
+def _cpu_mask():
+    """The cpu backend's ``dropout_mask`` (bit-exact with every backend's mask), or
+    None where the extension is not built."""
+    if not _CPU_MASK:
+        try:
+            _CPU_MASK.append(dispatch.module("cpu").dropout_mask)
+        except RuntimeError:
+            _CPU_MASK.append(None)
+    return _CPU_MASK[0]
+
+
 def _dropout_mask(y: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
     """``y`` with the fused kernels' dropout mask for ``(seed, offset)``: the mask of the
     backend that would run the op (its ``linear_act`` on a column of ones, K = 1:
@@ -398,6 +413,7 @@ class _Fused(nn.Sequential):
         # functions do not pickle); the next forward makes it again.
         state = super().__getstate__()
         state.pop("_plan", None)
+        state.pop("_bn_checked", None)   # object ids: meaningless in another process
         return state
 
     # ------------------------------------------------------------ structure
@@ -457,13 +473,17 @@ class _Fused(nn.Sequential):
     def dropout_key(self, p: float) -> tuple[Tensor, Tensor]:
         """(seed, offset) of the next dropout mask; advances the stream when ``p > 0``
         (its first use draws the seed from torch's default generator)."""
-        state = self._buffers["dropout_rng"]
         if p > 0:
-            if not self._dropout_seeded:
-                draw_seed_(state, self.__dict__.get("_seed_source"))
-                self._dropout_seeded = True
-            return next_key(state)
-        return zero_key(state.device)
+            return next_key(self._dropout_stream())
+        return zero_key(self._buffers["dropout_rng"].device)
+
+    def _dropout_stream(self) -> Tensor:
+        """The ``[seed, counter]`` buffer of this layer's masks, seeded at its first use."""
+        state = self._buffers["dropout_rng"]
+        if not self._dropout_seeded:
+            draw_seed_(state, self.__dict__.get("_seed_source"))
+            self._dropout_seeded = True
+        return state
 
     def seed_dropout(self, seed: int) -> None:
         """Restart this layer's dropout stream at ``seed`` (instead of a draw from
@@ -502,26 +522,55 @@ class _Fused(nn.Sequential):
         return y
 
     def _plain(self, plan: _Plan, x: Tensor, p: float) -> Tensor:
-        """The plain computation of the fused children, each called as in the
-        nn.Sequential, with this call's dropout mask from the layer's stream (the
-        key a fused call would draw) in place of nn.Dropout's. The op's checks of
-        the hyper-parameters (and of BatchNorm1d's tensors) run first: the same
-        errors as on the fused path."""
-        row, act = plan.row, plan.act
-        checks.hyper(row.name, row.slope_of(act), p)
-        bn = plan.bn
+        """The plain computation of the fused children, with this call's dropout
+        mask from the layer's stream (the key a fused call would draw) in place of
+        nn.Dropout's. The op's checks of the hyper-parameters (and of BatchNorm1d's
+        tensors) run first: the same errors as on the fused path.
+
+        This is the path the speed rule takes where the fused op would lose, so it
+        must cost no more than the nn.Sequential: a plain nn.Linear and a table
+        activation run as their functional calls (what their forwards do, without
+        two module calls), and BatchNorm1d's check runs once per kind of call."""
+        row, act, lin, bn = plan.row, plan.act, plan.linear, plan.bn
+        slope = row.slope_of(act)
+        checks.hyper(row.name, slope, p)
         if bn is not None:
-            seed, offset = zero_key(x.device)
-            checks.linear_bn_act(x, *_linear_tensors(plan.linear), *_bn_tensors(bn),
-                                 bn.training, bn.momentum, bn.eps, row.name, row.slope_of(act),
-                                 p, seed, offset)
-            y = act(bn(plan.linear(x)))
-        else:
-            y = act(plan.linear(x))
+            self._check_bn(plan, x, p, slope)
+        h = F.linear(x, *_linear_tensors(lin)) if lin.__class__ is nn.Linear else lin(x)
+        if bn is not None:
+            h = bn(h)
+        y = row.fn(h, slope) if act.__class__ is row.module else act(h)
         if p > 0:
+            return self._plain_dropout(y, p)
+        return y
+
+    def _check_bn(self, plan: _Plan, x: Tensor, p: float, slope: float) -> None:
+        """``checks.linear_bn_act`` for the plain path, skipped when the same kind of
+        call (shapes, dtypes, flags and the very tensors) passed it last time."""
+        bn = plan.bn
+        weight, bias = _linear_tensors(plan.linear)
+        bn_tensors = _bn_tensors(bn)
+        key = (x.shape, x.dtype, x.device, bn.training, bn.momentum, bn.eps, p, slope,
+               id(weight), id(bias), *map(id, bn_tensors))
+        if key != self.__dict__.get("_bn_checked"):
+            seed, offset = zero_key(x.device)
+            checks.linear_bn_act(x, weight, bias, *bn_tensors, bn.training, bn.momentum,
+                                 bn.eps, plan.row.name, slope, p, seed, offset)
+            self.__dict__["_bn_checked"] = key
+
+    def _plain_dropout(self, y: Tensor, p: float) -> Tensor:
+        """``y`` with the mask a fused call would draw next, applied in fp32 and
+        rounded once (``y`` is the fresh output of the children)."""
+        mask = _cpu_mask() if y.device.type == "cpu" else None
+        if mask is None:   # any device: the backend's own kernel draws it
             seed, offset = self.dropout_key(p)
             return _dropout_mask(y, p, seed, offset)
-        return y
+        # The cpu backend draws it (and advances the stream) in one call.
+        keep = mask(self._dropout_stream(), y.shape[0], y.shape[1], p, y.dtype)
+        if not y.requires_grad:
+            return y.mul_(keep)   # y fresh; an fp32 keep: multiplied in fp32, rounded once
+        out = y * keep   # an fp32 keep promotes a half y: float(y) * scale
+        return out if out.dtype == y.dtype else out.to(y.dtype)
 
 
 class LinearBNAct(_Fused):

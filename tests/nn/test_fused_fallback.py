@@ -129,7 +129,7 @@ def _run(layer, x, gy, path, name):
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.3])   # 1 / (1 - p): exact in bf16 at 0.2, not at 0.3
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_both_paths_match(name, bn, mode, p, dtype):
     """The plain path equals the fused op's result (same dropout mask), and without
@@ -146,6 +146,7 @@ def test_both_paths_match(name, bn, mode, p, dtype):
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     for a, b in zip((plain[0], *plain[1]), (fused[0], *fused[1])):
         torch.testing.assert_close(a, b, **tol)
+    assert torch.equal(plain[0] == 0, fused[0] == 0)   # the same mask
     if p == 0.0 or mode == "eval":
         xs = x.clone().requires_grad_(True)
         ys = seq(xs)
@@ -216,3 +217,65 @@ def test_a_forced_reference_backend_runs(bn):
         before = _calls("reference")
         layer(torch.randn(4, 8))
         assert _ran("reference", before) == {forward}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.2, 0.3, 0.5])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (3, 257), (5, 300)])
+def test_cpu_dropout_mask_is_the_fused_mask(dtype, p, shape):
+    """``cpu.dropout_mask`` (the plain path's mask on the CPU) equals the mask the
+    cpu backend's fused op applies (its linear_act of two columns of ones, K = 1),
+    element for element, and advances the stream by one key as ``next_key`` does."""
+    require("cpu", "cpu")
+    from fastgan.impl import cpu
+    rows, cols = shape
+    state = torch.tensor([123456789, 41], dtype=torch.int64)
+    seed, offset = layers.next_key(state.clone())
+    want = cpu.linear_act_forward(torch.ones(rows, 1), torch.ones(cols, 1), None, "identity",
+                                  0.0, p, seed, offset)
+    keep = cpu.dropout_mask(state, rows, cols, p, dtype)
+    assert state.tolist() == [123456789, 42]
+    exact = float(torch.tensor(1 / (1 - p), dtype=dtype)) == float(torch.tensor(1 / (1 - p)))
+    assert keep.dtype == (dtype if exact else torch.float32)
+    assert torch.equal(keep.float(), want)
+    y = torch.randn(rows, cols, dtype=dtype)
+    assert torch.equal(y * keep if keep.dtype == dtype else (y * keep).to(dtype),
+                       (y.float() * want).to(dtype))   # one rounding of float(y) * scale
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_plain_path_draws_its_cpu_mask_in_one_call(monkeypatch, bn, grad):
+    """On the CPU the plain path's mask comes from ``cpu.dropout_mask`` (not the
+    K = 1 fused call of other devices), with and without autograd, and the
+    result carries the fused path's mask."""
+    require("cpu", "cpu")
+    layer, twin = _layer(bn), _layer(bn)
+    layer.seed_dropout(3)
+    twin.seed_dropout(3)
+    x = torch.randn(6, 8)
+
+    def refuse(*args):
+        raise AssertionError("the K = 1 mask ran on the CPU")
+
+    with torch.set_grad_enabled(grad):
+        with layers.fused_path("fused"):
+            want = twin(x)
+        monkeypatch.setattr(layers, "_dropout_mask", refuse)
+        with layers.fused_path("plain"):
+            got = layer(x)
+    assert got.requires_grad == grad
+    assert torch.equal(got == 0, want == 0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(layer.dropout_rng, twin.dropout_rng)
+
+
+def test_the_plain_path_checks_a_replaced_bn_tensor_again():
+    """The plain path checks BatchNorm1d's tensors once per kind of call; a tensor
+    swapped in later is checked again (the op's error, not F.batch_norm's)."""
+    layer = _layer(True)
+    with layers.fused_path("plain"):
+        layer(torch.randn(4, 8))
+        layer[1].running_mean = torch.zeros(5)
+        with pytest.raises(ValueError, match="running_mean"):
+            layer(torch.randn(4, 8))

@@ -99,6 +99,16 @@ def under_path(fn, path: str):
     return call
 
 
+def calls_per_sample(fn, target_s: float = 2e-3, most: int = 200) -> int:
+    """Calls of ``fn`` that take about ``target_s`` (timed over a few calls)."""
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    per_call = (time.perf_counter() - t0) / 3
+    return max(1, min(most, int(target_s / max(per_call, 1e-7))))
+
+
 def cell(b, k, n, dropout, bn, dt, mode, backward, iters, min_time_s, with_aten=False):
     dtype = DTYPES[dt]
     g = torch.Generator().manual_seed(1)
@@ -114,9 +124,11 @@ def cell(b, k, n, dropout, bn, dt, mode, backward, iters, min_time_s, with_aten=
     fns["fused"] = under_path(fns["fused"], "auto")
     if with_aten:  # the same fused layer with its GEMMs on ATen: the oneDNN gain alone
         fns["fused_aten"] = under_aten(fns["forced"])
-    # one thread-visible cost per call: repeat tiny cells so a sample is >= ~1 ms
+    # A sample is >= ~2 ms of calls: a single 100 us call is at the mercy of the
+    # timer and of interrupts (medians 2x the fastest sample), which made the
+    # small cells' ratios noise.
     t = measure_many(fns, torch.device("cpu"), warmup=3, iters=iters, min_time_s=min_time_s,
-                     repeat=max(1, min(50, int(2e5 // max(b * k * n, 1)) or 1)))
+                     repeat={key: calls_per_sample(fn) for key, fn in fns.items()})
     fused_ms, plain_ms = t["fused"].median_ms, t["plain"].median_ms
     out = dict(batch=b, layer=f"{k}->{n}", dropout=dropout, bn=bn, dtype=dt, mode=mode,
                pass_="fwd+bwd" if backward else "fwd", fused_ms=fused_ms, plain_ms=plain_ms,
@@ -147,12 +159,16 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=None, help="samples per contender per cell")
     ap.add_argument("--gemm", choices=cpu_impl.GEMM_POLICIES, default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--default-heap", action="store_true",
+                    help="leave glibc malloc as it is (default: keep freed memory, as "
+                         "fastgan bench and the trainer do for every contender)")
     ap.add_argument("--out", default="bench/results/issue11-layer-matrix.json")
     ap.add_argument("--note", default="", help="machine state, written with the results")
     ap.add_argument("--write-rule", action="store_true",
                     help="rewrite the speed rule's table (fastgan/nn/fuse/speed.py) from this run")
-    ap.add_argument("--noise", type=float, default=0.0,
-                    help="calibration: a fused cell may be this far below 1.0x (default 0)")
+    ap.add_argument("--noise", type=float, default=0.05,
+                    help="run-to-run noise of a cell (idle machine: ~5%%): the rule fuses "
+                         "a kind of call where every cell measured >= 1 - noise")
     ap.add_argument("--by", choices=("median", "min"), default="median",
                     help="calibrate from median times (idle machine) or fastest samples (loaded)")
     ap.add_argument("--from-json", nargs="*", default=None,
@@ -161,6 +177,10 @@ def main(argv=None):
     if a.from_json:
         return calibrate_from(a)
     torch.set_num_threads(a.threads)
+    # Both sides under the same allocator: without it, every call of a large
+    # layer re-faults its freed dW (3 MB for 784x1024) and the medians of the
+    # small-batch cells flip by 3x between runs.
+    heap_kept = False if a.default_heap else cpu_impl.keep_freed_memory()
     batches = a.batches or ((1, 64, 1024) if a.quick else BATCHES)
     iters = a.iters or (5 if a.quick else 15)
     cells = []
@@ -184,6 +204,7 @@ def main(argv=None):
                 machine=f"{platform.processor() or platform.machine()}, "
                         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
                 note=a.note, torch=torch.__version__, threads=a.threads, gemm=a.gemm,
+                freed_memory_kept=heap_kept,
                 gemm_info=cpu_impl.gemm_info(), seconds=time.perf_counter() - t0)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
@@ -209,8 +230,8 @@ def calibrate_from(a) -> list:
             cells += json.load(f)["cells"]
     rows = speed.calibrate(cells, a.noise, a.by)
     if a.write_rule:
-        write_rule(rows, f"calibrated from {', '.join(a.from_json)} (by {a.by}, "
-                         f"{time.strftime('%Y-%m-%d')})")
+        write_rule(rows, f"calibrated from {', '.join(a.from_json)} (by {a.by}, noise "
+                         f"{a.noise:g}, {time.strftime('%Y-%m-%d')})")
     for key, value in sorted(rows.items()):
         print(f"  {key}: {value}")
     return cells

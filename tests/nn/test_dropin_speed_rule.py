@@ -35,11 +35,14 @@ def _sources():
 
 def test_no_measured_loss_fuses():
     """Every cell of the calibration's result files where the forced fused op was
-    slower than plain (by the calibration's own measure) takes the plain path."""
+    slower than plain beyond the calibration's noise (by its own measure) takes
+    the plain path."""
     files = [os.path.join(ROOT, f) for f in _sources()]
     if not files or not all(os.path.exists(f) for f in files):
         pytest.skip(f"the calibration's result files are not here: {speed.CALIBRATION}")
-    by = "min" if "by min" in "".join(speed.CALIBRATION) else "median"
+    note = "".join(speed.CALIBRATION)
+    by = "min" if "by min" in note else "median"
+    noise = float(re.search(r"noise ([0-9.]+)", note).group(1)) if "noise" in note else 0.0
     cells = [c for f in files for c in json.load(open(f))["cells"]]
     assert cells
     for c in cells:
@@ -48,7 +51,7 @@ def test_no_measured_loss_fuses():
         why = speed.no_gain("cpu", getattr(torch, dtype), c["batch"], k, n,
                             None if bn == "none" else bn == "train", 0.2 if dropout else 0.0,
                             grad, name="cpu")
-        if speed.cell_speedup(c, by) < 1.0:
+        if speed.cell_speedup(c, by) < 1.0 - noise:
             assert why is not None, f"the rule fuses a cell measured slower: {c}"
 
 

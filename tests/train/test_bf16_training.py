@@ -514,3 +514,65 @@ def test_cuda_graph_bf16_equals_eager(schedule):
     assert_states_equal(graphed.state_dict(), eager.state_dict())
     ckpt = eager.state_dict()
     assert ckpt["g_opt"]["state"][0]["master"].device.type == "cuda"
+
+
+# ------------------------------------------------------------------ the one-pass CPU step
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+@pytest.mark.parametrize("betas, weight_decay, maximize",
+                         [((0.5, 0.999), 0.0, False), ((0.3, 0.99), 0.01, False),
+                          ((0.9, 0.999), 0.0, True)],
+                         ids=["gan", "lerp-from-grad+decay", "maximize"])
+def test_one_pass_cpu_step_is_torch_fused_adam_bit_for_bit(dtype, betas, weight_decay, maximize):
+    """With ``fused=True`` on the CPU the low-precision parameters take the cpu
+    backend's one-pass step (csrc/cpu/master_adam.cpp): it ran (the masters get no
+    gradient buffer), and masters, moments and steps equal torch's fused Adam on
+    fp32 copies bit for bit, on tensors with a vector body and a tail (numel % 16)."""
+    from helpers import require
+    require("cpu", "cpu")
+    from fastgan.train import precision
+    shapes = [(1024, 784), (300, 7), (17,), (5, 3)]
+    g0 = torch.Generator().manual_seed(3)
+    init = [torch.randn(s, generator=g0) for s in shapes]
+    low = [torch.nn.Parameter(t.to(dtype)) for t in init]
+    gold = [torch.nn.Parameter(p.detach().float()) for p in low]
+    kw = dict(lr=1e-2, betas=betas, weight_decay=weight_decay, maximize=maximize, fused=True)
+    opt, ref = MasterWeightAdam(low, **kw), torch.optim.Adam(gold, **kw)
+    assert precision._native_step(opt.adam.param_groups[0]) is not None
+    for step in range(4):
+        for p, q, g in zip(low, gold, _grads(step, shapes)):
+            p.grad = g.to(dtype)
+            q.grad = p.grad.float()
+        opt.step()
+        ref.step()
+        for p, q in zip(low, gold):
+            st, gst = opt.state[p], ref.state[q]
+            assert st["master"].grad is None   # stepped in C++, not by the inner Adam
+            assert torch.equal(st["master"], q.detach()), step
+            assert torch.equal(p.detach(), q.detach().to(dtype))
+            for k in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(st[k], gst[k]), (step, k)
+
+
+@pytest.mark.parametrize("kw", [dict(fused=True, amsgrad=True), dict(fused=None),
+                                dict(fused=True, lr=torch.tensor(1e-2))],
+                         ids=["amsgrad", "not-fused", "tensor-lr"])
+def test_one_pass_step_leaves_what_it_does_not_compute_to_torch(kw):
+    """amsgrad, an unfused Adam or a tensor lr: the masters go through the fp32
+    gradient buffers and torch's Adam, as before (the same results as torch's)."""
+    from fastgan.train import precision
+    low = [torch.nn.Parameter(t.to(BF16)) for t in _params()]
+    gold = [torch.nn.Parameter(p.detach().float()) for p in low]
+    kw = {"lr": 1e-2, **kw}
+    opt = MasterWeightAdam(low, **kw)
+    ref = torch.optim.Adam(gold, **{**kw, "lr": kw["lr"].clone() if torch.is_tensor(kw["lr"])
+                                    else kw["lr"]})
+    assert precision._native_step(opt.adam.param_groups[0]) is None
+    for step in range(3):
+        for p, q, g in zip(low, gold, _grads(step, [t.shape for t in low])):
+            p.grad = g.to(BF16)
+            q.grad = p.grad.float()
+        opt.step()
+        ref.step()
+    for p, q in zip(low, gold):
+        assert opt.state[p]["master"].grad is not None
+        assert torch.equal(opt.state[p]["master"], q.detach())

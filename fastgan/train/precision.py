@@ -14,11 +14,12 @@ to nearest even). On the CPU with ``fused=True`` (what the engine asks for)
 the cpu backend does all three in one pass instead
 (``csrc/cpu/master_adam.cpp``): inside a training step the optimizer's memory
 is cold, and the two copies were a third of its time. Its arithmetic is
-torch's fused Adam's, so the masters are the same bit for bit. Small updates accumulate in the masters instead of being
-rounded away in bf16 (8 significant bits: ``w + lr * g`` equals ``w`` for
-most steps otherwise). Its state dict holds the masters, so a resumed run
-continues bit for bit. Parameters that are fp32 already are stepped in place
-by the same Adam, with no master: for an fp32 model it *is* plain Adam.
+torch's fused Adam's, so the masters are the same bit for bit. Small updates
+accumulate in the masters instead of being rounded away in bf16 (8 significant
+bits: ``w + lr * g`` equals ``w`` for most steps otherwise). Its state dict
+holds the masters, so a resumed run continues bit for bit. Parameters that are
+fp32 already are stepped in place by the same Adam, with no master: for an
+fp32 model it *is* plain Adam.
 
 Why not autocast: it casts every fp32 weight to bf16 in each forward and each
 bf16 gradient back in each backward, into fresh memory; on the CPU those

@@ -123,6 +123,16 @@ def dropout_mask(state, rows: int, cols: int, p: float, dtype=torch.float32) -> 
     return torch.ops.fastgan_C.cpu_dropout_mask(state, rows, cols, p, dtype)
 
 
+def master_adam_(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float,
+                 beta2: float, weight_decay: float, eps: float, maximize: bool) -> None:
+    """One Adam step of bf16/fp16 ``params`` over their fp32 ``masters`` in one pass
+    (csrc/cpu/master_adam.cpp): counts ``steps``, updates masters and moments as
+    torch's fused Adam does (bit for bit) and writes each parameter as its master
+    rounded. Contiguous CPU tensors, one entry of each list per parameter."""
+    torch.ops.fastgan_C.cpu_master_adam_(params, grads, masters, exp_avgs, exp_avg_sqs, steps,
+                                         lr, beta1, beta2, weight_decay, eps, maximize)
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 

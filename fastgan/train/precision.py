@@ -97,10 +97,10 @@ def _native_step(group: dict):
             and isinstance(group["lr"], float)):
         return None
     if not _NATIVE_STEP:
+        from ..ops import dispatch
         try:
-            from .. import _C  # noqa: F401  (registers torch.ops.fastgan_C)
-            _NATIVE_STEP.append(torch.ops.fastgan_C.cpu_master_adam_)
-        except (ImportError, AttributeError):
+            _NATIVE_STEP.append(dispatch.module("cpu").master_adam_)
+        except RuntimeError:   # the extension is not built
             _NATIVE_STEP.append(None)
     return _NATIVE_STEP[0]
 

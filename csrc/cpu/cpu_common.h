@@ -97,6 +97,11 @@ inline scalar_t narrow(acc_t a) {
   }
 }
 
+// ------------------------------------------------------------------ vector math
+// a[k] = tanh(a[k]) for k < n: torch.tanh's own vector tanh (MKL) where torch
+// has it, tanhf elsewhere (csrc/cpu/vec_math.cpp).
+void tanh_inplace(float* a, int64_t n);
+
 // ------------------------------------------------------------------ dropout
 // Uniforms u[k] = philox(seed, offset, idx0 + k) for k < n. Defined in
 // dropout.cpp with AVX-512 / AVX2 intrinsics (16 or 8 counters at a time),

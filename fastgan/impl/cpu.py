@@ -114,6 +114,12 @@ def freed_memory_kept() -> bool:
     return bool(_MALLOC_KEPT)
 
 
+def vector_tanh() -> bool:
+    """Whether the fused epilogues' fp32 tanh is torch.tanh's own vector tanh (MKL's,
+    bit-equal to torch.tanh) rather than scalar tanhf (csrc/cpu/vec_math.cpp)."""
+    return bool(torch.ops.fastgan_C.cpu_vector_tanh())
+
+
 def dropout_mask(state, rows: int, cols: int, p: float, dtype=torch.float32) -> torch.Tensor:
     """The ``(rows, cols)`` keep mask (0 or ``1 / (1 - p)``) of the key
     ``(state[0], state[1])``, numbered as the fused ops number their outputs;

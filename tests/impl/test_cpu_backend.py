@@ -623,3 +623,33 @@ def test_bf16_dw_takes_aten_under_auto():
     assert (after["aten"] - before["aten"], after["onednn"] - before["onednn"]) == (1, 1)
     dz = torch.where(y > 0, 1.0, 0.2).bfloat16()
     torch.testing.assert_close(dw.float(), dz.float().t() @ x.float(), rtol=2e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3), (3, 17, 33), (2, 40, 300)])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_tanh_epilogue_is_torch_tanh_bit_for_bit(shape, p):
+    # The fp32 epilogues call torch's own vector tanh (MKL's vmsTanh, csrc/cpu/vec_math.cpp)
+    # where torch has it: the fused tanh then equals torch.tanh of the same
+    # pre-activation exactly, tails of the 256-wide tiles included (300 columns).
+    from fastgan.impl import cpu
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL: the epilogue keeps tanhf")
+    assert cpu.vector_tanh()
+    b, k, n = shape
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(b, k, generator=g), torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g) * 3
+    seed, offset = _key(7, 1)
+    z = C.linear_act_forward(x, w, bias, ACTIVATIONS["identity"], 0.0, 0.0, seed, offset)
+    y = C.linear_act_forward(x, w, bias, ACTIVATIONS["tanh"], 0.0, p, seed, offset)
+    assert torch.equal(y, reference.apply_dropout(torch.tanh(z), p, seed, offset))
+    # linear_bn_act: the same for tanh after BatchNorm (training statistics).
+    gamma, beta = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g)
+
+    def bn(act, p_):
+        stats = torch.zeros(n), torch.ones(n), torch.zeros((), dtype=torch.int64)
+        return C.linear_bn_act_forward(x, w, bias, gamma, beta, *stats, True, 0.1, 1e-5,
+                                       ACTIVATIONS[act], 0.0, p_, seed, offset)[0]
+    if b > 1:  # BatchNorm in training needs two rows
+        assert torch.equal(bn("tanh", p), reference.apply_dropout(torch.tanh(bn("identity", 0.0)),
+                                                                   p, seed, offset))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -467,7 +468,19 @@ def _run(args) -> int:
             raise CLIError(f"--steps-per-graph {args.steps_per_graph} must divide the "
                            f"{total - trainer.steps} steps left to run")
         on_disk = trainer.steps if src is not None and src == ckpt_path else None
-        return _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch, on_disk)
+        # What exists now (torch's modules, the models, the data) lives for the
+        # whole run: frozen out of the cyclic collector's scans. A full collection
+        # over these ~300K objects took 155 ms on a 2-core CPU, about one every
+        # 400 steps (0.4 ms a step on average); the step's own garbage is young.
+        # Unfrozen after the run for a caller of main() in the same process (unless
+        # that caller had frozen objects itself: gc has no partial unfreeze).
+        caller_froze = gc.get_freeze_count() > 0
+        gc.freeze()
+        try:
+            return _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch, on_disk)
+        finally:
+            if not caller_froze:
+                gc.unfreeze()
 
 
 def _backend_context(name):

@@ -102,6 +102,20 @@ inline scalar_t narrow(acc_t a) {
 // has it, tanhf elsewhere (csrc/cpu/vec_math.cpp).
 void tanh_inplace(float* a, int64_t n);
 
+// The end of a forward tile whose activation is tanh: t holds its n (<= kTile)
+// pre-activations; y[j] = dropout(tanh(t[j])). The tanh runs over the whole
+// tile at once (tanh_inplace), the rest as the other activations' tile loops.
+template <bool kDrop, typename scalar_t>
+inline void store_tanh_tile(float* __restrict__ t, int64_t n, const float* __restrict__ u,
+                            float p, float scale, scalar_t* __restrict__ y) {
+  tanh_inplace(t, n);
+  for (int64_t j = 0; j < n; ++j) {
+    float a = t[j];
+    if constexpr (kDrop) a = u[j] >= p ? a * scale : 0.0f;
+    y[j] = narrow<scalar_t>(a);
+  }
+}
+
 // ------------------------------------------------------------------ dropout
 // Uniforms u[k] = philox(seed, offset, idx0 + k) for k < n. Defined in
 // dropout.cpp with AVX-512 / AVX2 intrinsics (16 or 8 counters at a time),

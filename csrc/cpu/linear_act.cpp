@@ -29,14 +29,9 @@ template <int A, bool kDrop, typename scalar_t, typename acc_t>
 FASTGAN_ISA_CLONES void act_tile(scalar_t* __restrict__ y, int64_t n, acc_t slope,
                                  const float* __restrict__ u, float p, acc_t scale) {
   if constexpr (A == kTanh && std::is_same_v<acc_t, float>) {
-    float t[kTile];  // n <= kTile; tanh vectorized (cpu_common.h: tanh_inplace)
+    float t[kTile];  // n <= kTile
     for (int64_t j = 0; j < n; ++j) t[j] = widen<acc_t>(y[j]);
-    tanh_inplace(t, n);
-    for (int64_t j = 0; j < n; ++j) {
-      acc_t a = t[j];
-      if constexpr (kDrop) a = u[j] >= p ? a * scale : acc_t(0);
-      y[j] = narrow<scalar_t>(a);
-    }
+    store_tanh_tile<kDrop>(t, n, u, p, scale, y);
   } else {
     for (int64_t j = 0; j < n; ++j) {
       acc_t a = activate(widen<acc_t>(y[j]), A, slope);

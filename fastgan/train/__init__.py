@@ -4,6 +4,7 @@ the trainer, data, checkpoints and torch.distributed.
 ``from fastgan.train import GANStep, Trainer, TrainConfig`` keeps working as
 before the package was split; each name lives in one module below.
 """
+from .adam import FusedAdam  # noqa: F401
 from .batches import ResidentBatches  # noqa: F401
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION  # noqa: F401
 from .config import ConfigError, TrainConfig, mix_seed  # noqa: F401

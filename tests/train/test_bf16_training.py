@@ -20,7 +20,7 @@ from test_train import _FakeGraph, assert_states_equal, fake_cuda  # noqa: F401 
 import fastgan
 from fastgan import quality as Q
 from fastgan.cli import main
-from fastgan.train import (ConfigError, GANStep, MasterWeightAdam, ReferenceStep,
+from fastgan.train import (ConfigError, FusedAdam, GANStep, MasterWeightAdam, ReferenceStep,
                            ResidentBatches, TrainConfig, Trainer, build_models, make_adam)
 from fastgan.train import checkpoint
 from fastgan.train.config import SCHEDULES
@@ -87,7 +87,8 @@ def test_master_adam_equals_fp32_adam_on_the_masters(fused):
 
 def test_fp32_params_are_exactly_plain_adam():
     """For an fp32 model MasterWeightAdam keeps no masters and is torch's Adam:
-    the same parameters, state and state_dict; make_adam gives plain Adam."""
+    the same parameters, state and state_dict; make_adam gives torch's Adam
+    (``FusedAdam``, whose step tests/train/test_adam.py checks against it)."""
     a = [torch.nn.Parameter(t) for t in _params()]
     b = [torch.nn.Parameter(t) for t in _params()]
     opt, ref = MasterWeightAdam(a, lr=1e-3, fused=True), torch.optim.Adam(b, lr=1e-3, fused=True)
@@ -100,7 +101,7 @@ def test_fp32_params_are_exactly_plain_adam():
     for p, q in zip(a, b):
         assert torch.equal(p, q)
     assert_states_equal(opt.state_dict(), ref.state_dict())
-    assert type(make_adam(b)) is torch.optim.Adam
+    assert type(make_adam(b)) is FusedAdam
     assert type(make_adam([torch.nn.Parameter(torch.ones(2, dtype=BF16))])) is MasterWeightAdam
 
 

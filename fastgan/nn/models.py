@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..ops import dispatch
 from ..ops import functional as FG
-from ..ops import spec
-from ..ops.spec import acc_dtype, dropout_scale
+from ..ops.registry import LinearActFunction
 from .layers import (LinearAct, LinearBNAct, autocast_inputs, linear_act_sequential,
                      linear_bn_act_sequential)
 
@@ -49,7 +49,7 @@ class Discriminator(nn.Module):
     """x(in_dim) -> [Linear, LeakyReLU, Dropout] x len(hidden) -> Linear -> one logit.
 
     ``forward(x, ghost=g)`` (fused only) is the simultaneous step's D: ``g``
-    holds the same values as the last ``len(g)`` rows of ``x`` with their own
+    holds the same values as the first ``len(g)`` rows of ``x`` with their own
     autograd history. D runs once, on ``x``; it returns ``(logits of x,
     logits of the ghost rows)``, and in backward the gradient reaching the
     ghost logits flows down to ``g``'s inputs only: D's weights get their
@@ -83,7 +83,7 @@ class Discriminator(nn.Module):
         ghost = ghost.flatten(1)
         if ghost.shape[0] > x.shape[0] or ghost.shape[1:] != x.shape[1:]:
             raise ValueError(f"ghost: expected at most {x.shape[0]} rows of {x.shape[1]} "
-                             f"values (the last rows of x), got shape {tuple(ghost.shape)}")
+                             f"values (the first rows of x), got shape {tuple(ghost.shape)}")
         for layer in self.net:
             x, ghost = ghost_linear_act(layer, x, ghost)
         return x, ghost
@@ -101,44 +101,29 @@ def ghost_linear_act(layer: LinearAct, x: Tensor, ghost: Tensor) -> tuple[Tensor
                               a.negative_slope, a.p, a.seed, a.offset)
 
 
-def _keep_scaled(rows: int, cols: int, p: float, seed: Tensor, offset: Tensor) -> Tensor:
-    """fp32 ``(rows, cols)``: ``1 / (1 - p)`` where the op's dropout keeps an element,
-    0 where it drops it. It is the backend's own ``linear_act`` on a column of
-    ones (K = 1, identity), so the mask comes from the same Philox call, element
-    numbering and backend the layer's forward used."""
-    ones = torch.ones(rows, 1, device=seed.device)
-    return FG.linear_act(ones, torch.ones(cols, 1, device=seed.device), None, "identity", 0.0, p,
-                         True, seed, offset)
-
-
-def _gemm(a: Tensor, b: Tensor, seed: Tensor, offset: Tensor) -> Tensor:
-    """``a @ b.T`` on the fused ops' backend: its ``linear_act`` with the identity
-    and no dropout is exactly that product, so it takes the GEMM path the
-    backend's own kernels take (oneDNN or ATen on the CPU, cuBLAS, Triton)."""
-    return FG.linear_act(a.contiguous(), b.contiguous(), None, "identity", 0.0, 0.0, True, seed,
-                         offset)
-
-
 class GhostRows(torch.autograd.Function):
-    """The ghost rows of one fused LinearAct: ``y``'s last ``len(ghost)`` rows
-    forward (their input equals ``x``'s last rows, so their output is ``y``'s);
+    """The ghost rows of one fused LinearAct: ``y``'s first ``len(ghost)`` rows
+    forward (their input equals ``x``'s first rows, so their output is ``y``'s);
     in backward, the gradient reaching them goes to ``ghost`` only.
 
-    The layer's x rows differentiate through the op itself (its fused backward
-    kernel: dropout mask, activation derivative, ``dW``, ``db``, ``dX``), and
-    autograd runs this node in the same sweep, at the same layer: ``dz =
-    gg * keep * act'(y)`` from the forward's own ``(seed, offset)`` and ``y``,
-    then ``dX = dz @ W``. No forward runs again and no ``dW`` is formed for the
-    ghost rows. (One GEMM over the stacked rows ``[dz(gy); dz(gg)] @ W`` would
-    do the same FLOPs; it needs the x rows' ``dz`` outside the op's kernel,
-    which measured slower on the CPU than the kernel plus this B-row GEMM.)
+    The layer's x rows differentiate through the op itself, and autograd runs
+    this node in the same sweep, at the same layer. Because the ghost rows are
+    rows ``0 .. n-1`` of the op's output, the op's own backward kernel on those
+    rows (``linear_act_backward`` with ``compute_dw=False``, on the backend the
+    forward ran on) recomputes exactly their dropout mask (element ``i * N +
+    j`` of the forward's ``(seed, offset)``) and the activation's derivative
+    from ``y``, and forms ``dX = dz @ W``: no forward runs again and no ``dW``
+    is formed for the ghost rows. (That is why the simultaneous step puts the
+    fakes first in D's batch.)
     """
 
     @staticmethod
     def forward(ctx, ghost, y, weight, activation, negative_slope, p, seed, offset):
-        ctx.save_for_backward(y, weight, seed, offset)
-        ctx.hyper = (activation, negative_slope, p, ghost.shape[0])
-        return y[y.shape[0] - ghost.shape[0]:].clone()
+        n = ghost.shape[0]
+        ctx.save_for_backward(ghost, y[:n], weight, seed, offset)
+        ctx.hyper = (activation, negative_slope, p)
+        ctx.backend = dispatch.forced()   # backward runs where the forward ran (registry)
+        return y[:n].clone()
 
     @staticmethod
     def backward(ctx, gg):
@@ -146,34 +131,11 @@ class GhostRows(torch.autograd.Function):
             raise RuntimeError("the ghost rows of the simultaneous step cannot be "
                                "differentiated twice (gradient penalty); call the "
                                "Discriminator without ghost=")
-        # Every dtype here is explicit (the forward's, as the op's backward
-        # keeps it): an autocast region the backward runs in must not recast.
-        with torch.autocast(gg.device.type, enabled=False):
-            return (GhostRows._input_grad(ctx, gg),) + (None,) * 7
-
-    @staticmethod
-    def _input_grad(ctx, gg: Tensor) -> Tensor:
-        y, weight, seed, offset = ctx.saved_tensors
-        activation, slope, p, n = ctx.hyper
-        first, acc = y.shape[0] - n, acc_dtype(y)
-        # gate = dropout's keep-and-scale times act'(z) of the ghost rows (None:
-        # the identity without dropout), the math of linear_act_backward
-        # (fastgan.impl.reference) with the two factors multiplied first.
-        gate = None
-        if p != 0.0:
-            gate = _keep_scaled(y.shape[0], y.shape[1], p, seed, offset)[first:]
-        row = spec.activation(activation)
-        if activation != "identity":
-            a = y[first:].to(acc)
-            if p != 0.0 and not row.positively_homogeneous:
-                # y holds act(z) * scale; a homogeneous act's derivative from its
-                # output does not see the scale (only the sign), any other's does.
-                a = a / dropout_scale(p)
-            act_grad = row.grad_from_output(a, slope)
-            gate = act_grad if gate is None else gate * act_grad
-        g = gg.to(acc)
-        dz = (g if gate is None else g * gate).to(y.dtype)
-        return _gemm(dz, weight.t(), seed, offset)
+        ghost, y, weight, seed, offset = ctx.saved_tensors
+        activation, slope, p = ctx.hyper
+        dx, _, _ = LinearActFunction.backward_call(gg, ghost, weight, y, activation, slope, p,
+                                                   seed, offset, True, False, ctx.backend or "")
+        return (dx,) + (None,) * 7
 
 
 def keras_init_(model: nn.Module) -> nn.Module:

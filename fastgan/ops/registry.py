@@ -320,6 +320,15 @@ def define(class_name: str, op: OpDef) -> type:
         knows): the op's body, with no autograd node."""
         return results(run_body(args)[1])
 
+    def backward_call(grad, *args):
+        """The op's backward (``fastgan::<name>_backward``'s arguments and results)
+        outside autograd: its body in plain eager code, else the registered op.
+        For callers that reuse the backward kernel on rows of their own (the
+        simultaneous step's ghost rows, ``fastgan.nn.models.GhostRows``)."""
+        if _eager(grad, *(a for a in args if isinstance(a, Tensor))):
+            return backward_body(grad, *args)
+        return backward_op(grad, *args)
+
     def _any_requires_grad(args) -> bool:
         for i in grad_index:
             t = args[i]
@@ -338,6 +347,7 @@ def define(class_name: str, op: OpDef) -> type:
         "backward": staticmethod(backward),
         "call": staticmethod(call),
         "call_no_grad": staticmethod(call_no_grad),
+        "backward_call": staticmethod(backward_call),
     })
     return function
 

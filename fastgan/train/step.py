@@ -6,7 +6,7 @@ Two schedules (``schedule=``), both in ``GANStep`` and ``ReferenceStep``:
   backward, Adam; then the G loss through the *updated* D (``gan_bce_g``),
   backward, Adam. D runs forward on the fakes twice.
 * ``"simultaneous"``: the seed GAN's step (two ``GradientTape``s in the
-  TensorFlow original). G runs once, D runs once on [real; fake], both losses
+  TensorFlow original). G runs once, D runs once on [fake; real], both losses
   come from that forward, each network gets the gradient of its own loss, then
   both Adam steps. D's update does not affect G's gradient in this step. The
   engine's backward is one sweep: at each fused layer of D the D loss's
@@ -186,9 +186,10 @@ class _Step:
 class ReferenceStep(_Step):
     """The eager plain-PyTorch GAN step: the baseline and the ground truth.
 
-    D runs once over [real; fake] in both schedules, as the engine runs it: the
-    seed GAN's D has no BatchNorm, so that is the same function as two
-    forwards, and on fused layers it draws the same dropout masks as the engine.
+    D runs once over both batches in both schedules, in the engine's order
+    ([real; fake] alternating, [fake; real] simultaneous): the seed GAN's D has
+    no BatchNorm, so that is the same function as two forwards, and on fused
+    layers it draws the same dropout masks as the engine.
     """
 
     def _step(self, real: Tensor) -> StepStats:
@@ -226,8 +227,8 @@ class ReferenceStep(_Step):
 
     def _simultaneous(self, real: Tensor, fake: Tensor) -> StepStats:
         B = self.batch_size
-        logits = self.D(torch.cat([real, fake]))
-        real_logits, fake_logits = logits[:B], logits[B:]
+        logits = self.D(torch.cat([fake, real]))   # the engine's order (GANStep._simultaneous)
+        fake_logits, real_logits = logits[:B], logits[B:]
         d_loss = self._d_loss(real_logits, fake_logits)
         g_loss = self._g_loss(fake_logits)
         # Each loss differentiated with respect to its own network's parameters
@@ -312,20 +313,23 @@ class GANStep(_Step):
         B = self.batch_size
         self.d_opt.zero_grad(set_to_none=True)
         self.g_opt.zero_grad(set_to_none=True)
+        # D's batch is [fake; real]: the fakes first, so that the ghost rows
+        # are rows 0..B-1 of each layer, whose dropout masks the layer's own
+        # backward kernel recomputes (fastgan.nn.models.GhostRows).
         if self.ghost:
-            # One forward of D over [real; fake]; the fakes again as ghost rows,
+            # One forward of D over [fake; real]; the fakes again as ghost rows,
             # which carry the G loss's gradient down to G (and none to D's
             # weights): one backward sweep for both losses.
-            logits, g_logits = self.D(torch.cat([real, fake.detach()]), ghost=fake)
-            d = FG.gan_bce_d(logits[:B], logits[B:], self.smoothing)
+            logits, g_logits = self.D(torch.cat([fake.detach(), real]), ghost=fake)
+            d = FG.gan_bce_d(logits[B:], logits[:B], self.smoothing)
             g = FG.gan_bce_g(g_logits)
             (d.loss + g.loss).backward()
         else:
             # Any other D: one forward, then each loss's backward into its own
             # network's parameters only.
-            logits = self.D(torch.cat([real, fake]))
-            d = FG.gan_bce_d(logits[:B], logits[B:], self.smoothing)
-            g = FG.gan_bce_g(logits[B:])
+            logits = self.D(torch.cat([fake, real]))
+            d = FG.gan_bce_d(logits[B:], logits[:B], self.smoothing)
+            g = FG.gan_bce_g(logits[:B])
             torch.autograd.backward(d.loss, inputs=_trainable(self.D), retain_graph=True)
             torch.autograd.backward(g.loss, inputs=_trainable(self.G))
         self.d_opt.step()

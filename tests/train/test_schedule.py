@@ -84,11 +84,11 @@ def test_engine_equals_reference_step_dropout_on(name, schedule):
             after_engine = backend.calls[(name, "linear_act_backward")]
             s0 = ref()
             torch.testing.assert_close(torch.stack(s1), torch.stack(s0), rtol=1e-5, atol=1e-6)
-            # D's layers differentiated once per step (simultaneous) or twice
-            # (alternating: the D step and the G step), plus G's tanh head.
+            # Two backward kernels per D layer (alternating: the D step's and the
+            # G step's; simultaneous: the x rows' and the ghost rows'), plus G's
+            # tanh head.
             d_layers = len(cfg.d_hidden) + 1
-            assert after_engine - before == (d_layers if schedule == "simultaneous"
-                                             else 2 * d_layers) + 1
+            assert after_engine - before == 2 * d_layers + 1
             before = backend.calls[(name, "linear_act_backward")]
     _assert_models_close(cfg, engine, ref, STEPS)
     assert [t.tolist() for t in fastgan.nn.dropout_rng_state(engine.D)] == \
@@ -186,18 +186,18 @@ def test_ghost_rows_equal_two_backward_passes(case, rows, ghost, p):
     src = torch.randn(ghost, 13, device=device, requires_grad=True)
     wx = torch.randn(rows, 1, device=device)
     wg = torch.randn(ghost, 1, device=device)
-    with ran(name, "linear_act_forward"):
-        x = torch.cat([real, src.detach()]).requires_grad_()
+    with ran(name, "linear_act_forward"), ran(name, "linear_act_backward"):
+        x = torch.cat([src.detach(), real]).requires_grad_()
         out, out_g = D(x, ghost=src)
         ((out * wx).sum() + (out_g * wg).sum()).backward()
         # the same masks: D2 holds D's dropout counters from before the forward
-        xx = torch.cat([real, src])
+        xx = torch.cat([src, real])
         y = D2(xx)
     torch.testing.assert_close(out, y.detach())
-    torch.testing.assert_close(out_g, y.detach()[rows - ghost:])
+    torch.testing.assert_close(out_g, y.detach()[:ghost])
     with fastgan.use_backend(name):
         want_w = torch.autograd.grad((y * wx).sum(), [*D2.parameters(), xx], retain_graph=True)
-        want_src = torch.autograd.grad((y[rows - ghost:] * wg).sum(), src)[0]
+        want_src = torch.autograd.grad((y[:ghost] * wg).sum(), src)[0]
     for (n, q), w in zip(D.named_parameters(), want_w):
         torch.testing.assert_close(q.grad, w, rtol=1e-5, atol=1e-6, msg=n)
     torch.testing.assert_close(x.grad, want_w[-1], rtol=1e-5, atol=1e-6)
@@ -212,11 +212,11 @@ def test_ghost_rows_bf16_autocast():
     D2 = copy.deepcopy(D)
     real, src = torch.randn(4, 20), torch.randn(4, 20, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, out_g = D(torch.cat([real, src.detach()]), ghost=src)
+        out, out_g = D(torch.cat([src.detach(), real]), ghost=src)
         (out.float().sum() + 2 * out_g.float().sum()).backward()
-        y = D2(torch.cat([real, src]))
+        y = D2(torch.cat([src, real]))
         want_w = torch.autograd.grad(y.float().sum(), list(D2.parameters()), retain_graph=True)
-        want_src = torch.autograd.grad(2 * y[4:].float().sum(), src)[0]
+        want_src = torch.autograd.grad(2 * y[:4].float().sum(), src)[0]
     assert out.dtype == torch.bfloat16
     for (n, q), w in zip(D.named_parameters(), want_w):
         torch.testing.assert_close(q.grad, w, rtol=2e-2, atol=2e-2, msg=n)
@@ -253,11 +253,10 @@ def test_step_flops_count_the_gemms_each_schedule_runs(schedule, monkeypatch):
     The plain-PyTorch reference does one D pass (forward FLOPs) more than
     needed in each schedule: alternating's g_loss.backward() also forms D's
     weight gradient of the G loss; simultaneous's autograd.grad of the G loss
-    multiplies the whole [real; fake] batch through D's input gradients (zero
-    on the real rows). The engine on the reference backend: simultaneous runs
-    exactly the count, plus the K = 1 column GEMM that recomputes each dropout
-    mask; alternating runs exactly the count (the G step's backward through the
-    frozen D skips D's dW: ``compute_dw``)."""
+    multiplies the whole [fake; real] batch through D's input gradients (zero
+    on the real rows). The engine on the reference backend runs exactly the
+    count in both: the G step's backward through the frozen D, and the ghost
+    rows of the simultaneous sweep, skip D's dW (``compute_dw``)."""
     cfg = TrainConfig(**SMALL, dropout=0.2)
     B_, G, D = 16, *build_models(TrainConfig(**SMALL, reference=True))
     want = B.step_flops(G, D, B_, schedule)
@@ -274,9 +273,7 @@ def test_step_flops_count_the_gemms_each_schedule_runs(schedule, monkeypatch):
     eng = GANStep(Gf, Df, make_adam(Gf.parameters()), make_adam(Df.parameters()), batch_size=B_,
                   latent_dim=8, schedule=schedule)
     with fastgan.use_backend("reference"):
-        masks = sum(2 * 2 * B_ * n for _, n in B.linear_shapes(Df)[:-1])  # dropout layers
-        extra = masks if schedule == "simultaneous" else 0
-        assert _counted(lambda: eng(real)) == want + extra
+        assert _counted(lambda: eng(real)) == want
 
 
 def test_step_flops_seed_gan_numbers():

@@ -282,9 +282,9 @@ def test_fastgan_bf16_step_is_the_bf16_training_mode():
     assert seen and all(s == (False, torch.bfloat16, torch.bfloat16) for s in seen)
     assert sum(n for (b, _), n in backend.calls.items() if b == "cpu") > before
     assert not torch.equal(w, G.net[0][0].weight)
-    # fp32 stays the fp32 engine: plain fused Adam, fp32 weights
+    # fp32 stays the fp32 engine: torch's fused Adam (FusedAdam), fp32 weights
     step32, G32, _ = B.build_step(c, 8, CPU, "fp32")
-    assert type(step32.engine.d_opt) is torch.optim.Adam
+    assert type(step32.engine.d_opt) is fastgan.train.FusedAdam
     assert G32.net[0][0].weight.dtype == torch.float32
 
 

@@ -541,7 +541,8 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch, on_disk
         rec = {"kind": kind, "step": trainer.steps, "epoch": trainer.steps / spe,
                **{k: (round(v, 5) if math.isfinite(v) else None) for k, v in means.items()},
                "steps_per_s": round(rate, 3), "images_per_s": round(rate * B, 1),
-               "elapsed_s": round(now - t0, 2), **extra, **({"nonfinite": bad} if bad else {})}
+               "elapsed_s": round(now - t0, 2), "saving_s": round(saving, 2),
+               **extra, **({"nonfinite": bad} if bad else {})}
         if trainer.is_main:
             try:
                 metrics.write(json.dumps(rec, allow_nan=False) + "\n")
@@ -557,6 +558,7 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch, on_disk
     stop = _Interrupt()
     t0 = t_last = time.perf_counter()
     s_last = trainer.steps
+    saving = 0.0     # seconds spent writing checkpoints and grids (not in the rates)
     stopped = 0      # the signal that stopped the run (agreed by all ranks)
     logging = False  # where an error surfaced: in the log's host sync or in a step
     try:
@@ -577,7 +579,11 @@ def _loop(trainer, total, out, args, tqdm, save_grid, checkpoint, torch, on_disk
                 if nonfinite:
                     raise diverged(", ".join(bad) if bad else "another rank's losses")
                 if epoch_end:
+                    t_save = time.perf_counter()
                     save_checkpoint(png)
+                    # The next rate counts steps only: its clock starts after the save.
+                    t_last = time.perf_counter()
+                    saving += t_last - t_save
                 bar.set_postfix_str(
                     f"ep {trainer.steps / spe:.1f} | {rec['images_per_s']:.0f} img/s | "
                     f"D {rec['d_loss']:.3f} G {rec['g_loss']:.3f} | "

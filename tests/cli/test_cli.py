@@ -213,3 +213,24 @@ def test_train_freezes_its_setup_out_of_the_collector_during_the_run(npz, tmp_pa
     assert main(train_args(npz, tmp_path / "run", "--steps", 2)) == 0
     assert seen and seen[0] > 1000
     assert gc.get_freeze_count() == 0
+
+
+def test_rates_leave_out_the_checkpoint_writes(npz, tmp_path, monkeypatch):
+    # A slow save (0.4 s here) shows in saving_s, not in the rate of the
+    # interval that follows it: the rates are the steps' own.
+    from fastgan.train import checkpoint
+    save = checkpoint.save
+
+    def slow(*a, **kw):
+        time.sleep(0.4)
+        return save(*a, **kw)
+    monkeypatch.setattr(checkpoint, "save", slow)
+    out = tmp_path / "run"
+    assert main(train_args(npz, out, "--steps", 8, "--log-every", 3)) == 0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in recs] == \
+        [(3, "log"), (4, "epoch"), (6, "log"), (8, "epoch")]
+    assert [r["saving_s"] >= w for r, w in zip(recs, (0, 0, 0.4, 0.4))] == [True] * 4
+    # two steps after the epoch-4 save: at 0.2 s a step or faster, never the save's 0.4 s
+    assert recs[2]["steps_per_s"] > 2 / 0.4
+    assert recs[2]["elapsed_s"] >= recs[2]["saving_s"]

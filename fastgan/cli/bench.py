@@ -276,9 +276,13 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.quality:
         return _run_quality(args)
+    from ..impl import keep_cpu_heap
     from ..tools import benchmark as B
 
     cfg = config_from_args(args)
+    # What B.run does first, done before the peaks and the machine record are
+    # taken, so that both describe the heap the contenders run with.
+    keep_cpu_heap(cfg.device)
     print(f"fastgan bench on {cfg.device} ({B.machine_info(cfg.device)['gpu'] or B.cpu_model()}); "
           f"contenders: {', '.join(c.name for c in B.contenders(cfg.device, cfg.contenders))}",
           flush=True)

@@ -129,6 +129,13 @@ def dropout_mask(state, rows: int, cols: int, p: float, dtype=torch.float32) -> 
     return torch.ops.fastgan_C.cpu_dropout_mask(state, rows, cols, p, dtype)
 
 
+def next_key(state) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seed, offset)`` of CPU dropout stream ``state`` (``[seed, counter]``, int64)
+    as two new 0-dim tensors, then ``state[1] += 1``: ``fastgan.nn.layers.next_key``
+    in one C++ call instead of three ATen ones."""
+    return torch.ops.fastgan_C.cpu_next_key(state)
+
+
 def master_adam_(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float,
                  beta2: float, weight_decay: float, eps: float, maximize: bool) -> None:
     """One Adam step of bf16/fp16 ``params`` over their fp32 ``masters`` in one pass

@@ -121,12 +121,24 @@ _STEPS: dict = {}      # device -> tensor([0, 1]): one advance of a [seed, count
 _ZERO_KEYS: dict = {}  # device -> (seed, offset) handed to ops that drop nothing
 
 
+_CPU_KEY: list = []   # [cpu backend's next_key or None], once looked up
+
+
 def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
     """``(seed, offset)`` of the next mask of stream ``state``, which advances on the device.
 
     A copy, not a view: autograd saves the key for backward, and a later
     forward's in-place advance of the stream must not invalidate an earlier graph.
+    On the CPU in eager code one C++ call does it (``fastgan.impl.cpu.next_key``).
     """
+    if state.is_cpu and not torch.compiler.is_compiling():
+        if not _CPU_KEY:
+            try:
+                _CPU_KEY.append(dispatch.module("cpu").next_key)
+            except RuntimeError:   # the extension is not built
+                _CPU_KEY.append(None)
+        if _CPU_KEY[0] is not None:
+            return _CPU_KEY[0](state)
     key = state.clone()
     step = _STEPS.get(state.device)
     if step is None:

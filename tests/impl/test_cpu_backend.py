@@ -353,6 +353,29 @@ def test_dropout_mask_bit_exact(seed, offset, shape):
     assert torch.equal(y2 != 0, keep)
 
 
+@pytest.mark.parametrize("seed,offset", SEEDS_OFFSETS)
+def test_next_key_in_cpp_is_the_aten_next_key(seed, offset, monkeypatch):
+    """fastgan.nn.layers.next_key on a CPU stream runs one C++ call (cpu_next_key):
+    the same key and the same advance as its clone/add_/unbind path, and keys
+    that do not alias the stream."""
+    from fastgan.nn import layers
+    fast, slow = torch.tensor([seed, offset]), torch.tensor([seed, offset])
+    calls = []
+    real = torch.ops.fastgan_C.cpu_next_key
+    layers._CPU_KEY.clear()
+    monkeypatch.setattr(fastgan.impl.cpu, "next_key", lambda st: calls.append(1) or real(st))
+    key = layers.next_key(fast)
+    assert calls == [1]
+    monkeypatch.setattr(layers, "_CPU_KEY", [None])   # the ATen path
+    want = layers.next_key(slow)
+    layers._CPU_KEY.clear()
+    assert [k.shape for k in key] == [k.shape for k in want] == [(), ()]
+    assert [k.item() for k in key] == [k.item() for k in want] == [seed, offset]
+    assert torch.equal(fast, slow)   # the same advance (int64 wraps at 2**63 - 1)
+    fast[0] += 1
+    assert key[0].item() == seed   # a copy, not a view of the stream
+
+
 # ------------------------------------------------------------------ threads
 def test_results_do_not_depend_on_thread_count():
     g = torch.Generator().manual_seed(6)

@@ -67,8 +67,11 @@ def _cpu_us(fns: dict, calls: int, rounds: int) -> dict:
 
 
 def _overhead_callables(cls, p: float, train: bool) -> dict:
-    """The four ways to run one tiny fused layer's forward on the same tensors:
-    ``layer`` (the fused module), ``functional`` (``fastgan.functional``: the
+    """The five ways to run one tiny fused layer's forward on the same tensors:
+    ``layer`` (the fused module as the speed rule routes it: its fused op or, where
+    that would lose, its plain children), ``fused`` (the module on its fused op,
+    forced),
+    ``functional`` (``fastgan.functional``: the
     argument check, dispatch and autograd.Function, no module), ``kernel`` (the
     backend's C++ forward alone: the floor) and ``plain`` (the same block as an
     ``nn.Sequential``, what the layer replaces)."""
@@ -112,8 +115,18 @@ def _overhead_callables(cls, p: float, train: bool) -> dict:
 
         def functional():
             return FG.linear_act(x, w, b, "leaky_relu", 0.2, q, train, seed, offset)
-    return {"layer": lambda: layer(x), "functional": functional, "kernel": kernel,
-            "plain": lambda: plain(x)}
+    def fused():
+        # the same layer with the fused path forced (whatever the speed rule picks):
+        # the thread-local set directly, as fused_path does
+        state = layers._path_state
+        prev, state.path = state.path, "fused"
+        try:
+            return layer(x)
+        finally:
+            state.path = prev
+
+    return {"layer": lambda: layer(x), "fused": fused, "functional": functional,
+            "kernel": kernel, "plain": lambda: plain(x)}
 
 
 def overhead(repeat: int = 2000, samples: int = 15, modes=("train", "eval")) -> list[dict]:
@@ -123,7 +136,9 @@ def overhead(repeat: int = 2000, samples: int = 15, modes=("train", "eval")) -> 
     wall clock on fastgan's timer (median) and thread CPU time (best round).
     ``train``: a training forward, parameters needing grad (the autograd graph
     is built); ``eval``: an eval-mode forward under no_grad (inference).
-    ``overhead_us`` = layer - kernel: what the Python layers cost per call."""
+    ``overhead_us`` = layer - kernel: what the Python layers cost per call;
+    ``fused_overhead_us`` = fused - kernel: what the fused call's Python (module,
+    route, dropout key, autograd Function, check, dispatch) costs over its op."""
     from fastgan import nn as fnn
 
     timing = _timing()
@@ -144,6 +159,8 @@ def overhead(repeat: int = 2000, samples: int = 15, modes=("train", "eval")) -> 
                     row[f"{k}_cpu_us"] = round(c[k], 2)
                 row["overhead_us"] = round(us["layer"] - us["kernel"], 2)
                 row["overhead_cpu_us"] = round(c["layer"] - c["kernel"], 2)
+                row["fused_overhead_us"] = round(us["fused"] - us["kernel"], 2)
+                row["fused_overhead_cpu_us"] = round(c["fused"] - c["kernel"], 2)
                 rows.append(row)
     return rows
 
@@ -227,7 +244,9 @@ def main(argv=None) -> int:
                   f"C++ forward {r['kernel_us']:6.2f} us, plain {r['plain_us']:7.2f} us, "
                   f"overhead {r['overhead_us']:6.2f} us; CPU time: layer "
                   f"{r['layer_cpu_us']:6.2f} us, C++ forward {r['kernel_cpu_us']:6.2f} us, "
-                  f"overhead {r['overhead_cpu_us']:6.2f} us", flush=True)
+                  f"overhead {r['overhead_cpu_us']:6.2f} us; fused path forced: layer "
+                  f"{r['fused_cpu_us']:6.2f} us, overhead {r['fused_overhead_cpu_us']:6.2f} us "
+                  "(CPU time)", flush=True)
     else:
         rows = wgan_gp(args.batch, args.penalty, args.samples or 10, args.min_run_time)
         for r in rows:

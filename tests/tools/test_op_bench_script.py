@@ -75,9 +75,19 @@ def test_overhead_is_one_measurement(tmp_path, capsys):
         (cls, mode, p) for mode in ("train", "eval") for cls in ("LinearAct", "LinearBNAct")
         for p in (0.0, 0.2)]
     for r in rows:
-        for k in ("layer", "functional", "kernel", "plain"):
+        for k in ("layer", "fused", "functional", "kernel", "plain"):
             assert r[f"{k}_us"] > 0 and r[f"{k}_cpu_us"] >= 0
         assert r["overhead_us"] == pytest.approx(r["layer_us"] - r["kernel_us"], abs=0.02)
+        assert r["fused_overhead_us"] == pytest.approx(r["fused_us"] - r["kernel_us"], abs=0.02)
+    # "fused" runs the fused op, whatever the speed rule picks for "layer"
+    from fastgan import nn as fnn
+    from fastgan.ops import dispatch
+    for cls, op in ((fnn.LinearAct, "linear_act_forward"),
+                    (fnn.LinearBNAct, "linear_bn_act_forward")):
+        fns = drop_in["_overhead_callables"](cls, 0.2, True)
+        before = dispatch.calls[("cpu", op)]
+        fns["fused"]()
+        assert dispatch.calls[("cpu", op)] == before + 1
     out = tmp_path / "o" / "overhead.json"
     shim = runpy.run_path(os.path.join(BENCH, "bench_cpu_overhead.py"))
     assert shim["main"](["--out", str(out), "--threads", "1", "--samples", "1", "--repeat", "2",

@@ -121,7 +121,18 @@ _STEPS: dict = {}      # device -> tensor([0, 1]): one advance of a [seed, count
 _ZERO_KEYS: dict = {}  # device -> (seed, offset) handed to ops that drop nothing
 
 
-_CPU_KEY: list = []   # [cpu backend's next_key or None], once looked up
+_CPU_FNS: dict = {}   # name -> the cpu backend's function of that name, or None
+
+
+def _cpu_fn(name: str):
+    """The cpu backend's function ``name`` (``next_key``, ``dropout_mask``: bit-exact
+    with every backend), or None where the extension is not built; looked up once."""
+    if name not in _CPU_FNS:
+        try:
+            _CPU_FNS[name] = getattr(dispatch.module("cpu"), name)
+        except RuntimeError:
+            _CPU_FNS[name] = None
+    return _CPU_FNS[name]
 
 
 def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
@@ -132,13 +143,9 @@ def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
     On the CPU in eager code one C++ call does it (``fastgan.impl.cpu.next_key``).
     """
     if state.is_cpu and not torch.compiler.is_compiling():
-        if not _CPU_KEY:
-            try:
-                _CPU_KEY.append(dispatch.module("cpu").next_key)
-            except RuntimeError:   # the extension is not built
-                _CPU_KEY.append(None)
-        if _CPU_KEY[0] is not None:
-            return _CPU_KEY[0](state)
+        cpu_next_key = _cpu_fn("next_key")
+        if cpu_next_key is not None:
+            return cpu_next_key(state)
     key = state.clone()
     step = _STEPS.get(state.device)
     if step is None:
@@ -262,20 +269,6 @@ def _ones(n: int, device: torch.device) -> Tensor:
             _ONES.clear()
         t = _ONES[(n, device)] = torch.ones(n, 1, device=device)
     return t
-
-
-_CPU_MASK: list = []   # [cpu backend's dropout_mask or None], once looked up
-
-
-def _cpu_mask():
-    """The cpu backend's ``dropout_mask`` (bit-exact with every backend's mask), or
-    None where the extension is not built."""
-    if not _CPU_MASK:
-        try:
-            _CPU_MASK.append(dispatch.module("cpu").dropout_mask)
-        except RuntimeError:
-            _CPU_MASK.append(None)
-    return _CPU_MASK[0]
 
 
 def _dropout_mask(y: Tensor, p: float, seed: Tensor, offset: Tensor) -> Tensor:
@@ -573,7 +566,7 @@ class _Fused(nn.Sequential):
     def _plain_dropout(self, y: Tensor, p: float) -> Tensor:
         """``y`` with the mask a fused call would draw next, applied in fp32 and
         rounded once (``y`` is the fresh output of the children)."""
-        mask = _cpu_mask() if y.device.type == "cpu" else None
+        mask = _cpu_fn("dropout_mask") if y.device.type == "cpu" else None
         if mask is None:   # any device: the backend's own kernel draws it
             seed, offset = self.dropout_key(p)
             return _dropout_mask(y, p, seed, offset)

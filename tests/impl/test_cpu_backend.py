@@ -362,13 +362,12 @@ def test_next_key_in_cpp_is_the_aten_next_key(seed, offset, monkeypatch):
     fast, slow = torch.tensor([seed, offset]), torch.tensor([seed, offset])
     calls = []
     real = torch.ops.fastgan_C.cpu_next_key
-    layers._CPU_KEY.clear()
+    monkeypatch.setattr(layers, "_CPU_FNS", {})   # a fresh lookup, restored after
     monkeypatch.setattr(fastgan.impl.cpu, "next_key", lambda st: calls.append(1) or real(st))
     key = layers.next_key(fast)
     assert calls == [1]
-    monkeypatch.setattr(layers, "_CPU_KEY", [None])   # the ATen path
+    monkeypatch.setitem(layers._CPU_FNS, "next_key", None)   # the ATen path
     want = layers.next_key(slow)
-    layers._CPU_KEY.clear()
     assert [k.shape for k in key] == [k.shape for k in want] == [(), ()]
     assert [k.item() for k in key] == [k.item() for k in want] == [seed, offset]
     assert torch.equal(fast, slow)   # the same advance (int64 wraps at 2**63 - 1)

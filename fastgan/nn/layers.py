@@ -363,6 +363,11 @@ def _hooked(modules) -> bool:
     return False
 
 
+def _tensor_hooked(t: Optional[Tensor]) -> bool:
+    """Whether a parameter has a gradient hook (autograd would call it)."""
+    return t is not None and bool(t._backward_hooks or t._post_accumulate_grad_hooks)
+
+
 def _linear_tensors(lin: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
     """``(lin.weight, lin.bias)`` as the Linear's own forward reads them. A plain
     nn.Linear's come from its parameter dict (two dict reads instead of two
@@ -464,6 +469,9 @@ class _Fused(nn.Sequential):
         if plan.bn is not None:
             checks.batch_norm(plan.bn.eps, plan.bn.momentum)
 
+    def _sync_active(self) -> bool:
+        return False   # (LinearBNAct: cross-process batch statistics)
+
     def activation(self) -> tuple[str, float]:
         """(name, negative_slope) of the activation child."""
         return activation_of(self[self.act_index])
@@ -514,6 +522,38 @@ class _Fused(nn.Sequential):
         p = float(drop.p) if drop is not None and drop.training else 0.0
         seed, offset = self.dropout_key(p)
         return x, weight, bias, plan.row.name, plan.row.slope_of(plan.act), p, seed, offset
+
+    # ------------------------------------------------------------ the engine's tape
+    # fastgan.train.tape runs a chain of fused layers forward and backward without
+    # autograd: it asks ``tape_ready`` before each step, then takes each forward's
+    # op arguments from ``tape_args`` and calls ``self.function``'s tape_forward /
+    # tape_backward itself.
+    def tape_ready(self) -> bool:
+        """Whether this layer's forward may run as its fused op outside autograd:
+        False for a hook on the layer or a child, children it does not fuse (or
+        after the fused ones), cross-process BatchNorm statistics, a Linear or
+        BatchNorm1d subclass, a hooked parameter, or ``fused_path("plain")``.
+        (The speed rule is not asked: it weighs the fused op's autograd
+        Function against the children's autograd, and without autograd the
+        fused op is the cheaper of the two at every size.)"""
+        plan = self._plan
+        if plan is None or plan.kids != tuple(self._modules.values()):
+            plan = self._make_plan()
+        lin, bn = plan.linear, plan.bn
+        if plan.n == 0 or plan.tail or lin.__class__ is not nn.Linear or \
+                (bn is not None and bn.__class__ is not nn.BatchNorm1d) or \
+                _hooked((self, *plan.kids)) or self._sync_active() or \
+                (_path_state.path or current_path()) == "plain":
+            return False
+        weight, bias = _linear_tensors(lin)
+        return not (_tensor_hooked(weight) or _tensor_hooked(bias) or (bn is not None and (
+            _tensor_hooked(bn._parameters.get("weight"))
+            or _tensor_hooked(bn._parameters.get("bias")))))
+
+    def tape_args(self, x: Tensor) -> tuple:
+        """The arguments of ``self.function``'s op for this forward (draws the
+        dropout key); only where ``tape_fuses`` said yes."""
+        return self._op_args(self.plan(), x, GRAD)[1]
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
@@ -617,22 +657,33 @@ class LinearBNAct(_Fused):
     sync_stats = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.sync_stats is not None and self.sync_stats.active():
+        if self._sync_active():
             return self.sync_stats(self, x)
         return super().forward(x)
 
-    def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
+    function = LinearBNActFunction
+
+    def _sync_active(self) -> bool:
+        return self.training and self.sync_stats is not None and self.sync_stats.active()
+
+    def _op_args(self, plan: _Plan, x: Tensor, route: Optional[int] = None):
         xc, weight, bias = autocast_inputs(x, *_linear_tensors(plan.linear))
         drop, bn = plan.dropout, plan.bn
         p = float(drop.p) if drop is not None and drop.training else 0.0
         bn_tensors = _bn_tensors(bn)
-        route = _route(xc, weight, bias, bn.training, p, bn_tensors[0], bn_tensors[1])
-        if route == PLAIN:
-            return self._plain(plan, x, p)
+        if route is None:
+            route = _route(xc, weight, bias, bn.training, p, bn_tensors[0], bn_tensors[1])
+            if route == PLAIN:
+                return route, p
         seed, offset = self.dropout_key(p)
-        run = _RUN_BN[route]
-        return run(xc, weight, bias, *bn_tensors, bn.training, bn.momentum, bn.eps,
-                   plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
+        return route, (xc, weight, bias, *bn_tensors, bn.training, bn.momentum, bn.eps,
+                       plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
+
+    def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
+        route, args = self._op_args(plan, x)
+        if route == PLAIN:
+            return self._plain(plan, x, args)
+        return _RUN_BN[route](*args)
 
 
 class LinearAct(_Fused):
@@ -648,16 +699,25 @@ class LinearAct(_Fused):
                                                 negative_slope, dropout, device, dtype))
         self._validate()
 
-    def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
+    function = LinearActFunction
+
+    def _op_args(self, plan: _Plan, x: Tensor, route: Optional[int] = None):
         xc, weight, bias = autocast_inputs(x, *_linear_tensors(plan.linear))
         drop = plan.dropout
         p = float(drop.p) if drop is not None and drop.training else 0.0
-        route = _route(xc, weight, bias, None, p)
-        if route == PLAIN:
-            return self._plain(plan, x, p)
+        if route is None:
+            route = _route(xc, weight, bias, None, p)
+            if route == PLAIN:
+                return route, p
         seed, offset = self.dropout_key(p)
-        run = _RUN[route]
-        return run(xc, weight, bias, plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
+        return route, (xc, weight, bias, plan.row.name, plan.row.slope_of(plan.act), p, seed,
+                       offset)
+
+    def _fused(self, plan: _Plan, x: Tensor) -> Tensor:
+        route, args = self._op_args(plan, x)
+        if route == PLAIN:
+            return self._plain(plan, x, args)
+        return _RUN[route](*args)
 
 
 # route -> how the fused op is called

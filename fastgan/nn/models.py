@@ -133,9 +133,20 @@ class GhostRows(torch.autograd.Function):
                                "Discriminator without ghost=")
         ghost, y, weight, seed, offset = ctx.saved_tensors
         activation, slope, p = ctx.hyper
-        dx, _, _ = LinearActFunction.backward_call(gg, ghost, weight, y, activation, slope, p,
-                                                   seed, offset, True, False, ctx.backend or "")
+        dx = ghost_dx(gg, ghost, weight, y, activation, slope, p, seed, offset, ctx.backend)
         return (dx,) + (None,) * 7
+
+
+def ghost_dx(grad: Tensor, x: Tensor, weight: Tensor, y: Tensor, activation: str,
+             negative_slope: float, p: float, seed: Tensor, offset: Tensor,
+             backend: Optional[str]) -> Tensor:
+    """The input gradient of the first ``len(grad)`` rows of a ``LinearAct`` op
+    (``x``, ``y``: those rows of its input and output) from ``grad``, with no
+    weight gradient: the op's own backward kernel, on the backend its forward
+    ran on. The ghost rows' backward (``GhostRows``, ``fastgan.train.tape``)."""
+    dx, _, _ = LinearActFunction.backward_call(grad, x, weight, y, activation, negative_slope,
+                                               p, seed, offset, True, False, backend or "")
+    return dx
 
 
 def keras_init_(model: nn.Module) -> nn.Module:

@@ -329,6 +329,28 @@ def define(class_name: str, op: OpDef) -> type:
             return backward_body(grad, *args)
         return backward_op(grad, *args)
 
+    def tape_forward(*args):
+        """The op's forward outside autograd, for callers that differentiate it
+        themselves (``fastgan.train.tape``): its body on plain eager tensors (the
+        same check, backend and outputs as ``call``), run with grad mode off.
+        Returns ``(results, record)``; ``record`` holds what the autograd Function
+        would save, for ``tape_backward``."""
+        backend, out = run_body(args)
+        pool = (*args, *out) if isinstance(out, tuple) else (*args, out)
+        return results(out), (pick_tensors(pool), pick_constants(pool), dispatch.forced())
+
+    n_flags = len(flag_index)
+
+    def tape_backward(record, grad, compute_dx=True, compute_dw=True):
+        """The gradients the Function's backward computes from ``record``
+        (``tape_forward``'s) for the gradient ``grad`` of the first output: one
+        per ``grads`` input, in that order (inputs ``grad_index``), empty where
+        not needed (``compute_dx`` for the first; ``compute_dw``, for the Linear
+        ops' weight, as the op's backward takes them)."""
+        tensors, constants, backend = record
+        flags = (compute_dx, compute_dw)[:n_flags]
+        return backward_body(grad, *_unpack(layout, tensors, constants), *flags, backend or "")
+
     def _any_requires_grad(args) -> bool:
         for i in grad_index:
             t = args[i]
@@ -348,6 +370,10 @@ def define(class_name: str, op: OpDef) -> type:
         "call": staticmethod(call),
         "call_no_grad": staticmethod(call_no_grad),
         "backward_call": staticmethod(backward_call),
+        "tape_forward": staticmethod(tape_forward),
+        "tape_backward": staticmethod(tape_backward),
+        "grads": op.grads,
+        "grad_index": grad_index,
     })
     return function
 

@@ -99,6 +99,18 @@ class FusedAdam(torch.optim.Adam):
                                    maximize=False, grad_scale=None, found_inf=None)
         return None
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; with ``set_to_none`` and no profiler running, the
+        same loop without its profiler range (~0.1 ms of a batch-64 CPU step)."""
+        if not set_to_none or torch.autograd._profiler_enabled() or \
+                torch.compiler.is_compiling():
+            return super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = None
+        return None
+
     # torch's own step, hooks and profiler range included, for every other case
     _torch_step = _optimizer.Optimizer.profile_hook_step(_adam_step)
     # FusedAdam.step runs the hooks through _torch_step whenever there are any:

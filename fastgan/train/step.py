@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..ops import dispatch as backend
 from ..ops import functional as FG
 from . import distributed as fdist
+from . import tape as _tape
 from .adam import FusedAdam
 from .batches import ResidentBatches
 from .config import SCHEDULES, ConfigError, mix_seed
@@ -253,12 +254,16 @@ class GANStep(_Step):
     ``steps_per_call=k`` runs k steps per call (one graph replay of k steps on
     CUDA, fewer launches); it needs ``batches`` and returns the last step's stats.
     ``schedule``: ``"alternating"`` or ``"simultaneous"`` (module docstring).
+    ``tape``: on the CPU, run the step without autograd where the networks allow
+    it (``fastgan.train.tape``: the same numbers, less overhead); False always
+    runs it under autograd. ``taped`` counts the steps that ran without it.
     """
 
     def __init__(self, generator, discriminator, g_opt, d_opt, *, batch_size: int,
                  latent_dim: int, batches: Optional[ResidentBatches] = None, seed: int = 0,
                  smoothing: float = 0.0, device=None, graphs: Optional[bool] = None,
-                 warmup: int = 3, steps_per_call: int = 1, schedule: str = "alternating"):
+                 warmup: int = 3, steps_per_call: int = 1, schedule: str = "alternating",
+                 tape: bool = True):
         super().__init__(generator, discriminator, g_opt, d_opt, batch_size=batch_size,
                          latent_dim=latent_dim, batches=batches, seed=seed,
                          smoothing=smoothing, device=device, schedule=schedule)
@@ -283,9 +288,19 @@ class GANStep(_Step):
         self.warmup, self.steps_per_call = warmup, steps_per_call
         self._graph: Optional[Graphed] = None
         self._static_real: Optional[Tensor] = None
+        # The eager CPU step without autograd where both networks allow it
+        # (fastgan.train.tape); ``taped`` counts the steps it ran.
+        self._chains = _tape.chains(self) if tape and not self.graphs else None
+        self.taped = 0
 
     # ---------------------------------------------------------------- eager step
     def _step(self, real: Tensor) -> StepStats:
+        if self._chains is not None and _tape.ready(self, *self._chains, real):
+            run = _tape.simultaneous if self.schedule == "simultaneous" else _tape.alternating
+            with torch.no_grad():
+                out = run(self, *self._chains, real)
+            self.taped += 1
+            return self._finish(*out)
         fake = self._fake()
         if self.schedule == "simultaneous":
             return self._simultaneous(real, fake)

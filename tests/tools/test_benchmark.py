@@ -41,6 +41,10 @@ def test_measure_counts_and_percentiles():
     assert t.percentile(20) == pytest.approx(1.8) and t.percentile(80) == pytest.approx(4.2)
 
 
+def by_name(device):
+    return {c.name: c for c in B.contenders(device)}
+
+
 def test_contenders_on_cpu():
     names = [c.name for c in B.contenders(CPU)]
     assert names[:4] == ["eager", "eager-bf16", "eager-fused-adam", "compile"]
@@ -50,6 +54,14 @@ def test_contenders_on_cpu():
         assert (f"fastgan-{b}" in names) == (b != "triton")
     if "triton" in fastgan.backends():
         assert [c.name for c in B.contenders(CPU, ["fastgan-triton"])] == ["fastgan-triton"]
+    if "cpu" in fastgan.backends():
+        # the CPU step under autograd (no tape) as well: it times what the tape saves
+        assert "fastgan-cpu-autograd" not in names
+        untaped, = B.contenders(CPU, ["fastgan-cpu-autograd"])
+        assert not untaped.tape and by_name(CPU)["fastgan-cpu"].tape
+        step = B.build_step(untaped, 4, CPU)[0]
+        step()
+        assert step.engine.taped == 0
     fused = [c.name for c in B.contenders(CPU, ["eager", "fastgan"])]
     assert fused[0] == "eager" and all(n.startswith("fastgan-") for n in fused[1:])
     # "eager" is the plain reference only; the family of all three is eager-all

@@ -33,6 +33,9 @@ class Contender:
     # A compute dtype this contender always runs in, whatever the run's dtype
     # labels (``eager-bf16``: the eager reference under autocast bf16).
     dtype: Optional[str] = None
+    # GANStep's tape (fastgan.train.tape): False runs the CPU step under autograd
+    # (``fastgan-cpu-autograd``, to time what the tape saves).
+    tape: bool = True
 
 
 def eager_baseline(dtype: str) -> tuple[str, ...]:
@@ -59,11 +62,14 @@ def contenders(device: torch.device, names: Optional[Iterable[str]] = None) -> l
         mod = _backend._load(b)[0]
         if mod is not None and mod.supports(device):
             out.append(Contender(f"fastgan-{b}", fused=True, backend=b))
+            if device.type == "cpu" and b == "cpu":
+                out.append(Contender(f"fastgan-{b}-autograd", fused=True, backend=b,
+                                     tape=False))
             if device.type == "cuda" and b != "reference":
                 out.append(Contender(f"fastgan-{b}-graph", fused=True, backend=b, cuda_graph=True))
     # Triton on CPU tensors is the interpreter: a correctness tool, far too slow
-    # to time. It runs only when named exactly.
-    interp = {"fastgan-triton"} if device.type == "cpu" else set()
+    # to time. It runs only when named exactly, as does the untaped CPU step.
+    interp = {"fastgan-triton", "fastgan-cpu-autograd"} if device.type == "cpu" else set()
     if names is None:
         return [c for c in out if c.name not in interp]
     wanted = set(names)

@@ -127,7 +127,7 @@ def build_step(c: Contender, batch: int, device: torch.device, dtype: str = "fp3
     if schedule is not None:
         kw["schedule"] = schedule
     if c.fused:
-        engine = GANStep(G, D, opt_g, opt_d, graphs=c.cuda_graph, **kw)
+        engine = GANStep(G, D, opt_g, opt_d, graphs=c.cuda_graph, tape=c.tape, **kw)
     else:
         engine = ReferenceStep(compiled(G, c), compiled(D, c), opt_g, opt_d, **kw)
     # fp32, as a data loader gives it: the engine casts it to D's dtype.

@@ -138,3 +138,22 @@ def test_make_adam_gives_fused_adam_for_fp32_and_torch_adam_unfused():
     opt = make_adam(m.parameters(), device="cpu")
     assert type(opt) is FusedAdam and opt.param_groups[0]["fused"]
     assert type(make_adam(m.parameters(), device="cpu", fused=False)) is torch.optim.Adam
+
+
+def test_zero_grad_sets_every_gradient_to_none_and_keeps_torch_semantics():
+    """The lean zero_grad (no profiler range) clears exactly what torch's does;
+    set_to_none=False and a running profiler take torch's own."""
+    m = _model()
+    opt = FusedAdam(m.parameters())
+    _grads(m, 0)
+    next(m.parameters()).grad = None     # one already cleared: left as it is
+    opt.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
+    _grads(m, 1)
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    _grads(m, 2)
+    with torch.profiler.profile() as prof:
+        opt.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
+    assert any("zero_grad" in e.name for e in prof.events())   # torch's own, with its range

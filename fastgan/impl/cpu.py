@@ -150,6 +150,59 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+# ------------------------------------------------------------------ whole chains
+# One C++ call runs a chain of fused layers (csrc/cpu/chain.cpp): the op calls
+# linear_act_* / linear_bn_act_* below would make, in the same order, without
+# the Python around each. For the engine's step without autograd
+# (fastgan.train.tape); ``specs`` are the layers' ``tape_spec()``.
+_NAN = float("nan")
+
+
+def chain_forward(x, specs):
+    """The chain's output and its saved tensors (for ``chain_backward``)."""
+    weights, biases, bn_w, bn_b, means, variances, counts, streams = ([] for _ in range(8))
+    acts, slopes, ps, training, momentums, epss = ([] for _ in range(6))
+    for s in specs:
+        weights.append(s.weight)
+        biases.append(s.bias)
+        bn = s.bn or (None, None, None, None, None)
+        bn_w.append(bn[0])
+        bn_b.append(bn[1])
+        means.append(bn[2])
+        variances.append(bn[3])
+        counts.append(bn[4])
+        streams.append(s.stream)
+        acts.append(ACTIVATIONS[s.activation])
+        slopes.append(s.negative_slope)
+        ps.append(s.p)
+        training.append(s.bn_training)
+        momentums.append(_NAN if s.momentum is None else s.momentum)
+        epss.append(s.eps)
+    return torch.ops.fastgan_C.cpu_chain_forward(x, weights, biases, bn_w, bn_b, means, variances,
+                                                 counts, streams, acts, slopes, ps, training,
+                                                 momentums, epss)
+
+
+def chain_backward(grad, saved, specs, compute_dw, compute_dx):
+    """From the top layer down, each layer's parameter gradients (dW, db [, dgamma,
+    dbeta]); then the chain input's gradient (empty unless ``compute_dx``)."""
+    return torch.ops.fastgan_C.cpu_chain_backward(
+        grad, saved, [s.weight for s in specs], [s.bn and s.bn[0] for s in specs],
+        [s.bn and s.bn[1] for s in specs], [ACTIVATIONS[s.activation] for s in specs],
+        [s.negative_slope for s in specs], [s.p for s in specs],
+        [s.bn_training for s in specs], compute_dw, compute_dx)
+
+
+def chain_backward_ghost(grad, ghost_grad, saved, specs, compute_dw):
+    """``chain_backward`` of a chain of linear_act layers for ``grad`` (every row),
+    then the input gradient of the ghost rows (the first ``len(ghost_grad)``) for
+    ``ghost_grad``, which reaches no weight (fastgan.nn.models.GhostRows)."""
+    return torch.ops.fastgan_C.cpu_chain_backward_ghost(
+        grad, ghost_grad, saved, [s.weight for s in specs],
+        [ACTIVATIONS[s.activation] for s in specs], [s.negative_slope for s in specs],
+        [s.p for s in specs], compute_dw)
+
+
 def linear_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
                           num_batches_tracked, training, momentum, eps, activation,
                           negative_slope, p, seed, offset):

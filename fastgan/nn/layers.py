@@ -299,6 +299,22 @@ def autocast_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return x, weight, bias
 
 
+class TapeSpec(NamedTuple):
+    """A fused layer's op arguments besides its input and dropout key
+    (``_Fused.tape_spec``)."""
+    weight: Tensor
+    bias: Optional[Tensor]
+    bn: Optional[tuple]       # BatchNorm1d's (weight, bias, running_mean, running_var,
+    #                           num_batches_tracked), None for LinearAct
+    bn_training: bool
+    momentum: Optional[float]
+    eps: float
+    activation: str
+    negative_slope: float
+    p: float
+    stream: Tensor            # the dropout stream (read only when p > 0)
+
+
 class FusedInputs(NamedTuple):
     """What a fused layer's training or eval forward hands its op, besides the
     BatchNorm1d's tensors (``_Fused.op_inputs``)."""
@@ -549,6 +565,24 @@ class _Fused(nn.Sequential):
         return not (_tensor_hooked(weight) or _tensor_hooked(bias) or (bn is not None and (
             _tensor_hooked(bn._parameters.get("weight"))
             or _tensor_hooked(bn._parameters.get("bias")))))
+
+    def tape_spec(self) -> "TapeSpec":
+        """This forward's op arguments other than the input and the dropout key
+        (``tape_args`` with x and the key left out; for one call that runs a whole
+        chain, ``fastgan.train.tape``), checked as the op checks them. Draws
+        nothing; seeds the dropout stream at its first use, as a forward does."""
+        plan = self.plan()
+        weight, bias = _linear_tensors(plan.linear)
+        drop, bn = plan.dropout, plan.bn
+        p = float(drop.p) if drop is not None and drop.training else 0.0
+        name, slope = plan.row.name, plan.row.slope_of(plan.act)
+        checks.hyper(name, slope, p)
+        stream = self._dropout_stream() if p > 0 else self._buffers["dropout_rng"]
+        if bn is None:
+            return TapeSpec(weight, bias, None, False, None, 0.0, name, slope, p, stream)
+        checks.batch_norm(bn.eps, bn.momentum)
+        return TapeSpec(weight, bias, _bn_tensors(bn), bn.training, bn.momentum, bn.eps, name,
+                        slope, p, stream)
 
     def tape_args(self, x: Tensor) -> tuple:
         """The arguments of ``self.function``'s op for this forward (draws the

@@ -156,6 +156,12 @@ def resolve(function: str, device: torch.device, name: str | None = None):
     return hit[0], hit[1]
 
 
+def count(name: str, function: str, n: int = 1) -> None:
+    """Count ``n`` calls of backend ``name``'s ``function`` that ran without
+    ``resolve`` (the cpu backend's whole-chain call runs the layers' ops in C++)."""
+    calls[(name, function)] += n
+
+
 def get(function: str, device: torch.device, name: str | None = None):
     """The implementation of backend ``function`` chosen for ``device``; counts the call."""
     return resolve(function, device, name)[1]

@@ -142,6 +142,7 @@ class _Step:
         # the fp32 run's, rounded.
         self.g_dtype = input_dtype(generator)
         self.d_dtype = input_dtype(discriminator)
+        self.in_dim = getattr(fdist.unwrap(discriminator), "in_dim", None)
         self.totals = torch.zeros(len(STAT_NAMES), device=self.device)
         self.count = 0
         self.steps_per_call = 1
@@ -154,7 +155,11 @@ class _Step:
         if real.shape[0] != self.batch_size:
             raise ValueError(f"real: expected a batch of {self.batch_size}, got shape "
                              f"{tuple(real.shape)}")
-        return real.reshape(self.batch_size, -1).to(self.d_dtype)
+        real = real.reshape(self.batch_size, -1)
+        if self.in_dim is not None and real.shape[1] != self.in_dim:
+            raise ValueError(f"real: expected {self.in_dim} values per sample (the "
+                             f"discriminator's in_dim), got shape {tuple(real.shape)}")
+        return real.to(self.d_dtype)
 
     def _noise(self) -> Tensor:
         return torch.randn(self.batch_size, self.latent_dim, generator=self.noise,

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import layers as _layers
+from ..ops import dispatch
 from ..nn.models import Discriminator, Generator, ghost_dx
 from ..ops.registry import GanBCEFunction
 
@@ -111,10 +112,18 @@ class Chain:
                 return False
         return True
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list]:
-        """The network's output and its tape (one entry per layer), under grad mode off."""
+    def forward(self, x: Tensor):
+        """The network's output and its tape, under grad mode off. On the cpu backend
+        one C++ call runs the whole chain (``fastgan.impl.cpu.chain_forward``): the
+        tape is then ``(specs, saved)``; elsewhere one op call per layer, and the
+        tape a list of them."""
         if self.flatten:
             x = x.flatten(1)
+        if dispatch.select(x.device) == "cpu" and _fits(x, self.layers[0]):
+            specs = [layer.tape_spec() for layer in self.layers]
+            y, saved = dispatch.get("chain_forward", x.device)(x, specs)
+            _count(specs, "forward")
+            return y, (specs, saved)
         tape = []
         for layer in self.layers:
             args = layer.tape_args(x)
@@ -124,9 +133,18 @@ class Chain:
         return x, tape
 
     @staticmethod
-    def backward(tape: list, grad: Tensor, dx: bool, dw: bool = True) -> Tensor:
+    def backward(tape, grad: Tensor, dx: bool, dw: bool = True) -> Tensor:
         """Backpropagate ``grad`` (of the output) through ``tape``: the parameters'
         ``.grad`` (``dw``) and the input's gradient, returned (empty unless ``dx``)."""
+        if isinstance(tape, tuple):   # the C++ chain's
+            specs, saved = tape
+            compute_dw = [dw and spec.weight.requires_grad for spec in specs]
+            grads = dispatch.get("chain_backward", grad.device)(grad, saved, specs, compute_dw,
+                                                                dx)
+            _count(specs, "backward")
+            if dw:
+                _assign(specs, grads)
+            return grads[-1]
         for i in range(len(tape) - 1, -1, -1):
             fn, record, args, _ = tape[i]
             inputs = [args[j] for j in fn.grad_index]
@@ -143,6 +161,14 @@ class Chain:
         (of all rows' logits) into D's parameters, and ``ghost_grad`` (of the first
         ``len(ghost_grad)`` rows' logits) down to D's input only, as GhostRows
         does. Returns the ghost rows' input gradient."""
+        if isinstance(tape, tuple):   # the C++ chain's
+            specs, saved = tape
+            compute_dw = [spec.weight.requires_grad for spec in specs]
+            grads = dispatch.get("chain_backward_ghost", grad.device)(grad, ghost_grad, saved,
+                                                                      specs, compute_dw)
+            _count(specs, "backward", 2)
+            _assign(specs, grads)
+            return grads[-1]
         n = ghost_grad.shape[0]
         for i in range(len(tape) - 1, -1, -1):
             fn, record, args, y = tape[i]
@@ -154,6 +180,35 @@ class Chain:
                 _accumulate(t, g)
             grad = grads[0]
         return ghost_grad
+
+
+def _fits(x: Tensor, layer) -> bool:
+    """Whether ``x`` is a well-formed input of the chain's first layer. The C++
+    chain checks only what keeps its calls in bounds; an input the op's check
+    would refuse goes the per-layer way, whose check raises the op's error."""
+    w = layer._modules["0"].weight
+    return x.dim() == 2 and x.shape[1] == w.shape[1] and x.dtype == w.dtype and \
+        x.device == w.device
+
+
+def _count(specs, direction: str, per_layer: int = 1) -> None:
+    """The cpu backend's op calls a C++ chain call made, in its dispatch counters."""
+    bn = sum(spec.bn is not None for spec in specs)
+    if bn:
+        dispatch.count("cpu", f"linear_bn_act_{direction}", bn * per_layer)
+    if len(specs) > bn:
+        dispatch.count("cpu", f"linear_act_{direction}", (len(specs) - bn) * per_layer)
+
+
+def _assign(specs, grads) -> None:
+    """``chain_backward``'s parameter gradients (top layer first) into ``.grad``."""
+    k = 0
+    for spec in reversed(specs):
+        targets = (spec.weight, spec.bias) if spec.bn is None else \
+            (spec.weight, spec.bias, spec.bn[0], spec.bn[1])
+        for t in targets:
+            _accumulate(t, grads[k])
+            k += 1
 
 
 def _ones(dtype: torch.dtype) -> Tensor:

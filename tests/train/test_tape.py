@@ -80,8 +80,15 @@ def _assert_identical(taped, plain, steps=STEPS, taped_steps=None):
 @pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_taped_step_equals_autograd_step(name, schedule, path):
     """Taped under the speed rule ("auto") or the fused path forced: every layer
-    runs its fused op, as the autograd step does with the fused path forced."""
-    with ran(name, "linear_act_forward", "linear_act_backward", "linear_bn_act_backward"):
+    runs its fused op, as the autograd step does with the fused path forced. On
+    the cpu backend each chain is one C++ call (chain_forward, chain_backward,
+    chain_backward_ghost); elsewhere one op call per layer."""
+    if name == "cpu":
+        functions = ("chain_forward", "chain_backward") + (
+            ("chain_backward_ghost",) if schedule == "simultaneous" else ())
+    else:
+        functions = ("linear_act_forward", "linear_act_backward", "linear_bn_act_backward")
+    with ran(name, *functions):
         with fused_path(path):
             taped = _step(*_models(), schedule)
         with fused_path("fused"):
@@ -202,3 +209,55 @@ def test_children_edited_after_the_step_was_built():
         for s in (taped, plain):
             s.D.net[0][1] = torch.nn.GELU()
         _assert_identical(taped, plain, steps=2, taped_steps=1)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+def test_chain_equals_the_modules_under_autograd(name, train):
+    """One chain, layer by layer against its modules' own forward and backward
+    (fused path): BatchNorm with momentum=None and in eval, a bias-free tanh layer,
+    dropout on and off, batch 3 and odd widths; output, input gradient, parameter
+    gradients, running statistics and dropout streams, bit for bit. On the cpu
+    backend the chain is one C++ call per direction."""
+    def build():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            fastgan.nn.LinearBNAct(5, 7, momentum=None, dropout=0.2),
+            fastgan.nn.LinearAct(7, 3, bias=False, activation="tanh", dropout=0.1),
+            fastgan.nn.LinearBNAct(3, 4, dropout=0.0))
+        fastgan.nn.seed_dropout(net, 7)
+        return net.train(train)
+    ref, net = build(), build()
+    x = torch.randn(3, 5)
+    g = torch.randn(3, 4)
+    with fused_path("fused"), ran(name, "chain_forward" if name == "cpu" else
+                                  "linear_bn_act_forward"):
+        xr = x.clone().requires_grad_()
+        y_ref = ref(xr)
+        y_ref.backward(g)
+        chain = T.Chain.of(net)
+        assert chain is not None and chain.ready()
+        with torch.no_grad():
+            y, tape = chain.forward(x)
+            dx = chain.backward(tape, g, dx=True)
+    assert torch.equal(y, y_ref) and torch.equal(dx, xr.grad)
+    for (k, a), b in zip(ref.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(ref.named_parameters(), net.parameters()):
+        assert torch.equal(a.grad, b.grad), k
+    for a, b in zip(fastgan.nn.layers._fused_layers(ref), fastgan.nn.layers._fused_layers(net)):
+        assert torch.equal(a.dropout_rng, b.dropout_rng)
+
+
+def test_bad_input_gets_the_ops_error_taped_or_not():
+    """A real batch of the wrong width: the same one-line error from the op's check
+    whether the step is taped or not."""
+    errors = []
+    for tape in (True, False):
+        step = _step(*_models(), tape=tape)
+        with pytest.raises(ValueError) as e:
+            step(torch.zeros(B_, IMG + 2))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "\n" not in errors[0]
+    assert errors[0] == f"real: expected {IMG} values per sample (the discriminator's in_dim), " \
+        f"got shape ({B_}, {IMG + 2})"

@@ -440,6 +440,8 @@ def _run(args) -> int:
         name = _check_backend(args.backend, device)
         graphs = graphs and name != "reference"  # its ops cannot be captured
         engine = f"fused GANStep, backend {name}" + (", CUDA graph" if graphs else ", eager")
+        if device.type == "cpu" and ctx is None:
+            engine += " without autograd"   # (fastgan.train.tape; DDP needs autograd's hooks)
     engine += f", {cfg.schedule} schedule"
     if cfg.dtype != "fp32":
         engine += f", {cfg.dtype} weights with fp32 master weights"

@@ -288,3 +288,15 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     assert checkpoint.stale_temps(tmp_path, "c.pt") == sorted([dead, older])
     assert checkpoint.remove_stale_temps(tmp_path, "c.pt") == sorted([dead, older])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_checksums_on_threads_equal_the_serial_ones(monkeypatch):
+    """Large states are hashed on a thread pool: the same digests as one by one."""
+    from fastgan.train import checkpoint as C
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(600, 700, generator=g), "b": [torch.randn(3, generator=g), 5],
+             "c": {"d": torch.randn(900, 400, generator=g).to(torch.bfloat16)}}
+    monkeypatch.setattr(C, "_PARALLEL_BYTES", 1 << 62)
+    serial = C.checksums(state)
+    monkeypatch.setattr(C, "_PARALLEL_BYTES", 1)
+    assert C.checksums(state) == serial

@@ -35,8 +35,9 @@ layers the rule would have run plain.
 When. ``GANStep`` on a CPU device takes it where both networks are chains
 (``Chain.of``: a fastgan ``Generator`` / ``Discriminator`` or an
 ``nn.Sequential``, exactly those classes, of fused layers) and ``ready`` holds
-for the step: grad mode on, no autocast, no anomaly detection, no module hook
-(the networks', a layer's, a child's, a global one) or parameter hook, every
+for the step: grad mode on, no autocast, no anomaly detection, no saved-tensor
+hooks, no module hook (the networks', a layer's, a child's, a global one) or
+parameter hook, every
 layer fusing all its children (plain ``nn.Linear`` / ``nn.BatchNorm1d``), no
 cross-process BatchNorm statistics, not ``fused_path("plain")``. Wrapped
 networks (DDP reduces gradients from autograd hooks) are not chains. The
@@ -76,11 +77,18 @@ def _accumulate(t: Optional[Tensor], g: Tensor) -> None:
         t.grad += g
 
 
+_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks",
+                       lambda ignore_is_tracing: (None,))   # (unknown: assume some)
+
+
 def tape_mode_ok() -> bool:
     """Whether the thread's modes let a step run without autograd: grad mode on
-    (the autograd step needs it too), no autocast, no anomaly detection."""
+    (the autograd step needs it too), no autocast, no anomaly detection, no
+    global module hooks, no saved-tensor hooks (``saved_tensors_hooks``: a user's
+    offloading or recomputation wants to see what autograd saves)."""
     return (torch.is_grad_enabled() and not _layers._any_autocast()
-            and not torch.is_anomaly_enabled() and not _global_hooks())
+            and not torch.is_anomaly_enabled() and not _global_hooks()
+            and _saved_hooks(False) is None)
 
 
 class Chain:

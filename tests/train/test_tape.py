@@ -165,13 +165,15 @@ def test_hooks_hand_the_step_to_autograd(where):
 
 
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
-@pytest.mark.parametrize("mode", ["autocast", "anomaly"])
+@pytest.mark.parametrize("mode", ["autocast", "anomaly", "saved_tensors_hooks"])
 def test_modes_hand_the_step_to_autograd(mode):
     taped, plain = _step(*_models()), _step(*_models(), tape=False)
     if mode == "autocast":
         ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16)   # noqa: E731
-    else:
+    elif mode == "anomaly":
         ctx = lambda: torch.autograd.detect_anomaly(check_nan=False)   # noqa: E731
+    else:
+        ctx = lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)  # noqa: E731
     with ctx():
         a, b = taped(), plain()
     assert taped.taped == 0

@@ -542,8 +542,8 @@ class _Fused(nn.Sequential):
     # ------------------------------------------------------------ the engine's tape
     # fastgan.train.tape runs a chain of fused layers forward and backward without
     # autograd: it asks ``tape_ready`` before each step, then takes each forward's
-    # op arguments from ``tape_args`` and calls ``self.function``'s tape_forward /
-    # tape_backward itself.
+    # op arguments from ``tape_spec`` (a whole chain in one C++ call) or
+    # ``tape_args`` (one op call per layer) and differentiates them itself.
     def tape_ready(self) -> bool:
         """Whether this layer's forward may run as its fused op outside autograd:
         False for a hook on the layer or a child, children it does not fuse (or
@@ -552,9 +552,7 @@ class _Fused(nn.Sequential):
         (The speed rule is not asked: it weighs the fused op's autograd
         Function against the children's autograd, and without autograd the
         fused op is the cheaper of the two at every size.)"""
-        plan = self._plan
-        if plan is None or plan.kids != tuple(self._modules.values()):
-            plan = self._make_plan()
+        plan = self.plan()
         lin, bn = plan.linear, plan.bn
         if plan.n == 0 or plan.tail or lin.__class__ is not nn.Linear or \
                 (bn is not None and bn.__class__ is not nn.BatchNorm1d) or \
@@ -585,9 +583,12 @@ class _Fused(nn.Sequential):
                         slope, p, stream)
 
     def tape_args(self, x: Tensor) -> tuple:
-        """The arguments of ``self.function``'s op for this forward (draws the
-        dropout key); only where ``tape_fuses`` said yes."""
-        return self._op_args(self.plan(), x, GRAD)[1]
+        """The arguments of ``self.function``'s op for this forward: ``tape_spec``'s,
+        with ``x`` and the dropout key (drawn here); only where ``tape_ready``."""
+        s = self.tape_spec()
+        seed, offset = self.dropout_key(s.p)
+        bn = () if s.bn is None else (*s.bn, s.bn_training, s.momentum, s.eps)
+        return (x, s.weight, s.bias, *bn, s.activation, s.negative_slope, s.p, seed, offset)
 
     def forward(self, x: Tensor) -> Tensor:
         plan = self._plan
@@ -700,15 +701,14 @@ class LinearBNAct(_Fused):
     def _sync_active(self) -> bool:
         return self.training and self.sync_stats is not None and self.sync_stats.active()
 
-    def _op_args(self, plan: _Plan, x: Tensor, route: Optional[int] = None):
+    def _op_args(self, plan: _Plan, x: Tensor):
         xc, weight, bias = autocast_inputs(x, *_linear_tensors(plan.linear))
         drop, bn = plan.dropout, plan.bn
         p = float(drop.p) if drop is not None and drop.training else 0.0
         bn_tensors = _bn_tensors(bn)
-        if route is None:
-            route = _route(xc, weight, bias, bn.training, p, bn_tensors[0], bn_tensors[1])
-            if route == PLAIN:
-                return route, p
+        route = _route(xc, weight, bias, bn.training, p, bn_tensors[0], bn_tensors[1])
+        if route == PLAIN:
+            return route, p
         seed, offset = self.dropout_key(p)
         return route, (xc, weight, bias, *bn_tensors, bn.training, bn.momentum, bn.eps,
                        plan.row.name, plan.row.slope_of(plan.act), p, seed, offset)
@@ -735,14 +735,13 @@ class LinearAct(_Fused):
 
     function = LinearActFunction
 
-    def _op_args(self, plan: _Plan, x: Tensor, route: Optional[int] = None):
+    def _op_args(self, plan: _Plan, x: Tensor):
         xc, weight, bias = autocast_inputs(x, *_linear_tensors(plan.linear))
         drop = plan.dropout
         p = float(drop.p) if drop is not None and drop.training else 0.0
-        if route is None:
-            route = _route(xc, weight, bias, None, p)
-            if route == PLAIN:
-                return route, p
+        route = _route(xc, weight, bias, None, p)
+        if route == PLAIN:
+            return route, p
         seed, offset = self.dropout_key(p)
         return route, (xc, weight, bias, plan.row.name, plan.row.slope_of(plan.act), p, seed,
                        offset)

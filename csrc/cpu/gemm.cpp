@@ -108,13 +108,9 @@ class StrictFp32 {
 at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
                          const std::optional<at::Tensor>& b) {
   g_calls_onednn.fetch_add(1, std::memory_order_relaxed);
-  // A contiguous input keeps oneDNN on its fast kernels (a transposed one
-  // halves its speed); the weight may be a transposed view at no cost.
-  // A transposed contiguous x (dz.t() of a dW product) goes in as the view:
-  // oneDNN reads it in place faster than ATen copies it (0.45 ms of a batch-64
-  // seed-GAN step went to those copies).
-  const bool transposed = x.dim() == 2 && x.stride(0) == 1 && x.stride(1) == x.size(0);
-  return linear_pointwise()->call(transposed ? x : x.contiguous(), w, b, "none",
+  // The input must be contiguous (_linear_pointwise copies any other); the
+  // weight may be a transposed view at no cost.
+  return linear_pointwise()->call(x.contiguous(), w, b, "none",
                                   c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
@@ -130,15 +126,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   const StrictFp32 strict(a.scalar_type());
   // a @ b = a @ (b^T)^T: oneDNN's linear with weight b^T, a view. Its input
-  // must be contiguous, so a transposed `a` (dz^T in dW = dz^T x) would be
-  // copied first; in bf16/fp16 that copy is slow in ATen (1.5 ms for 512 x
-  // 1024 bf16, 3x the GEMM) while ATen's own reduced-precision mm takes the
-  // transpose as it is (through oneDNN's matmul where the CPU has the ISA).
-  // (The "onednn" policy still forces oneDNN, copy included.)
-  const bool reduced = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-  const bool aten_first = reduced && !a.is_contiguous() &&
-                          g_policy.load(std::memory_order_relaxed) == kAuto;
-  if (!aten_first && use_onednn(a.scalar_type(), a.size(0), a.size(1), b.size(1))) {
+  // must be contiguous (a transposed one is copied first, slowly in ATen:
+  // 63 us for 128 x 1024 fp32, 1.5 ms for 512 x 1024 bf16), so the kernels'
+  // dW products pass dz^T contiguous, written by their backward pass.
+  if (use_onednn(a.scalar_type(), a.size(0), a.size(1), b.size(1))) {
     return onednn_linear(a, b.t(), std::nullopt);
   }
   g_calls_aten.fetch_add(1, std::memory_order_relaxed);

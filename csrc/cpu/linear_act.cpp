@@ -6,7 +6,8 @@
 // Backward: one parallel pass over column blocks computes dz from grad_y and
 //           the saved output y (mask recomputed from (seed, offset), the
 //           activation derivative recovered from y) and the column sums of dz
-//           (db); then dW = dz^T x (unless compute_dw is false) and dx = dz W
+//           (db), and dz^T from each column slab; then dW = dz^T x (unless
+//           compute_dw is false) and dx = dz W
 //           (if compute_dx) through csrc/cpu/gemm.h.
 #include <torch/library.h>
 
@@ -111,6 +112,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
 
   const at::Tensor gy = grad_y.contiguous(), yc = y.contiguous();
   at::Tensor dz = at::empty({B, N}, x.options());
+  // dz^T for the dW product, written slab by slab (see transpose_block)
+  at::Tensor dzt = compute_dw ? at::empty({N, B}, x.options()) : at::Tensor();
   at::Tensor db = at::empty({N}, x.options());
   const Dropout drop(p, seed, offset);
 
@@ -119,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
+    scalar_t* dztp = compute_dw ? dzt.data_ptr<scalar_t>() : nullptr;
     scalar_t* dbp = db.data_ptr<scalar_t>();
     const acc_t slope = grad_slope<acc_t>(negative_slope);
     const acc_t scale = static_cast<acc_t>(drop.scale);
@@ -142,13 +146,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
         for (int64_t c = c0; c < c1; ++c) {
           dbp[c] = static_cast<scalar_t>(static_cast<acc_t>(sdz[c - c0]));
         }
+        if (dztp != nullptr) transpose_block(dzp + c0, N, dztp + c0 * B, B, B, c1 - c0);
       });
     });
   });
 
   const at::Tensor xc = x.contiguous();
   // compute_dw is false where the weight needs no gradient (a frozen layer).
-  at::Tensor dweight = compute_dw ? gemm::mm(dz.t(), xc) : at::empty({0}, weight.options());
+  at::Tensor dweight = compute_dw ? gemm::mm(dzt, xc) : at::empty({0}, weight.options());
   at::Tensor dx = compute_dx ? gemm::mm(dz, weight) : at::empty({0}, x.options());
   return {dx, dweight, db};
 }

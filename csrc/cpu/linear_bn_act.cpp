@@ -10,8 +10,9 @@
 // Backward: one parallel region over column blocks: (1) dz = dropout'(grad_y)
 //           * act'(z), z recomputed from h/mean/rstd and the mask from
 //           (seed, offset), with the column sums of dz and dz * xhat,
-//           (2) dh from dz and those sums, with the column sums of dh (db);
-//           then dW = dh^T x and dx = dh W through csrc/cpu/gemm.h.
+//           (2) dh from dz and those sums, with the column sums of dh (db),
+//           and dh^T from the slab; then dW = dh^T x and dx = dh W through
+//           csrc/cpu/gemm.h.
 #include <torch/library.h>
 
 #include <vector>
@@ -215,6 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   const at::Tensor gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
   const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor dh = at::empty({B, N}, x.options());
+  // dh^T for the dW product, written slab by slab (see transpose_block)
+  at::Tensor dht = compute_dw ? at::empty({N, B}, x.options()) : at::Tensor();
   at::Tensor dgamma = at::empty({N}, bn_weight.options());
   at::Tensor dbeta = at::empty({N}, bn_weight.options());
   at::Tensor db = at::empty({N}, x.options());
@@ -227,6 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
     const scalar_t* hp = hc.data_ptr<scalar_t>();
     scalar_t* dhp = dh.data_ptr<scalar_t>();
+    scalar_t* dhtp = compute_dw ? dht.data_ptr<scalar_t>() : nullptr;
     scalar_t* dbp = db.data_ptr<scalar_t>();
     acc_t* dzp = dz_scratch.data_ptr<acc_t>();
     const acc_t *gp = gamma.data_ptr<acc_t>(), *bp = beta.data_ptr<acc_t>();
@@ -279,13 +283,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
         for (int64_t j = 0; j < w; ++j) {
           dbp[c0 + j] = static_cast<scalar_t>(static_cast<acc_t>(sdh[j]));
         }
+        if (dhtp != nullptr) transpose_block(dhp + c0, N, dhtp + c0 * B, B, B, w);
       });
     });
   });
 
   const at::Tensor xc = x.contiguous();
   // compute_dw is false where the weight needs no gradient (a frozen layer).
-  at::Tensor dweight = compute_dw ? gemm::mm(dh.t(), xc) : at::empty({0}, weight.options());
+  at::Tensor dweight = compute_dw ? gemm::mm(dht, xc) : at::empty({0}, weight.options());
   at::Tensor dx = compute_dx ? gemm::mm(dh, weight) : at::empty({0}, x.options());
   return {dx, dweight, db, dgamma, dbeta};
 }

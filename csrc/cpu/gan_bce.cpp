@@ -27,11 +27,12 @@ constexpr int64_t kChunk = 16384;
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
 
-// Returns (mean loss, mean prob, grad) of one logits tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_term(const at::Tensor& logits, double target) {
+// Returns (mean loss, mean prob) of one logits tensor; its gradient goes to
+// `grad` (contiguous, as many elements).
+std::tuple<at::Tensor, at::Tensor> bce_term(const at::Tensor& logits, double target,
+                                            const at::Tensor& grad) {
   const at::Tensor z = logits.contiguous();
   const int64_t n = z.numel();
-  at::Tensor grad = at::empty_like(z, at::MemoryFormat::Contiguous);
   const auto sdt = stat_dtype(z.scalar_type());
   at::Tensor loss = at::empty({}, z.options().dtype(sdt));
   at::Tensor prob = at::empty({}, z.options().dtype(sdt));
@@ -73,7 +74,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_term(const at::Tensor& logits
     *loss.data_ptr<acc_t>() = static_cast<acc_t>(ls / n);
     *prob.data_ptr<acc_t>() = static_cast<acc_t>(ps / n);
   });
-  return {loss, prob, grad.view(logits.sizes())};
+  return {loss, prob};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bce_term(const at::Tensor& logits, double target) {
+  at::Tensor grad = at::empty(logits.sizes(), logits.options());
+  auto [loss, prob] = bce_term(logits, target, grad);
+  return {loss, prob, grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gan_bce_forward(
@@ -90,10 +97,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gan_bce_f
   return {loss_a + loss_b, prob_a, prob_b, grad_a, grad_b};
 }
 
+// The taped GAN step's losses (fastgan.train.tape, on this backend): what
+// gan_bce_forward(logits[:split], logits[split:] or None, target_first,
+// target_second) returns, but with both gradients in one tensor shaped as
+// logits, which is what the step backpropagates (the autograd step cats
+// them). Every value is gan_bce_forward's bit for bit: the same terms over
+// the same elements, the loss the same sum (the autograd step's gradient of
+// the loss, 1, multiplies them exactly).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cpu_gan_bce_rows(
+    const at::Tensor& logits, int64_t split, double target_first, double target_second) {
+  TORCH_CHECK(logits.dim() >= 1 && split >= 1 && split <= logits.size(0),
+              "cpu_gan_bce_rows: split must be in [1, ", logits.dim() ? logits.size(0) : 0,
+              "], got ", split);
+  const at::Tensor z = logits.contiguous();
+  const bool has_second = split < z.size(0);
+  check_gan_bce(kBackend, z.narrow(0, 0, split),
+                has_second ? std::optional<at::Tensor>(z.narrow(0, split, z.size(0) - split))
+                           : std::nullopt);
+  at::Tensor grad = at::empty(z.sizes(), z.options());
+  auto [loss_a, prob_a] = bce_term(z.narrow(0, 0, split), target_first, grad.narrow(0, 0, split));
+  if (!has_second) return {loss_a, prob_a, at::zeros_like(prob_a), grad};
+  const int64_t rest = z.size(0) - split;
+  auto [loss_b, prob_b] = bce_term(z.narrow(0, split, rest), target_second,
+                                   grad.narrow(0, split, rest));
+  return {loss_a + loss_b, prob_a, prob_b, grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastgan_C, CPU, m) {
   m.impl("gan_bce_forward", &gan_bce_forward);
+}
+
+TORCH_LIBRARY_FRAGMENT(fastgan_C, m) {
+  m.def(
+      "cpu_gan_bce_rows(Tensor logits, int split, float target_first, float target_second) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      &cpu_gan_bce_rows);
 }
 
 }  // namespace cpu

@@ -146,6 +146,15 @@ def master_adam_(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: float
                                          lr, beta1, beta2, weight_decay, eps, maximize)
 
 
+def fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float,
+                beta2: float, weight_decay: float, eps: float, maximize: bool) -> None:
+    """torch's fused CPU Adam step (``torch._fused_adam_``) with the step counts
+    (float32 CPU scalars) added in the same call, as one add of 1 each
+    (csrc/cpu/master_adam.cpp): the same results as torch's two calls."""
+    torch.ops.fastgan_C.cpu_fused_adam_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1,
+                                        beta2, weight_decay, eps, maximize)
+
+
 def _c(t):
     return None if t is None else t.contiguous()
 
@@ -201,6 +210,13 @@ def chain_backward_ghost(grad, ghost_grad, saved, specs, compute_dw):
         grad, ghost_grad, saved, [s.weight for s in specs],
         [ACTIVATIONS[s.activation] for s in specs], [s.negative_slope for s in specs],
         [s.p for s in specs], compute_dw)
+
+
+def gan_bce_rows(logits, split: int, target_first: float, target_second: float):
+    """``gan_bce_forward(logits[:split], logits[split:] or None, target_first,
+    target_second)``'s (loss, prob_first, prob_second) and both gradients in one
+    tensor shaped as ``logits`` (csrc/cpu/gan_bce.cpp): the taped step's losses."""
+    return torch.ops.fastgan_C.cpu_gan_bce_rows(logits, split, target_first, target_second)
 
 
 def linear_bn_act_forward(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,

@@ -245,6 +245,29 @@ def test_linear_act_rejects():
         C.linear_act_backward(y, x, w, y, LEAKY, 0.2, 0.0, seed, offset.int(), True)
 
 
+@pytest.mark.parametrize("rows,split", [(1, 1), (2, 1), (3, 2), (3, 3), (7, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gan_bce_rows_is_gan_bce_forward_bit_for_bit(rows, split, dtype):
+    # The taped step's losses (fastgan.train.tape): one call over [first; second]
+    # rows, both gradients in one tensor; the same bits as gan_bce_forward's.
+    z = (torch.randn(rows, 1) * 4).to(dtype)
+    z[0, 0] = float("inf") if rows > 1 else z[0, 0]
+    second = z[split:] if split < rows else None
+    loss, pa, pb, grad = C.cpu_gan_bce_rows(z, split, 0.9, 0.0)
+    want = C.gan_bce_forward(z[:split], second, 0.9, 0.0)
+    for got, ref in zip((loss, pa, pb), want[:3]):
+        assert torch.equal(got, ref)
+    ref_grad = want[3] if second is None else torch.cat([want[3], want[4]])
+    assert grad.shape == z.shape and torch.equal(grad, ref_grad)
+
+
+def test_gan_bce_rows_rejects_a_split_outside_the_rows():
+    with pytest.raises(RuntimeError, match=r"split must be in \[1, 3\], got 4"):
+        C.cpu_gan_bce_rows(torch.randn(3, 1), 4, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="logits_a must be float32"):
+        C.cpu_gan_bce_rows(torch.ones(3, 1, dtype=torch.int64), 1, 1.0, 0.0)
+
+
 def test_gan_bce_rejects():
     a = torch.randn(4, 1)
     with pytest.raises(RuntimeError, match="logits_a must be float32"):

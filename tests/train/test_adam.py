@@ -67,6 +67,36 @@ def test_lean_step_is_torch_fused_adam_bit_for_bit(monkeypatch, kw):
     assert count.n == 1   # the first step (torch creates the state); then the lean path only
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["cpu-backend-call", "torch-calls"])
+def test_lean_step_runs_native_call_or_torch_calls_bit_for_bit(monkeypatch, native):
+    # With the cpu backend built, the lean step is one call (step counts and
+    # _fused_adam_, fastgan.impl.cpu.fused_adam_); without it, torch's two calls.
+    from fastgan.ops import dispatch
+    from fastgan.train import adam
+    if native and "cpu" not in dispatch.backends():
+        pytest.skip("the cpu backend is not built")
+    calls = []
+    if native:
+        real = dispatch.module("cpu").fused_adam_
+        monkeypatch.setattr(adam, "_NATIVE", [lambda *a: (calls.append(1), real(*a))])
+    else:
+        monkeypatch.setattr(adam, "_NATIVE", [None])
+    count = _Count(monkeypatch)
+    _same(*_run_pair(dict(lr=3e-3, betas=(0.5, 0.9), weight_decay=0.01), steps=5))
+    assert count.n == 1 and len(calls) == (4 if native else 0)
+
+
+def test_native_call_refuses_steps_it_cannot_count():
+    from fastgan.ops import dispatch
+    if "cpu" not in dispatch.backends():
+        pytest.skip("the cpu backend is not built")
+    p, g = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="step 0 must be a float32 CPU scalar"):
+        dispatch.module("cpu").fused_adam_([p], [g], [torch.zeros(3)], [torch.zeros(3)],
+                                           [torch.tensor(1.0, dtype=torch.float64)], 1e-3, 0.9,
+                                           0.999, 0.0, 1e-8, False)
+
+
 def test_lr_schedule_edits_are_followed(monkeypatch):
     count = _Count(monkeypatch)
 

@@ -121,18 +121,6 @@ _STEPS: dict = {}      # device -> tensor([0, 1]): one advance of a [seed, count
 _ZERO_KEYS: dict = {}  # device -> (seed, offset) handed to ops that drop nothing
 
 
-_CPU_FNS: dict = {}   # name -> the cpu backend's function of that name, or None
-
-
-def _cpu_fn(name: str):
-    """The cpu backend's function ``name`` (``next_key``, ``dropout_mask``: bit-exact
-    with every backend), or None where the extension is not built; looked up once."""
-    if name not in _CPU_FNS:
-        try:
-            _CPU_FNS[name] = getattr(dispatch.module("cpu"), name)
-        except RuntimeError:
-            _CPU_FNS[name] = None
-    return _CPU_FNS[name]
 
 
 def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,7 +131,7 @@ def next_key(state: Tensor) -> tuple[Tensor, Tensor]:
     On the CPU in eager code one C++ call does it (``fastgan.impl.cpu.next_key``).
     """
     if state.is_cpu and not torch.compiler.is_compiling():
-        cpu_next_key = _cpu_fn("next_key")
+        cpu_next_key = dispatch.optional("cpu", "next_key")
         if cpu_next_key is not None:
             return cpu_next_key(state)
     key = state.clone()
@@ -641,7 +629,7 @@ class _Fused(nn.Sequential):
     def _plain_dropout(self, y: Tensor, p: float) -> Tensor:
         """``y`` with the mask a fused call would draw next, applied in fp32 and
         rounded once (``y`` is the fresh output of the children)."""
-        mask = _cpu_fn("dropout_mask") if y.device.type == "cpu" else None
+        mask = dispatch.optional("cpu", "dropout_mask") if y.device.type == "cpu" else None
         if mask is None:   # any device: the backend's own kernel draws it
             seed, offset = self.dropout_key(p)
             return _dropout_mask(y, p, seed, offset)

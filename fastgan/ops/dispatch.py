@@ -167,6 +167,21 @@ def get(function: str, device: torch.device, name: str | None = None):
     return resolve(function, device, name)[1]
 
 
+_OPTIONAL: dict = {}   # (backend, function) -> the function, or None
+
+
+def optional(name: str, function: str):
+    """Backend ``name``'s ``function`` where that backend is available, else None
+    (the extension not built): for callers with a plain-PyTorch path of their
+    own (the dropout key, the optimizers' one-call steps). Looked up once; no
+    call is counted."""
+    key = (name, function)
+    if key not in _OPTIONAL:
+        mod = _load(_check_name(name))[0]
+        _OPTIONAL[key] = None if mod is None else getattr(mod, function)
+    return _OPTIONAL[key]
+
+
 def module(name: str):
     """The module of backend ``name``; RuntimeError if it is unavailable."""
     mod, why = _load(_check_name(name))

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch.optim import optimizer as _optimizer
 
+from ..ops import dispatch
+
 # Adam.step without the hook wrapper torch puts on an optimizer class's step
 # (``Optimizer.profile_hook_step``); wrapped once more here for FusedAdam's own
 # class name. (Whether torch has wrapped Adam.step yet depends on whether a
@@ -45,20 +47,6 @@ def _lean_group(group: dict) -> bool:
             and not group["maximize"] and not group["differentiable"]
             and not group.get("decoupled_weight_decay", False)
             and type(group["lr"]) is float and all(type(b) is float for b in group["betas"]))
-
-
-def _native():
-    """``fastgan.impl.cpu.fused_adam_``, or None where the extension is not built."""
-    if not _NATIVE:
-        from ..ops import dispatch
-        try:
-            _NATIVE.append(dispatch.module("cpu").fused_adam_)
-        except RuntimeError:
-            _NATIVE.append(None)
-    return _NATIVE[0]
-
-
-_NATIVE: list = []
 
 
 class FusedAdam(torch.optim.Adam):
@@ -105,7 +93,7 @@ class FusedAdam(torch.optim.Adam):
         lists = self._step_lists() if closure is None else None
         if lists is None:
             return self._torch_step(closure)
-        native = _native()
+        native = dispatch.optional("cpu", "fused_adam_")
         with torch.no_grad():   # (torch's step runs under no_grad too: leaves are updated in place)
             for group, params, grads, avgs, sqs, steps in lists:
                 beta1, beta2 = group["betas"]

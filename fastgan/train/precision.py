@@ -96,16 +96,8 @@ def _native_step(group: dict):
             and not group.get("capturable") and not group.get("differentiable")
             and isinstance(group["lr"], float)):
         return None
-    if not _NATIVE_STEP:
-        from ..ops import dispatch
-        try:
-            _NATIVE_STEP.append(dispatch.module("cpu").master_adam_)
-        except RuntimeError:   # the extension is not built
-            _NATIVE_STEP.append(None)
-    return _NATIVE_STEP[0]
-
-
-_NATIVE_STEP: list = []
+    from ..ops import dispatch
+    return dispatch.optional("cpu", "master_adam_")
 
 
 class MasterWeightAdam(torch.optim.Optimizer):

@@ -385,11 +385,11 @@ def test_next_key_in_cpp_is_the_aten_next_key(seed, offset, monkeypatch):
     fast, slow = torch.tensor([seed, offset]), torch.tensor([seed, offset])
     calls = []
     real = torch.ops.fastgan_C.cpu_next_key
-    monkeypatch.setattr(layers, "_CPU_FNS", {})   # a fresh lookup, restored after
+    monkeypatch.setattr(dispatch, "_OPTIONAL", {})   # a fresh lookup, restored after
     monkeypatch.setattr(fastgan.impl.cpu, "next_key", lambda st: calls.append(1) or real(st))
     key = layers.next_key(fast)
     assert calls == [1]
-    monkeypatch.setitem(layers._CPU_FNS, "next_key", None)   # the ATen path
+    monkeypatch.setitem(dispatch._OPTIONAL, ("cpu", "next_key"), None)   # the ATen path
     want = layers.next_key(slow)
     assert [k.shape for k in key] == [k.shape for k in want] == [(), ()]
     assert [k.item() for k in key] == [k.item() for k in want] == [seed, offset]

@@ -72,15 +72,15 @@ def test_lean_step_runs_native_call_or_torch_calls_bit_for_bit(monkeypatch, nati
     # With the cpu backend built, the lean step is one call (step counts and
     # _fused_adam_, fastgan.impl.cpu.fused_adam_); without it, torch's two calls.
     from fastgan.ops import dispatch
-    from fastgan.train import adam
     if native and "cpu" not in dispatch.backends():
         pytest.skip("the cpu backend is not built")
     calls = []
+    key = ("cpu", "fused_adam_")
     if native:
         real = dispatch.module("cpu").fused_adam_
-        monkeypatch.setattr(adam, "_NATIVE", [lambda *a: (calls.append(1), real(*a))])
+        monkeypatch.setitem(dispatch._OPTIONAL, key, lambda *a: (calls.append(1), real(*a)))
     else:
-        monkeypatch.setattr(adam, "_NATIVE", [None])
+        monkeypatch.setitem(dispatch._OPTIONAL, key, None)
     count = _Count(monkeypatch)
     _same(*_run_pair(dict(lr=3e-3, betas=(0.5, 0.9), weight_decay=0.01), steps=5))
     assert count.n == 1 and len(calls) == (4 if native else 0)

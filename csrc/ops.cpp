@@ -6,8 +6,7 @@
 // every argument first (fastgan/ops/checks.py); a kernel entry checks again
 // only what keeps it inside its buffers (csrc/checks.h).
 // `activation` is the integer code of fastgan/ops/spec.py's ACTIVATION_TABLE
-// (csrc/activation.h).
-#include <Python.h>
+// (csrc/activation.h). The Python module itself is csrc/module.cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastgan_C, m) {
@@ -33,10 +32,4 @@ TORCH_LIBRARY(fastgan_C, m) {
   m.def(
       "gan_bce_forward(Tensor logits_a, Tensor? logits_b, float target_a, float target_b) "
       "-> (Tensor loss, Tensor mean_prob_a, Tensor mean_prob_b, Tensor grad_a, Tensor grad_b)");
-}
-
-// Importing fastgan._C loads this library and runs the registrations above.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
 }

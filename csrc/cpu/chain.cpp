@@ -18,7 +18,6 @@
 // when ps[i] > 0. momentums[i] is NaN for BatchNorm1d's momentum=None.
 // saved holds, per layer, linear_act: x, y, seed, offset; linear_bn_act: x, y,
 // h, mean, rstd, seed, offset.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -27,6 +26,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "op_handles.h"
 
 namespace fastgan {
 namespace cpu {
@@ -34,48 +34,6 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor> cpu_next_key(const at::Tensor& state);  // dropout.cpp
 
 namespace {
-
-using OptT = std::optional<at::Tensor>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-using LAForward = at::Tensor(const at::Tensor&, const at::Tensor&, const OptT&, int64_t, double,
-                             double, const at::Tensor&, const at::Tensor&);
-using LABackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
-    double, const at::Tensor&, const at::Tensor&, bool, bool);
-using LBNAForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const OptT&, const at::Tensor&, const at::Tensor&,
-    at::Tensor&, at::Tensor&, at::Tensor&, bool, std::optional<double>, double, int64_t, double,
-    double, const at::Tensor&, const at::Tensor&);
-using LBNABackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, int64_t, double, double,
-    const at::Tensor&, const at::Tensor&, bool, bool);
-
-const c10::TypedOperatorHandle<LAForward>& la_forward() {
-  static const auto h = op<LAForward>("fastgan_C::linear_act_forward");
-  return h;
-}
-const c10::TypedOperatorHandle<LABackward>& la_backward() {
-  static const auto h = op<LABackward>("fastgan_C::linear_act_backward");
-  return h;
-}
-const c10::TypedOperatorHandle<LBNAForward>& lbna_forward() {
-  static const auto h = op<LBNAForward>("fastgan_C::linear_bn_act_forward");
-  return h;
-}
-const c10::TypedOperatorHandle<LBNABackward>& lbna_backward() {
-  static const auto h = op<LBNABackward>("fastgan_C::linear_bn_act_backward");
-  return h;
-}
-
-OptT contiguous(const OptT& t) {
-  return t.has_value() && t->defined() ? OptT(t->contiguous()) : t;
-}
 
 bool has(const c10::List<OptT>& l, size_t i) {
   const OptT t = l.get(i);

@@ -260,7 +260,6 @@ TORCH_LIBRARY_FRAGMENT(fastgan_C, m) {
   m.def("cpu_dropout_mask(Tensor(a!) state, int rows, int cols, float p, ScalarType dtype) "
         "-> Tensor",
         &cpu_dropout_mask);
-  m.def("cpu_next_key(Tensor(a!) state) -> (Tensor, Tensor)", &cpu_next_key);
 }
 
 }  // namespace cpu

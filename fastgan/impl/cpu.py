@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .. import _C  # noqa: F401  (ImportError = extension not built; ops.dispatch reports it)
+from .. import _C  # (ImportError = extension not built; ops.dispatch reports it)
 from ..ops.spec import ACTIVATIONS
 
 name = "cpu"
@@ -133,7 +133,47 @@ def next_key(state) -> tuple[torch.Tensor, torch.Tensor]:
     """``(seed, offset)`` of CPU dropout stream ``state`` (``[seed, counter]``, int64)
     as two new 0-dim tensors, then ``state[1] += 1``: ``fastgan.nn.layers.next_key``
     in one C++ call instead of three ATen ones."""
-    return torch.ops.fastgan_C.cpu_next_key(state)
+    return _C.cpu_next_key(state)
+
+
+# ------------------------------------------------------------------ the ops in one call
+# The fused ops with their autograd in C++ (csrc/cpu/autograd.cpp): the forward
+# kernel and, where an input needs a gradient, a C++ autograd node running the
+# backward kernel, in one call from Python (the op's registry Function, without
+# its Python). fastgan.ops.registry calls them for plain eager CPU tensors, with
+# the op's arguments after its check, and registers each op's differentiable
+# backward for create_graph (``set_double_backward``).
+_AUTOGRAD_OPS = ("linear_act", "linear_bn_act")   # csrc/cpu/autograd.h's AutogradOp
+
+
+def linear_act(x, weight, bias, activation, negative_slope, p, seed, offset):
+    """y of ``fastgan::linear_act``, differentiable (a C++ autograd node)."""
+    return _C.cpu_linear_act(x, weight, bias, ACTIVATIONS[activation], negative_slope, p, seed,
+                             offset)
+
+
+def linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                  num_batches_tracked, training, momentum, eps, activation, negative_slope, p,
+                  seed, offset):
+    """y of ``fastgan::linear_bn_act``, differentiable (a C++ autograd node); updates
+    the running statistics in place as the op does."""
+    return _C.cpu_linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                                num_batches_tracked, training, momentum, eps,
+                                ACTIVATIONS[activation], negative_slope, p, seed, offset)
+
+
+def set_double_backward(op: str, fn) -> None:
+    """The callable the C++ nodes of ``op`` call for a differentiable backward
+    (``create_graph=True``): the op's ``double`` arguments without ``backend``, the
+    activation as its integer code (``fastgan.ops.spec.ACTIVATIONS``)."""
+    _C.cpu_set_double_backward(_AUTOGRAD_OPS.index(op), fn)
+
+
+def uncounted_calls() -> dict:
+    """Backward kernel runs of the C++ autograd nodes (no Python sees them), for
+    ``fastgan.ops.dispatch.calls``."""
+    n_act, n_bn = _C.cpu_autograd_backward_calls()
+    return {(name, "linear_act_backward"): n_act, (name, "linear_bn_act_backward"): n_bn}
 
 
 def master_adam_(params, grads, masters, exp_avgs, exp_avg_sqs, steps, lr: float, beta1: float,

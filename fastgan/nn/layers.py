@@ -212,7 +212,7 @@ def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_training: Optio
            ) -> int:
     """How this call runs: ``PLAIN`` (the children), ``NO_GRAD`` (the fused op's body
     with no autograd node: plain eager tensors, nothing needs a gradient), ``GRAD``
-    (its autograd Function, applied directly: plain eager tensors) or ``GENERAL``
+    (its autograd, ``call_grad``: plain eager tensors) or ``GENERAL``
     (the op's ``call``: torch.compile, meta or subclass tensors, arguments the
     op's check refuses: it raises the op's error). The
     fused layers ask on every forward, so it reads only attributes; the speed
@@ -743,9 +743,9 @@ class LinearAct(_Fused):
 
 # route -> how the fused op is called
 _RUN = {GENERAL: LinearActFunction.call, NO_GRAD: LinearActFunction.call_no_grad,
-        GRAD: LinearActFunction.apply}
+        GRAD: LinearActFunction.call_grad}
 _RUN_BN = {GENERAL: LinearBNActFunction.call, NO_GRAD: LinearBNActFunction.call_no_grad,
-           GRAD: LinearBNActFunction.apply}
+           GRAD: LinearBNActFunction.call_grad}
 
 
 def _fused_layers(model: nn.Module) -> list:

@@ -16,7 +16,9 @@ Choice, first match wins:
    if none of those is available, ``reference`` with a warning (once per device type).
 
 Every dispatch is counted in ``calls`` (``(backend, function) -> n``) so tests can
-prove which backend actually ran.
+prove which backend actually ran; so is every run of a backend function that no
+Python saw (a backend's ``uncounted_calls()``: the cpu backend's backward kernels
+run by its C++ autograd nodes).
 
 The override is per thread, and autograd runs the backward of CUDA tensors on
 its own worker thread, which sees none: the ops' autograd Functions therefore
@@ -26,6 +28,7 @@ remember the backend their forward ran on and pass it back here
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import importlib
 import os
@@ -38,7 +41,7 @@ NAMES = ("reference", "cpu", "triton", "cuda")
 _MODULES = {name: f"fastgan.impl.{name}" for name in NAMES}
 _PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
-calls: collections.Counter = collections.Counter()
+_counted: collections.Counter = collections.Counter()   # what resolve and count saw
 _local = threading.local()
 _warned: set = set()
 _cache: dict = {}
@@ -152,14 +155,64 @@ def resolve(function: str, device: torch.device, name: str | None = None):
     if hit is None:  # first call of its kind: check, choose, look up
         chosen = select(device, None if name is None else _check_name(name))
         hit = _resolved[key] = (chosen, getattr(_load(chosen)[0], function), (chosen, function))
-    calls[hit[2]] += 1
+    _counted[hit[2]] += 1
     return hit[0], hit[1]
 
 
 def count(name: str, function: str, n: int = 1) -> None:
     """Count ``n`` calls of backend ``name``'s ``function`` that ran without
     ``resolve`` (the cpu backend's whole-chain call runs the layers' ops in C++)."""
-    calls[(name, function)] += n
+    _counted[(name, function)] += n
+
+
+class CallCounts(collections.abc.Mapping):
+    """``calls``: ``(backend, function) -> n`` since the last ``clear()``, 0 for a
+    pair never called (as a Counter). The calls ``resolve`` and ``count`` saw, plus
+    those the loaded backends ran without Python (their ``uncounted_calls()``,
+    read when asked: counting them in the kernels' own code costs nothing per call)."""
+
+    def __init__(self):
+        self._cleared: dict = {}   # a backend's own counts at the last clear()
+
+    def _native(self) -> collections.Counter:
+        out = collections.Counter()
+        for mod, _ in list(_cache.values()):
+            uncounted = getattr(mod, "uncounted_calls", None)
+            if uncounted is not None:
+                for key, n in uncounted().items():
+                    if n != self._cleared.get(key, 0):
+                        out[key] = n - self._cleared.get(key, 0)
+        return out
+
+    def _all(self) -> collections.Counter:
+        both = collections.Counter(_counted)
+        both.update(self._native())
+        return both
+
+    def __getitem__(self, key) -> int:
+        return _counted[key] + self._native()[key]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __contains__(self, key) -> bool:
+        return key in self._all()
+
+    def clear(self) -> None:
+        _counted.clear()
+        for mod, _ in list(_cache.values()):
+            uncounted = getattr(mod, "uncounted_calls", None)
+            if uncounted is not None:
+                self._cleared.update(uncounted())
+
+    def __repr__(self) -> str:
+        return f"CallCounts({dict(self._all())})"
+
+
+calls = CallCounts()
 
 
 def get(function: str, device: torch.device, name: str | None = None):

@@ -48,6 +48,7 @@ function to every ``fastgan.impl`` module for nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 import typing
@@ -308,17 +309,62 @@ def define(class_name: str, op: OpDef) -> type:
                 # setup_context and backward, and dynamo traces it where it cannot
                 # trace Function.apply (one tensor passed as two arguments).
                 return results(forward_op(*args))
-        elif not (torch.is_grad_enabled() and _any_requires_grad(args)) and \
-                _plain(tensor_args(args)):
-            # Nothing to differentiate: no autograd node (Function.apply costs
-            # microseconds per call), the same check, backend and outputs.
-            return results(run_body(args)[1])
+        elif _plain(tensor_args(args)):
+            if torch.is_grad_enabled() and _any_requires_grad(args):
+                return call_grad(*args)
+            return call_no_grad(*args)
         return function.apply(*args)
 
-    def call_no_grad(*args):
-        """``call`` for plain eager tensors of which none needs a gradient (the caller
-        knows): the op's body, with no autograd node."""
+    # -------------------------------------------------------------- one-call ops
+    # A backend may run the op and its autograd in one call of its own (the cpu
+    # backend: the kernels and a C++ autograd node, csrc/cpu/autograd.cpp), with
+    # the op's arguments after the op's check: the Function's work without its
+    # Python. Its nodes call back here for a differentiable backward.
+    natives: dict = {}   # backend -> its one-call op, or None
+    activation_at = _params(op.double).index("activation") if "activation" in inputs else None
+
+    def native_double(backend, *args):
+        """``op.double`` for a backend's C++ node: its arguments without ``backend``,
+        the activation as its integer code."""
+        args = list(args)
+        if activation_at is not None:
+            args[activation_at] = spec.ACTIVATION_NAMES[args[activation_at]]
+        with _no_autocast(args[0].device.type):
+            return tuple(op.double(*args, backend))
+
+    def native(backend: str):
+        """``backend``'s one-call op, or None; looked up (and its double backward
+        registered) at the first call on that backend."""
+        mod = dispatch.module(backend)
+        fn = natives[backend] = getattr(mod, op.name, None)
+        if fn is not None:
+            mod.set_double_backward(op.name, functools.partial(native_double, backend))
+        return fn
+
+    def eager(fallback):
+        def run(*args):
+            if args[0].__class__ not in _PLAIN:  # (not a tensor: the fallback's check names it)
+                return fallback(*args)
+            backend = dispatch.select(args[0].device)
+            fn = natives.get(backend) if backend in natives else native(backend)
+            if fn is None:
+                return fallback(*args)
+            check(*args)
+            dispatch.count(backend, forward_fn)
+            return fn(*args)
+        return run
+
+    def body_no_grad(*args):
         return results(run_body(args)[1])
+
+    call_no_grad = eager(body_no_grad)
+    call_no_grad.__doc__ = """``call`` for plain eager tensors of which none needs a
+        gradient (the caller knows): no autograd node; the backend's one-call op
+        where it has one, else the op's body."""
+    call_grad = eager(lambda *args: function.apply(*args))
+    call_grad.__doc__ = """``call`` for plain eager tensors outside torch.compile
+        where an input needs a gradient (the caller knows): the backend's one-call
+        op where it has one, else the autograd Function."""
 
     def backward_call(grad, *args):
         """The op's backward (``fastgan::<name>_backward``'s arguments and results)
@@ -369,6 +415,7 @@ def define(class_name: str, op: OpDef) -> type:
         "backward": staticmethod(backward),
         "call": staticmethod(call),
         "call_no_grad": staticmethod(call_no_grad),
+        "call_grad": staticmethod(call_grad),
         "backward_call": staticmethod(backward_call),
         "tape_forward": staticmethod(tape_forward),
         "tape_backward": staticmethod(tape_backward),

@@ -90,6 +90,7 @@ ACTIVATION_TABLE: tuple[Activation, ...] = (
 ACTIVATION = {a.name: a for a in ACTIVATION_TABLE}
 # name -> integer code, the view the kernel adapters pass to C++ and Triton.
 ACTIVATIONS = {a.name: a.code for a in ACTIVATION_TABLE}
+ACTIVATION_NAMES = {a.code: a.name for a in ACTIVATION_TABLE}  # (C++ passes codes)
 
 
 def activation(name: str) -> Activation:

@@ -384,7 +384,7 @@ def test_next_key_in_cpp_is_the_aten_next_key(seed, offset, monkeypatch):
     from fastgan.nn import layers
     fast, slow = torch.tensor([seed, offset]), torch.tensor([seed, offset])
     calls = []
-    real = torch.ops.fastgan_C.cpu_next_key
+    real = fastgan._C.cpu_next_key
     monkeypatch.setattr(dispatch, "_OPTIONAL", {})   # a fresh lookup, restored after
     monkeypatch.setattr(fastgan.impl.cpu, "next_key", lambda st: calls.append(1) or real(st))
     key = layers.next_key(fast)

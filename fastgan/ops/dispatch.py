@@ -42,7 +42,13 @@ _MODULES = {name: f"fastgan.impl.{name}" for name in NAMES}
 _PREFERENCE = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 _counted: collections.Counter = collections.Counter()   # what resolve and count saw
-_local = threading.local()
+
+
+class _Override(threading.local):
+    forced = None   # (a class default: reading a missing thread-local attribute raises inside)
+
+
+_local = _Override()
 _warned: set = set()
 _cache: dict = {}
 # Every op call asks: the answers, per device, once found (what is installed
@@ -89,7 +95,7 @@ def _check_name(name: str) -> str:
 def use_backend(name: str):
     """Force every fastgan op inside the block onto backend ``name``."""
     _check_name(name)
-    prev = getattr(_local, "forced", None)
+    prev = _local.forced
     _local.forced = name
     try:
         yield
@@ -99,7 +105,7 @@ def use_backend(name: str):
 
 def forced() -> str | None:
     """The backend forced by ``use_backend`` (innermost) or ``FASTGAN_BACKEND``, or None."""
-    name = getattr(_local, "forced", None) or _env_backend()
+    name = _local.forced or _env_backend()
     return _check_name(name) if name else None
 
 
@@ -149,7 +155,7 @@ def resolve(function: str, device: torch.device, name: str | None = None):
     """``(backend name, its implementation of function)`` for ``device`` (or the
     given backend, see ``select``); counts the call."""
     if name is None:
-        name = getattr(_local, "forced", None) or _env_backend()
+        name = _local.forced or _env_backend()
     key = (name, device, function)
     hit = _resolved.get(key)
     if hit is None:  # first call of its kind: check, choose, look up

@@ -214,12 +214,19 @@ def main(argv=None):
         print(f"  {describe(c, c['speedup'])}")
     if a.write_rule:
         rows = speed.calibrate(cells, a.noise, a.by)
-        write_rule(rows, f"{meta['command']} ({meta['machine']}, {time.strftime('%Y-%m-%d')})")
+        write_rule(rows, _calibration_note([a.out], a))
         # the new rule's worst cell, from this run's times: plain / (forced or fallback)
         worst_new = min(cells, key=lambda c: predicted(c, rows))
         print(f"rule rewritten ({len(rows)} rows) in {speed.__file__}; worst cell under it "
               f"(same run): {describe(worst_new, predicted(worst_new, rows))}")
     return cells
+
+
+def _calibration_note(files, a) -> str:
+    """The rule's CALIBRATION: its result files, measure and noise (the speed-rule
+    tests read all three back)."""
+    return (f"calibrated from {', '.join(files)} (by {a.by}, noise {a.noise:g}, "
+            f"{time.strftime('%Y-%m-%d')})")
 
 
 def calibrate_from(a) -> list:
@@ -230,8 +237,7 @@ def calibrate_from(a) -> list:
             cells += json.load(f)["cells"]
     rows = speed.calibrate(cells, a.noise, a.by)
     if a.write_rule:
-        write_rule(rows, f"calibrated from {', '.join(a.from_json)} (by {a.by}, noise "
-                         f"{a.noise:g}, {time.strftime('%Y-%m-%d')})")
+        write_rule(rows, _calibration_note(a.from_json, a))
     for key, value in sorted(rows.items()):
         print(f"  {key}: {value}")
     return cells

@@ -4,17 +4,24 @@
     python bench/bench_drop_in.py overhead --modes train --samples 9 --threads 1
     python bench/bench_drop_in.py wgan-gp [out.json]    # WGAN-GP critic step on the seed D
     python bench/bench_drop_in.py wgan-gp --batch 64 256 --penalty r1 --threads 2
+    python bench/bench_drop_in.py public-gan [out.json] --threads 2   # gan.py, fused or not
 
 ``overhead`` (the one per-call overhead measurement; ``bench/bench_cpu_overhead.py``
 runs it too): one forward of a tiny ``LinearAct`` / ``LinearBNAct``, dropout 0
-and 0.2, in training (grad enabled, the eager fast path: layer ->
-Function.apply -> check -> dispatch -> backend) and in eval under no_grad,
+and 0.2, in training (grad enabled, the eager fast path: layer -> route ->
+check -> dispatch -> the backend's one-call op, on the cpu backend its kernels
+and a C++ autograd node) and in eval under no_grad,
 against the backend's C++ forward called directly on the same tensors, the
 functional op, and the plain ``nn.Sequential``. layer - C++ forward is what
 the Python layers cost per call; the target is 10 us or less. It needs only
 the public layers, ``fastgan.functional`` and ``torch.ops.fastgan_C``, so the
 same command measures an older checkout
 (``PYTHONPATH=<checkout> python bench/bench_drop_in.py overhead``).
+
+``public-gan``: one iteration of PyTorch-GAN's ``gan.py`` training loop (its
+models and loop as that script writes them, BCELoss on a sigmoid), the plain
+models against ``fastgan.fuse`` of the same models, with Adam as gan.py makes it
+and with ``fused=True``.
 
 ``wgan-gp``: one critic step of WGAN-GP (Gulrajani et al.) on the seed
 discriminator (``fastgan.nn.models.Discriminator``, dropout 0.2):
@@ -221,9 +228,89 @@ def wgan_gp(batches=(64, 256), kind: str = "wgan-gp", samples: int = 10,
     return rows
 
 
+# ------------------------------------------------------------------ public-gan
+# PyTorch-GAN's gan.py (eriklindernoren/PyTorch-GAN, implementations/gan/gan.py),
+# written as that script writes it: this file's own copy of its two models and
+# of one iteration of its training loop.
+def _block(in_feat, out_feat, normalize=True):
+    from torch import nn
+    layers = [nn.Linear(in_feat, out_feat)]
+    if normalize:
+        layers.append(nn.BatchNorm1d(out_feat, 0.8))
+    layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return layers
+
+
+def _gan_py_models():
+    from torch import nn
+    G = nn.Sequential(*_block(100, 128, normalize=False), *_block(128, 256),
+                      *_block(256, 512), *_block(512, 1024), nn.Linear(1024, 784), nn.Tanh())
+    D = nn.Sequential(nn.Linear(784, 512), nn.LeakyReLU(0.2, inplace=True),
+                      nn.Linear(512, 256), nn.LeakyReLU(0.2, inplace=True),
+                      nn.Linear(256, 1), nn.Sigmoid())
+    return G, D
+
+
+def _gan_py_iteration(G, D, opt_G, opt_D, real, z):
+    """One iteration of gan.py's loop (its BCELoss on D's sigmoid, its loss averaging)."""
+    loss = torch.nn.BCELoss()
+    valid = torch.ones(real.shape[0], 1)
+    fake = torch.zeros(real.shape[0], 1)
+    opt_G.zero_grad()
+    gen_imgs = G(z)
+    g_loss = loss(D(gen_imgs), valid)
+    g_loss.backward()
+    opt_G.step()
+    opt_D.zero_grad()
+    real_loss = loss(D(real), valid)
+    fake_loss = loss(D(gen_imgs.detach()), fake)
+    d_loss = (real_loss + fake_loss) / 2
+    d_loss.backward()
+    opt_D.step()
+
+
+def public_gan(batches=(64, 256), samples: int = 15, min_time_s: float = 1.0) -> list[dict]:
+    """gan.py's training iteration on its plain models and on ``fastgan.fuse`` of the
+    same models (same weights), side by side: ms per iteration and the ratio, with
+    Adam as gan.py builds it (lr 2e-4, betas (0.5, 0.999)) and with ``fused=True``."""
+    import copy
+
+    from fastgan.fuse import fuse
+    from fastgan.ops import dispatch
+
+    timing = _timing()
+    cpu = torch.device("cpu")
+    rows = []
+    for batch in batches:
+        torch.manual_seed(0)
+        G, D = _gan_py_models()
+        models = {"eager": (G, D), "fastgan": (fuse(copy.deepcopy(G)), fuse(copy.deepcopy(D)))}
+        real = torch.rand(batch, 784) * 2 - 1
+        z = torch.randn(batch, 100)
+        steps = {}
+        for fused_adam in (False, True):
+            for name, (g, d) in models.items():
+                kw = dict(lr=2e-4, betas=(0.5, 0.999), fused=fused_adam)
+                opts = (torch.optim.Adam(g.parameters(), **kw),
+                        torch.optim.Adam(d.parameters(), **kw))
+                key = name + (" + fused Adam" if fused_adam else "")
+                steps[key] = (lambda g=g, d=d, opts=opts: _gan_py_iteration(g, d, *opts, real, z))
+        before = dict(dispatch.calls)
+        t = timing.measure_many(steps, cpu, warmup=3, iters=samples, min_time_s=min_time_s)
+        ran = {f"{b}.{f}": n - before.get((b, f), 0) for (b, f), n in dispatch.calls.items()
+               if n != before.get((b, f), 0)}
+        ms = {k: round(v.median_ms, 3) for k, v in t.items()}
+        rows.append({"model": "PyTorch-GAN gan.py", "batch": batch, "ms": ms,
+                     "speedup": round(ms["eager"] / ms["fastgan"], 3),
+                     "speedup_fused_adam": round(ms["eager + fused Adam"]
+                                                 / ms["fastgan + fused Adam"], 3),
+                     "dispatched": ran})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("overhead", "wgan-gp"))
+    ap.add_argument("what", choices=("overhead", "wgan-gp", "public-gan"))
     ap.add_argument("json", nargs="?", help="also write the results (JSON) to this path")
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--penalty", choices=("wgan-gp", "r1"), default="wgan-gp")
@@ -247,6 +334,11 @@ def main(argv=None) -> int:
                   f"overhead {r['overhead_cpu_us']:6.2f} us; fused path forced: layer "
                   f"{r['fused_cpu_us']:6.2f} us, overhead {r['fused_overhead_cpu_us']:6.2f} us "
                   "(CPU time)", flush=True)
+    elif args.what == "public-gan":
+        rows = public_gan(args.batch, args.samples or 15, args.min_run_time)
+        for r in rows:
+            print(f"gan.py iteration, B={r['batch']}: {r['ms']} ms; fastgan x{r['speedup']:.2f}, "
+                  f"with fused Adam x{r['speedup_fused_adam']:.2f}; ran {r['dispatched']}")
     else:
         rows = wgan_gp(args.batch, args.penalty, args.samples or 10, args.min_run_time)
         for r in rows:

@@ -250,8 +250,7 @@ def describe(c: dict, ratio: float) -> str:
 
 def predicted(c: dict, rows: dict) -> float:
     """plain / the path the rule ``rows`` takes for cell ``c``."""
-    min_batch, min_work = rows.get(speed.cell_key(c), (0, 0))
-    fused = c["batch"] >= min_batch and speed.cell_work(c) >= min_work
+    fused = speed.fused_in(c, rows.get(speed.cell_key(c), (0, 0)))
     return c["speedup_forced"] if fused else c["speedup_fallback"]
 
 

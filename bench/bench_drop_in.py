@@ -284,7 +284,8 @@ def public_gan(batches=(64, 256), samples: int = 15, min_time_s: float = 1.0) ->
     for batch in batches:
         torch.manual_seed(0)
         G, D = _gan_py_models()
-        models = {"eager": (G, D), "fastgan": (fuse(copy.deepcopy(G)), fuse(copy.deepcopy(D)))}
+        models = {"eager": (G, D),
+                  "fastgan": (fuse(copy.deepcopy(G))[0], fuse(copy.deepcopy(D))[0])}
         real = torch.rand(batch, 784) * 2 - 1
         z = torch.randn(batch, 100)
         steps = {}

@@ -74,6 +74,28 @@ def test_calibrate_leaves_every_loss_plain():
     assert rows[("float32", "none", False, False)] == (4, 4 * 64)
 
 
+def test_calibrate_leaves_a_losing_narrow_layer_plain(monkeypatch):
+    """A discriminator's last layer (N = 1) that loses at every batch does not hold the
+    wide layers of its kind back to its sizes: the row gets a min_out instead."""
+    def cell(b, layer, s):
+        return dict(batch=b, layer=layer, speedup=s, mode="train", bn=False, dropout=0.0,
+                    pass_="fwd+bwd", dtype="fp32")
+    cells = [cell(b, "256->1", 0.7) for b in (64, 1024, 4096)] + \
+            [cell(b, "100->128", 1.2) for b in (16, 64, 1024)]
+    rows = speed.calibrate(cells)
+    min_batch, min_work, min_out = rows[("float32", "none", False, True)]
+    assert (min_batch, min_out) == (16, 128) and min_work <= 16 * 100 * 128
+    for c in cells:
+        assert speed.fused_in(c, rows[("float32", "none", False, True)]) == (c["speedup"] > 1)
+    cpu_backend()
+    monkeypatch.setitem(speed.TABLE, "cpu", rows)
+    speed.reset()
+    assert "or 128 output features" in speed.no_gain("cpu", torch.float32, 4096, 256, 1, None, 0.0)
+    assert speed.no_gain("cpu", torch.float32, 64, 100, 128, None, 0.0) is None
+    # a two-number row (no min_out) reads as min_out 1
+    assert speed.fused_in(cell(64, "256->1", 0.7), (1, 0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_unmeasured_dtypes_stay_plain_on_the_cpu(dtype):
     cpu_backend()

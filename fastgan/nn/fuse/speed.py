@@ -8,9 +8,13 @@ in the report). Neither may make a model slower than the plain model.
 The rule is a table of measurements (``TABLE``), per backend and per kind of
 call: the compute dtype, BatchNorm1d (none, training or eval statistics),
 whether dropout is active and whether the call records a backward (grad on).
-A row holds the smallest batch and the smallest forward work ``B * K * N``
-from which the fused op was measured ahead of the plain layers in every
-cell of the matrix; below either, the plain computation runs. A backend with
+A row holds the smallest batch, the smallest forward work ``B * K * N`` and
+(optionally, default 1) the fewest output features from which the fused op
+was measured ahead of the plain layers in every cell of the matrix; below
+any of them, the plain computation runs. (The output width is there for a
+discriminator's last layer, N = 1: a matrix-vector product whose fused op
+loses at every batch, while the wide layers of the same kind win from far
+smaller work.) A backend with
 a table runs the plain computation for a kind of call it has no row for (not
 measured: a dtype the matrix did not time, fp16 and fp64 on the CPU). A
 backend without a table runs the fused op everywhere (the CUDA backends: no
@@ -40,33 +44,33 @@ import torch
 from ...ops import dispatch
 
 # ---------------------------------------------------------------- the table
-# backend -> {(dtype, bn, dropout, grad): (min_batch, min_work) or None}
+# backend -> {(dtype, bn, dropout, grad): (min_batch, min_work[, min_out]) or None}
 #   dtype: "float32" | "bfloat16" | ...; bn: "none" | "train" | "eval";
 #   dropout: dropout active in this call; grad: the call records a backward.
 #   None: the fused op lost in every measured cell of the row.
 # BEGIN TABLE (written by bench/bench_cpu_matrix.py --write-rule)
 TABLE: dict = {
     "cpu": {
-        ('bfloat16', 'eval', False, False): (1, 26214400),
+        ('bfloat16', 'eval', False, False): (1, 256, 256),
         ('bfloat16', 'eval', False, True): (1, 822083584),
         ('bfloat16', 'none', False, False): (256, 1605632),
         ('bfloat16', 'none', False, True): (1, 2147483648),
-        ('bfloat16', 'none', True, False): (1, 1605632),
-        ('bfloat16', 'none', True, True): (1, 1605632),
+        ('bfloat16', 'none', True, False): (1, 256, 128),
+        ('bfloat16', 'none', True, True): (1, 256, 128),
         ('bfloat16', 'train', False, False): (2, 512),
-        ('bfloat16', 'train', False, True): (4097, 3288334337),
-        ('bfloat16', 'train', True, False): (2, 1605632),
-        ('bfloat16', 'train', True, True): (2, 1605632),
-        ('float32', 'eval', False, False): (1, 1605632),
-        ('float32', 'eval', False, True): (1, 6553600),
+        ('bfloat16', 'train', False, True): (2, 52428800, 1024),
+        ('bfloat16', 'train', True, False): (2, 512, 128),
+        ('bfloat16', 'train', True, True): (2, 512, 128),
+        ('float32', 'eval', False, False): (1, 256, 128),
+        ('float32', 'eval', False, True): (1, 256, 256),
         ('float32', 'none', False, False): (1, 2097152),
-        ('float32', 'none', False, True): (1, 26214400),
-        ('float32', 'none', True, False): (1, 1605632),
-        ('float32', 'none', True, True): (1, 1605632),
+        ('float32', 'none', False, True): (1, 2097152, 256),
+        ('float32', 'none', True, False): (1, 256, 128),
+        ('float32', 'none', True, True): (1, 256, 128),
         ('float32', 'train', False, False): (2, 512),
-        ('float32', 'train', False, True): (2, 1638400),
-        ('float32', 'train', True, False): (2, 1605632),
-        ('float32', 'train', True, True): (2, 1605632),
+        ('float32', 'train', False, True): (16, 512, 128),
+        ('float32', 'train', True, False): (2, 512, 128),
+        ('float32', 'train', True, True): (2, 512, 128),
     },
 }
 CALIBRATION = (
@@ -80,9 +84,15 @@ NEVER = "the fused op was measured slower than the plain layers for every size o
 UNMEASURED = "this kind of call (dtype, BatchNorm1d mode, dropout, grad) was not measured here"
 
 
-def _small(min_batch: int, min_work: int) -> str:
+def _limits(row: tuple) -> tuple[int, int, int]:
+    """(min_batch, min_work, min_out) of a table row (``min_out`` 1 where left out)."""
+    return (*row, 1) if len(row) == 2 else row
+
+
+def _small(min_batch: int, min_work: int, min_out: int = 1) -> str:
+    out = f" or {min_out} output features" if min_out > 1 else ""
     return (f"the fused op was measured slower than the plain layers below batch {min_batch} "
-            f"or B*K*N = {min_work} for this kind of call")
+            f"or B*K*N = {min_work}{out} for this kind of call")
 
 
 _chosen: dict = {}   # device type -> the backend the dispatcher would pick (None: none)
@@ -106,7 +116,7 @@ def bn_kind(bn_training: Optional[bool]) -> str:
 
 def row(name: Optional[str], dtype: torch.dtype, bn_training: Optional[bool], dropout: bool,
         grad: bool):
-    """The table's row for this kind of call on backend ``name``: (min_batch, min_work),
+    """The table's row for this kind of call on backend ``name``: (min_batch, min_work[, min_out]),
     None (never gains), or ``...`` when it has none."""
     rows = TABLE.get(name)
     if rows is None:
@@ -137,11 +147,12 @@ def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_featu
         return None if name not in TABLE else UNMEASURED
     if limits is None:
         return NEVER
-    min_batch, min_work = limits
+    min_batch, min_work, min_out = _limits(limits)
     if batch is None:
         batch = max(min_batch, -(-min_work // max(in_features * out_features, 1)))
-    if batch < min_batch or batch * in_features * out_features < min_work:
-        return _small(min_batch, min_work)
+    if batch < min_batch or batch * in_features * out_features < min_work or \
+            out_features < min_out:
+        return _small(min_batch, min_work, min_out)
     return None
 
 
@@ -188,6 +199,19 @@ def cell_work(cell: dict) -> int:
     return cell["batch"] * k * n
 
 
+def cell_out(cell: dict) -> int:
+    return int(cell["layer"].split("->")[1])
+
+
+def fused_in(cell: dict, limits) -> bool:
+    """Whether a table row (``limits``) fuses matrix cell ``cell``."""
+    if limits is None:
+        return False
+    min_batch, min_work, min_out = _limits(limits)
+    return (cell["batch"] >= min_batch and cell_work(cell) >= min_work
+            and cell_out(cell) >= min_out)
+
+
 def cell_speedup(cell: dict, by: str = "median") -> float:
     """Plain time / fused-op time of a cell (the fused path forced), from the
     medians or (``by="min"``, a loaded machine) the fastest samples."""
@@ -199,24 +223,28 @@ def cell_speedup(cell: dict, by: str = "median") -> float:
 
 
 def calibrate(cells: list, noise: float = 0.0, by: str = "median") -> dict:
-    """Rows of ``TABLE`` from matrix cells: per kind, the (min_batch, min_work) that
-    fuses the most cells while every fused cell was measured at >= 1 - noise
-    (a kind that lost everywhere fuses only beyond its largest measured cell)."""
+    """Rows of ``TABLE`` from matrix cells: per kind, the (min_batch, min_work,
+    min_out) that fuses the most cells while every fused cell was measured at
+    >= 1 - noise (a kind that lost everywhere fuses only beyond its largest
+    measured cell); ``min_out`` is left out where the narrowest layer may fuse."""
     kinds: dict = {}
     for c in cells:
-        kinds.setdefault(cell_key(c), []).append((c["batch"], cell_work(c),
+        kinds.setdefault(cell_key(c), []).append((c["batch"], cell_work(c), cell_out(c),
                                                   cell_speedup(c, by)))
     rows = {}
     for key, points in sorted(kinds.items()):
         best = None
-        for mb in sorted({b for b, _, _ in points}):
-            for mw in sorted({w for _, w, _ in points}):
-                covered = [s for b, w, s in points if b >= mb and w >= mw]
-                if covered and min(covered) >= 1.0 - noise and (best is None
-                                                                or len(covered) > best[0]):
-                    best = (len(covered), mb, mw)
+        narrowest = min(n for _, _, n, _ in points)
+        for mo in sorted({n for _, _, n, _ in points}):
+            for mb in sorted({b for b, _, _, _ in points}):
+                for mw in sorted({w for _, w, _, _ in points}):
+                    covered = [s for b, w, n, s in points if b >= mb and w >= mw and n >= mo]
+                    if covered and min(covered) >= 1.0 - noise and (
+                            best is None or len(covered) > best[0]):
+                        best = (len(covered), mb, mw, mo)
         if best is None:
-            rows[key] = (max(b for b, _, _ in points) + 1, max(w for _, w, _ in points) + 1)
+            rows[key] = (max(b for b, _, _, _ in points) + 1,
+                         max(w for _, w, _, _ in points) + 1)
         else:
-            rows[key] = best[1:]
+            rows[key] = best[1:3] if best[3] == narrowest else best[1:]
     return rows

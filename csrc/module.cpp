@@ -80,6 +80,17 @@ struct NoGil {
   ~NoGil() { PyEval_RestoreThread(state); }
 };
 
+// The tensor `run()` returns, computed without the GIL, as a Python object.
+template <typename F>
+PyObject* tensor_without_gil(const F& run) {
+  at::Tensor y;
+  {
+    NoGil no_gil;
+    y = run();
+  }
+  return THPVariable_Wrap(std::move(y));
+}
+
 PyObject* cpu_linear_act(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   arity("cpu_linear_act", n, 8);
@@ -88,12 +99,8 @@ PyObject* cpu_linear_act(PyObject*, PyObject* const* a, Py_ssize_t n) {
   const int64_t act = integer(a[3], "activation");
   const double slope = real(a[4], "negative_slope"), p = real(a[5], "p");
   const at::Tensor &seed = tensor(a[6], "seed"), &offset = tensor(a[7], "offset");
-  at::Tensor y;
-  {
-    NoGil no_gil;
-    y = fastgan::cpu::linear_act(x, weight, bias, act, slope, p, seed, offset);
-  }
-  return THPVariable_Wrap(std::move(y));
+  return tensor_without_gil(
+      [&] { return fastgan::cpu::linear_act(x, weight, bias, act, slope, p, seed, offset); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -113,14 +120,11 @@ PyObject* cpu_linear_bn_act(PyObject*, PyObject* const* a, Py_ssize_t n) {
   const int64_t act = integer(a[11], "activation");
   const double slope = real(a[12], "negative_slope"), p = real(a[13], "p");
   const at::Tensor &seed = tensor(a[14], "seed"), &offset = tensor(a[15], "offset");
-  at::Tensor y;
-  {
-    NoGil no_gil;
-    y = fastgan::cpu::linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean,
-                                    running_var, num_batches_tracked, training, momentum, eps,
-                                    act, slope, p, seed, offset);
-  }
-  return THPVariable_Wrap(std::move(y));
+  return tensor_without_gil([&] {
+    return fastgan::cpu::linear_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                       running_var, num_batches_tracked, training, momentum, eps,
+                                       act, slope, p, seed, offset);
+  });
   END_HANDLE_TH_ERRORS
 }
 

@@ -229,3 +229,57 @@ def test_forced_backends_keep_the_python_function():
     with dispatch.use_backend("reference"):
         y = LinearActFunction.call(*_args(LinearActFunction, leaves, rest))
     assert "CppNode" not in y.grad_fn.name()
+
+
+@pytest.mark.parametrize("fn", [LinearActFunction, LinearBNActFunction])
+def test_saved_tensor_hooks_and_activation_checkpointing(fn):
+    """The node's saved tensors go through saved-tensor hooks (offloading, non-reentrant
+    torch.utils.checkpoint) as any node's do: the same gradients, every hook called."""
+    import torch.utils.checkpoint as ckpt
+
+    leaves, rest = _inputs(fn, 6, 5, 4, torch.float32, p=0.25)
+    want = _grads(fn.call(*_args(fn, leaves, rest)), leaves)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    for run in ("hooks", "checkpoint"):
+        twin = _twin(leaves)
+        if run == "hooks":
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = fn.call(*_args(fn, twin, rest))
+            assert NODE[fn] in y.grad_fn.name() and packed
+        else:
+            y = ckpt.checkpoint(lambda *t: fn.call(*t), *_args(fn, twin, rest),
+                                use_reentrant=False)
+        for a, b in zip(_grads(y, twin), want):
+            _same(a, b)
+
+
+def test_two_threads_train_at_once():
+    """The entries release the GIL around the kernels, and the double backward takes it
+    again: two threads running forward, backward and double backward at once get what
+    each gets alone."""
+    import threading
+
+    def work(seed, out):
+        leaves, rest = _inputs(LinearActFunction, 8, 6, 5, torch.float32, p=0.2, seed=seed)
+        for _ in range(20):
+            y = LinearActFunction.call(*_args(LinearActFunction, leaves, rest))
+            (gx,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+            gx.sum().backward()
+        out[seed] = [t.grad.clone() for t in leaves]
+
+    alone, together = {}, {}
+    for s in (1, 2):
+        work(s, alone)
+    threads = [threading.Thread(target=work, args=(s, together)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in (1, 2):
+        for a, b in zip(alone[s], together[s]):
+            _same(a, b)

@@ -143,7 +143,8 @@ def next_key(state) -> tuple[torch.Tensor, torch.Tensor]:
 # its Python). fastgan.ops.registry calls them for plain eager CPU tensors, with
 # the op's arguments after its check, and registers each op's differentiable
 # backward for create_graph (``set_double_backward``).
-_AUTOGRAD_OPS = ("linear_act", "linear_bn_act")   # csrc/cpu/autograd.h's AutogradOp
+# The ops this backend runs in one call, in csrc/cpu/autograd.h's AutogradOp order.
+AUTOGRAD_OPS = ("linear_act", "linear_bn_act")
 
 
 def linear_act(x, weight, bias, activation, negative_slope, p, seed, offset):
@@ -166,7 +167,7 @@ def set_double_backward(op: str, fn) -> None:
     """The callable the C++ nodes of ``op`` call for a differentiable backward
     (``create_graph=True``): the op's ``double`` arguments without ``backend``, the
     activation as its integer code (``fastgan.ops.spec.ACTIVATIONS``)."""
-    _C.cpu_set_double_backward(_AUTOGRAD_OPS.index(op), fn)
+    _C.cpu_set_double_backward(AUTOGRAD_OPS.index(op), fn)
 
 
 def uncounted_calls() -> dict:

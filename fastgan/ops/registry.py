@@ -319,7 +319,8 @@ def define(class_name: str, op: OpDef) -> type:
     # A backend may run the op and its autograd in one call of its own (the cpu
     # backend: the kernels and a C++ autograd node, csrc/cpu/autograd.cpp), with
     # the op's arguments after the op's check: the Function's work without its
-    # Python. Its nodes call back here for a differentiable backward.
+    # Python. It lists those ops in AUTOGRAD_OPS and defines each under the op's
+    # name; its nodes call back here for a differentiable backward.
     natives: dict = {}   # backend -> its one-call op, or None
     activation_at = _params(op.double).index("activation") if "activation" in inputs else None
 
@@ -336,7 +337,8 @@ def define(class_name: str, op: OpDef) -> type:
         """``backend``'s one-call op, or None; looked up (and its double backward
         registered) at the first call on that backend."""
         mod = dispatch.module(backend)
-        fn = natives[backend] = getattr(mod, op.name, None)
+        ops = getattr(mod, "AUTOGRAD_OPS", ())
+        fn = natives[backend] = getattr(mod, op.name) if op.name in ops else None
         if fn is not None:
             mod.set_double_backward(op.name, functools.partial(native_double, backend))
         return fn

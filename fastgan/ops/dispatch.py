@@ -171,6 +171,16 @@ def count(name: str, function: str, n: int = 1) -> None:
     _counted[(name, function)] += n
 
 
+def _uncounted() -> dict:
+    """Every loaded backend's own counts of the calls no Python saw, since load."""
+    out: dict = {}
+    for mod, _ in list(_cache.values()):
+        uncounted = getattr(mod, "uncounted_calls", None)
+        if uncounted is not None:
+            out.update(uncounted())
+    return out
+
+
 class CallCounts(collections.abc.Mapping):
     """``calls``: ``(backend, function) -> n`` since the last ``clear()``, 0 for a
     pair never called (as a Counter). The calls ``resolve`` and ``count`` saw, plus
@@ -182,12 +192,9 @@ class CallCounts(collections.abc.Mapping):
 
     def _native(self) -> collections.Counter:
         out = collections.Counter()
-        for mod, _ in list(_cache.values()):
-            uncounted = getattr(mod, "uncounted_calls", None)
-            if uncounted is not None:
-                for key, n in uncounted().items():
-                    if n != self._cleared.get(key, 0):
-                        out[key] = n - self._cleared.get(key, 0)
+        for key, n in _uncounted().items():
+            if n != self._cleared.get(key, 0):
+                out[key] = n - self._cleared.get(key, 0)
         return out
 
     def _all(self) -> collections.Counter:
@@ -209,10 +216,7 @@ class CallCounts(collections.abc.Mapping):
 
     def clear(self) -> None:
         _counted.clear()
-        for mod, _ in list(_cache.values()):
-            uncounted = getattr(mod, "uncounted_calls", None)
-            if uncounted is not None:
-                self._cleared.update(uncounted())
+        self._cleared.update(_uncounted())
 
     def __repr__(self) -> str:
         return f"CallCounts({dict(self._all())})"

@@ -131,6 +131,7 @@ def cell(b, k, n, dropout, bn, dt, mode, backward, iters, min_time_s, with_aten=
                      repeat={key: calls_per_sample(fn) for key, fn in fns.items()})
     fused_ms, plain_ms = t["fused"].median_ms, t["plain"].median_ms
     out = dict(batch=b, layer=f"{k}->{n}", dropout=dropout, bn=bn, dtype=dt, mode=mode,
+               gemm=cpu_impl.gemm_path(dtype),   # the rule's rows are per GEMM path
                pass_="fwd+bwd" if backward else "fwd", fused_ms=fused_ms, plain_ms=plain_ms,
                speedup=plain_ms / fused_ms, forced_ms=t["forced"].median_ms,
                fallback_ms=t["fallback"].median_ms)
@@ -255,17 +256,27 @@ def predicted(c: dict, rows: dict) -> float:
 
 
 def write_rule(rows: dict, note: str) -> None:
-    """Rewrite the block between ``# BEGIN TABLE`` and ``# END TABLE`` of speed.py."""
+    """Rewrite the block between ``# BEGIN TABLE`` and ``# END TABLE`` of speed.py: the
+    rows of the (dtype, GEMM path) pairs this calibration measured replace the old
+    ones; the other pairs' rows (another machine's paths) and notes stay."""
+    measured = {key[:2] for key in rows}
+    table = {k: v for k, v in speed.TABLE.get("cpu", {}).items() if k[:2] not in measured}
+    table.update(rows)
+    notes = {k: v for k, v in speed.CALIBRATION.items() if k not in measured}
+    notes.update({pair: note for pair in measured})
     path = speed.__file__
     with open(path) as f:
         text = f.read()
     head, rest = text.split("# BEGIN TABLE", 1)
     _, tail = rest.split("# END TABLE", 1)
-    lines = [f"        {key!r}: {value!r}," for key, value in sorted(rows.items())]
+    lines = [f"        {key!r}: {value!r}," for key, value in sorted(table.items())]
     block = ("# BEGIN TABLE (written by bench/bench_cpu_matrix.py --write-rule)\n"
              "TABLE: dict = {\n    \"cpu\": {\n" + "\n".join(lines) + "\n    },\n}\n"
-             "CALIBRATION = (\n" + "\n".join(f"    {note[i:i + 80]!r}"
-                                               for i in range(0, len(note), 80)) + ")\n")
+             "# (dtype, GEMM path) -> where its rows come from\n"
+             "CALIBRATION: dict = {\n" + "".join(
+                 f"    {pair!r}: (\n" + "".join(f"        {text[i:i + 72]!r}\n"
+                                               for i in range(0, len(text), 72)) + "    ),\n"
+                 for pair, text in sorted(notes.items())) + "}\n")
     with open(path, "w") as f:
         f.write(head + block + "# END TABLE" + tail)
 

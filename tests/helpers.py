@@ -18,6 +18,9 @@ import fastgan
 from fastgan import backend
 
 HAS_CUDA = torch.cuda.is_available()
+# The cpu backend's GEMM paths (fastgan.impl.cpu.GEMM_PATHS; here too, for tests
+# that must import where the extension is not built): the speed rule has rows per path.
+GEMM_PATHS = ("aten", "onednn", "widened")
 
 
 def _param(name, device, gpu=False):

@@ -2,7 +2,9 @@
 // and what Python sees of it (fastgan.impl.cpu.gemm_info / set_gemm):
 //   fastgan_C::cpu_gemm_set(int policy, int min_work) -> int[]  previous pair
 //   fastgan_C::cpu_gemm_info() -> int[]  [policy, min_work, aten calls,
-//       onednn calls, onednn usable for fp32, bf16, fp16]
+//       onednn calls, widened calls, onednn usable for fp32, bf16, fp16]
+//   fastgan_C::cpu_gemm_path(ScalarType dtype, int m, int k, int n) -> int
+//       the path (Path) a product of that size takes under the current policy
 // The per-path call counters let tests prove which path ran.
 #include "gemm.h"
 
@@ -23,7 +25,7 @@ std::atomic<int64_t> g_policy{kAuto};
 // Below M*K*N = 2^21 (e.g. 64 x 128 x 256) oneDNN's fixed cost per call is
 // about the GEMM's own time at ATen's speed: ATen goes first there.
 std::atomic<int64_t> g_min_work{int64_t(1) << 21};
-std::atomic<int64_t> g_calls_aten{0}, g_calls_onednn{0};
+std::atomic<int64_t> g_calls_aten{0}, g_calls_onednn{0}, g_calls_widened{0};
 
 using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&,
                                    const std::optional<at::Tensor>&, std::string_view,
@@ -69,12 +71,27 @@ bool onednn_usable(at::ScalarType dt) {
          linear_pointwise().has_value();
 }
 
-bool use_onednn(at::ScalarType dt, int64_t m, int64_t k, int64_t n) {
-  const int64_t policy = g_policy.load(std::memory_order_relaxed);
-  if (policy == kAten || !onednn_usable(dt)) return false;
-  if (policy == kOnednn) return true;
-  return m * k * n >= g_min_work.load(std::memory_order_relaxed);
+bool reduced(at::ScalarType dt) { return dt == at::kBFloat16 || dt == at::kHalf; }
+
+// The auto rule for fp32 and fp64, also the inner product of a widened call.
+Path auto_path(at::ScalarType dt, int64_t m, int64_t k, int64_t n) {
+  if (!onednn_usable(dt)) return kPathAten;
+  return m * k * n >= g_min_work.load(std::memory_order_relaxed) ? kPathOnednn : kPathAten;
 }
+
+}  // namespace
+
+Path choose(at::ScalarType dt, int64_t m, int64_t k, int64_t n) {
+  const int64_t policy = g_policy.load(std::memory_order_relaxed);
+  if (policy == kAten) return kPathAten;
+  if (policy == kOnednn) return onednn_usable(dt) ? kPathOnednn : kPathAten;
+  // kAuto and kWiden: a bf16 / fp16 product that oneDNN cannot run natively
+  // here (or every one, under kWiden) is computed in fp32.
+  if (reduced(dt) && (policy == kWiden || !onednn_usable(dt))) return kPathWidened;
+  return auto_path(dt, m, k, n);
+}
+
+namespace {
 
 // Lifts a reduced oneDNN fp32 matmul mode (bf16 / tf32) to IEEE for the
 // duration of one of our fp32 GEMMs; both paths read it (ATen's fp32 mm goes
@@ -114,13 +131,43 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
                                   c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+// The fp32 product of a widened call: inputs and output fp32, the auto rule's
+// path, not counted (the widened counter has counted the call).
+at::Tensor fp32_linear(const at::Tensor& x, const at::Tensor& w,
+                       const std::optional<at::Tensor>& b) {
+  if (auto_path(at::kFloat, x.size(0), x.size(1), w.size(0)) == kPathOnednn) {
+    return linear_pointwise()->call(x.contiguous(), w, b, "none",
+                                    c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
+  return at::linear(x, w, b);
+}
+
+// A bf16 / fp16 product in fp32: the products of two bf16 (or fp16) values
+// are exact in fp32, so this is the fp32-accumulated GEMM that native bf16
+// instructions compute, rounded once to the dtype (up to summation order).
+// Without those instructions ATen's bf16 / fp16 GEMM ran at 5-17 GFLOP/s on
+// an AVX2 CPU (Zen 3) whose fp32 GEMM reaches 100-120: 6-10x slower than
+// converting both inputs and the output.
+at::Tensor widened_linear(const at::Tensor& x, const at::Tensor& w,
+                          const std::optional<at::Tensor>& b) {
+  g_calls_widened.fetch_add(1, std::memory_order_relaxed);
+  const StrictFp32 strict(at::kFloat);
+  std::optional<at::Tensor> b32;
+  if (b.has_value()) b32 = b->to(at::kFloat);
+  return fp32_linear(x.to(at::kFloat), w.to(at::kFloat), b32).to(x.scalar_type());
+}
+
 }  // namespace
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   const StrictFp32 strict(x.scalar_type());
-  if (use_onednn(x.scalar_type(), x.size(0), x.size(1), w.size(0))) return onednn_linear(x, w, b);
-  g_calls_aten.fetch_add(1, std::memory_order_relaxed);
-  return at::linear(x, w, b);
+  switch (choose(x.scalar_type(), x.size(0), x.size(1), w.size(0))) {
+    case kPathOnednn: return onednn_linear(x, w, b);
+    case kPathWidened: return widened_linear(x, w, b);
+    default:
+      g_calls_aten.fetch_add(1, std::memory_order_relaxed);
+      return at::linear(x, w, b);
+  }
 }
 
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
@@ -129,23 +176,27 @@ at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   // must be contiguous (a transposed one is copied first, slowly in ATen:
   // 63 us for 128 x 1024 fp32, 1.5 ms for 512 x 1024 bf16), so the kernels'
   // dW products pass dz^T contiguous, written by their backward pass.
-  if (use_onednn(a.scalar_type(), a.size(0), a.size(1), b.size(1))) {
-    return onednn_linear(a, b.t(), std::nullopt);
+  switch (choose(a.scalar_type(), a.size(0), a.size(1), b.size(1))) {
+    case kPathOnednn: return onednn_linear(a, b.t(), std::nullopt);
+    case kPathWidened: return widened_linear(a, b.t(), std::nullopt);
+    default:
+      g_calls_aten.fetch_add(1, std::memory_order_relaxed);
+      return at::mm(a, b);
   }
-  g_calls_aten.fetch_add(1, std::memory_order_relaxed);
-  return at::mm(a, b);
 }
 
 namespace {
 
 std::vector<int64_t> cpu_gemm_info() {
-  return {g_policy.load(), g_min_work.load(), g_calls_aten.load(), g_calls_onednn.load(),
-          onednn_usable(at::kFloat), onednn_usable(at::kBFloat16), onednn_usable(at::kHalf)};
+  return {g_policy.load(),         g_min_work.load(),
+          g_calls_aten.load(),      g_calls_onednn.load(),
+          g_calls_widened.load(),   onednn_usable(at::kFloat),
+          onednn_usable(at::kBFloat16), onednn_usable(at::kHalf)};
 }
 
 std::vector<int64_t> cpu_gemm_set(int64_t policy, int64_t min_work) {
-  TORCH_CHECK(policy >= kAuto && policy <= kOnednn, "cpu_gemm_set: policy must be 0 (auto), ",
-              "1 (aten) or 2 (onednn), got ", policy);
+  TORCH_CHECK(policy >= kAuto && policy <= kWiden, "cpu_gemm_set: policy must be 0 (auto), ",
+              "1 (aten), 2 (onednn) or 3 (widen), got ", policy);
   TORCH_CHECK(min_work >= 0, "cpu_gemm_set: min_work must be >= 0, got ", min_work);
   return {g_policy.exchange(policy), g_min_work.exchange(min_work)};
 }
@@ -155,6 +206,10 @@ std::vector<int64_t> cpu_gemm_set(int64_t policy, int64_t min_work) {
 TORCH_LIBRARY_FRAGMENT(fastgan_C, m) {
   m.def("cpu_gemm_info() -> int[]", &cpu_gemm_info);
   m.def("cpu_gemm_set(int policy, int min_work) -> int[]", &cpu_gemm_set);
+  m.def("cpu_gemm_path(ScalarType dtype, int m, int k, int n) -> int",
+        [](at::ScalarType dt, int64_t m, int64_t k, int64_t n) -> int64_t {
+          return choose(dt, m, k, n);
+        });
 }
 
 }  // namespace gemm

@@ -168,6 +168,15 @@ def _check_backend(name, device) -> str:
         raise CLIError(f"--backend {name}: {e}") from None
 
 
+def _widened(dtype: str) -> bool:
+    """Whether the cpu backend computes ``dtype``'s GEMMs in fp32 on this CPU."""
+    import torch
+
+    from ..ops import dispatch
+    cpu = dispatch._load("cpu")[0]
+    return cpu is not None and cpu.gemm_path(getattr(torch, {"bf16": "bfloat16"}[dtype])) == "widened"
+
+
 def _writable_folder(out: Path) -> None:
     from . import CLIError
     try:
@@ -445,6 +454,9 @@ def _run(args) -> int:
     engine += f", {cfg.schedule} schedule"
     if cfg.dtype != "fp32":
         engine += f", {cfg.dtype} weights with fp32 master weights"
+        if not cfg.reference and name == "cpu" and _widened(cfg.dtype):
+            engine += (f" ({cfg.dtype} GEMMs computed in fp32: this CPU has no native "
+                       f"{cfg.dtype} instructions, so {cfg.dtype} is no faster than fp32 here)")
 
     dataset = _load_data(args)
     if cfg.batch_size > len(dataset):

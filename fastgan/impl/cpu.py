@@ -8,13 +8,16 @@ of ``fastgan.ops.spec.ACTIVATIONS`` (csrc/activation.h) and inputs are made
 contiguous. Arguments arrive checked (``fastgan.ops.checks``); the C++ entries
 check again only what protects memory (csrc/checks.h).
 
-GEMMs (csrc/cpu/gemm.h) take one of two paths, chosen per call at run time:
+GEMMs (csrc/cpu/gemm.h) take one of three paths, chosen per call at run time:
 torch's bundled oneDNN (``mkldnn::_linear_pointwise``) where this CPU has the
 ISA for the dtype (AVX-512 for fp32, AVX512_BF16/AMX for bf16, AVX512_FP16
-for fp16) and the product is large enough to repay oneDNN's fixed cost, ATen
-otherwise. fp32 stays IEEE on both. ``gemm_info()`` reports the policy and a
-call counter per path; ``set_gemm`` / ``gemm_policy`` force a path (also the
-environment: ``FASTGAN_CPU_GEMM=auto|aten|onednn`` at import).
+for fp16) and the product is large enough to repay oneDNN's fixed cost;
+"widened" for a bf16 / fp16 product without that ISA (computed in fp32 and
+rounded once: ATen's bf16 GEMM is 6-10x slower than its fp32 one there);
+ATen otherwise. fp32 stays IEEE on all. ``gemm_info()`` reports the policy and
+a call counter per path; ``gemm_path`` the path a product takes;
+``set_gemm`` / ``gemm_policy`` force a path (also the environment:
+``FASTGAN_CPU_GEMM=auto|aten|onednn|widen`` at import).
 """
 from __future__ import annotations
 
@@ -49,21 +52,34 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-GEMM_POLICIES = ("auto", "aten", "onednn")
+GEMM_POLICIES = ("auto", "aten", "onednn", "widen")   # csrc/cpu/gemm.h's Policy
+GEMM_PATHS = ("aten", "onednn", "widened")            # and its Path
 
 
 def gemm_info() -> dict:
     """The GEMM policy, ``min_work`` (oneDNN from M*K*N on, under "auto"), calls per path
     since load, and whether oneDNN is usable here per dtype."""
-    policy, min_work, aten, onednn, fp32, bf16, fp16 = torch.ops.fastgan_C.cpu_gemm_info()
+    policy, min_work, *calls, fp32, bf16, fp16 = torch.ops.fastgan_C.cpu_gemm_info()
     return dict(policy=GEMM_POLICIES[policy], min_work=min_work,
-                calls={"aten": aten, "onednn": onednn},
+                calls=dict(zip(GEMM_PATHS, calls)),
                 onednn={"float32": bool(fp32), "bfloat16": bool(bf16), "float16": bool(fp16)})
 
 
+_BIG = 1 << 12   # gemm_path's default size: every path's size threshold is below 4096^3
+
+
+def gemm_path(dtype: torch.dtype, m: int = _BIG, k: int = _BIG, n: int = _BIG) -> str:
+    """The path ("aten", "onednn", "widened") an (m, k) @ (k, n) product of ``dtype``
+    takes under the current policy (by default a large one: this machine's path for
+    the dtype)."""
+    return GEMM_PATHS[torch.ops.fastgan_C.cpu_gemm_path(dtype, m, k, n)]
+
+
 def set_gemm(policy: str | None = None, min_work: int | None = None) -> tuple[str, int]:
-    """Sets the GEMM policy ("auto", "aten", "onednn") and/or ``min_work``; returns the
-    previous pair. "onednn" still uses ATen for a dtype oneDNN cannot run here (fp64)."""
+    """Sets the GEMM policy ("auto", "aten", "onednn", "widen") and/or ``min_work``; returns
+    the previous pair. "onednn" still uses ATen for a dtype oneDNN cannot run here (fp64);
+    "widen" computes every bf16 / fp16 product in fp32 ("auto" does where oneDNN cannot
+    run the dtype natively)."""
     info = gemm_info()
     if policy is None:
         policy = info["policy"]
@@ -74,7 +90,14 @@ def set_gemm(policy: str | None = None, min_work: int | None = None) -> tuple[st
     if not isinstance(min_work, int) or isinstance(min_work, bool) or min_work < 0:
         raise ValueError(f"min_work must be an int >= 0, got {min_work!r}")
     old_policy, old_work = torch.ops.fastgan_C.cpu_gemm_set(GEMM_POLICIES.index(policy), min_work)
+    for changed in on_gemm_change:
+        changed()
     return GEMM_POLICIES[old_policy], old_work
+
+
+# Called after every set_gemm: the speed rule (fastgan.nn.fuse.speed) caches answers
+# that depend on the GEMM paths and adds its reset here.
+on_gemm_change: list = []
 
 
 @contextlib.contextmanager

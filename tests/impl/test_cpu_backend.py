@@ -469,14 +469,18 @@ cpu_impl = dispatch._load("cpu")[0]
 class gemm_path:
     """Context: the cpu backend's GEMMs forced onto ``path``; asserts they all ran there."""
 
+    POLICY = {"onednn": "onednn", "aten": "aten", "widened": "widen"}
+
     def __init__(self, path, dtype=torch.float32):
         if path == "onednn" and not cpu_impl.gemm_info()["onednn"][str(dtype)[6:]]:
             pytest.skip(f"oneDNN GEMM not usable for {dtype} on this CPU/torch")
-        self.path, self.other = path, "aten" if path == "onednn" else "onednn"
+        if path == "widened" and dtype not in (torch.bfloat16, torch.float16):
+            pytest.skip("only bf16 and fp16 products are widened")
+        self.path, self.others = path, [p for p in cpu_impl.GEMM_PATHS if p != path]
 
     def __enter__(self):
         self.before = cpu_impl.gemm_info()["calls"]
-        self.ctx = cpu_impl.gemm_policy(self.path)
+        self.ctx = cpu_impl.gemm_policy(self.POLICY[self.path])
         self.ctx.__enter__()
 
     def __exit__(self, *exc):
@@ -485,11 +489,12 @@ class gemm_path:
         if exc[0] is None:
             assert after[self.path] > self.before[self.path], f"no GEMM took the {self.path} path"
             # the reference runs plain torch (no fastgan._C): every counted call is ours
-            assert after[self.other] == self.before[self.other], \
-                f"a GEMM took the {self.other} path under policy {self.path}"
+            for other in self.others:
+                assert after[other] == self.before[other], \
+                    f"a GEMM took the {other} path under policy {self.POLICY[self.path]}"
 
 
-PATHS = ["onednn", "aten"]
+PATHS = ["onednn", "aten", "widened"]
 DT = [torch.float32, torch.bfloat16]
 
 
@@ -514,10 +519,12 @@ def test_linear_bn_act_on_each_gemm_path(path, shape, p, training, dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_no_bias_and_fp16_on_each_gemm_path(path):
-    with gemm_path(path):
-        OPS_LA.check("cpu", "cpu", torch.float32, (3, 33, 65), bias=False, p=0.2)
-    # fp16 takes oneDNN only with AVX512_FP16; either way it matches the reference
-    OPS_LBA.check("cpu", "cpu", torch.float16, (3, 33, 65), p=0.2)
+    with gemm_path(path, torch.bfloat16 if path == "widened" else torch.float32):
+        OPS_LA.check("cpu", "cpu", torch.bfloat16 if path == "widened" else torch.float32,
+                     (3, 33, 65), bias=False, p=0.2)
+    # fp16 takes oneDNN only with AVX512_FP16, else it is widened (or ATen when forced)
+    with gemm_path(path, torch.float16):
+        OPS_LBA.check("cpu", "cpu", torch.float16, (3, 33, 65), p=0.2)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "tf32"])
@@ -566,6 +573,51 @@ def test_auto_policy_picks_by_size_and_dtype():
         assert cpu_impl.gemm_info()["policy"] == "auto"  # the inner context restored it
 
 
+def test_auto_widens_bf16_where_onednn_cannot_run_it():
+    """Under "auto" a bf16 / fp16 product takes oneDNN where this CPU runs the dtype
+    natively, else it is computed in fp32 (widened), at every size; fp32 and fp64
+    never widen, under any policy."""
+    for dtype in (torch.bfloat16, torch.float16):
+        want = "onednn" if cpu_impl.gemm_info()["onednn"][str(dtype)[6:]] else "widened"
+        with cpu_impl.gemm_policy("auto"):
+            assert cpu_impl.gemm_path(dtype) == want
+            if want == "widened":
+                assert cpu_impl.gemm_path(dtype, 1, 2, 3) == "widened"
+                before = cpu_impl.gemm_info()["calls"]["widened"]
+                _linear_act_once(2, 7, 3, dtype)
+                assert cpu_impl.gemm_info()["calls"]["widened"] == before + 3
+        with cpu_impl.gemm_policy("widen"):
+            assert cpu_impl.gemm_path(dtype, 1, 2, 3) == "widened"
+        with cpu_impl.gemm_policy("aten"):
+            assert cpu_impl.gemm_path(dtype) == "aten"
+    for policy in cpu_impl.GEMM_POLICIES:
+        with cpu_impl.gemm_policy(policy):
+            assert cpu_impl.gemm_path(torch.float32) != "widened"
+            assert cpu_impl.gemm_path(torch.float64) == "aten"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_widened_product_is_the_fp32_product_rounded_once(dtype, bias):
+    """bf16 (fp16) products are exact in fp32: the widened GEMM is the fp32 GEMM of
+    the same values, rounded once, bit for bit (identity, no dropout: the op's output
+    is the GEMM's). On odd shapes, with a transposed operand (the backward's dz @ W)."""
+    g = torch.Generator().manual_seed(3)
+    for b, k, n in [(1, 5, 3), (3, 33, 65), (64, 100, 257)]:
+        x = torch.randn(b, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(dtype)
+        bb = torch.randn(n, generator=g).to(dtype) if bias else None
+        seed, offset = _key(1, 0)
+        with gemm_path("widened", dtype):
+            y = C.linear_act_forward(x, w, bb, ACTIVATIONS["identity"], 0.0, 0.0, seed, offset)
+        want = torch.nn.functional.linear(x.float(), w.float(),
+                                          None if bb is None else bb.float()).to(dtype)
+        if not cpu_impl.gemm_info()["onednn"]["float32"]:
+            assert torch.equal(y, want), (b, k, n)
+        else:   # the inner fp32 product may be oneDNN's: another summation order
+            torch.testing.assert_close(y.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_set_gemm_rejects_bad_values():
     with pytest.raises(ValueError, match="policy"):
         cpu_impl.set_gemm("mkl")
@@ -573,6 +625,8 @@ def test_set_gemm_rejects_bad_values():
         cpu_impl.set_gemm(min_work=-1)
     with pytest.raises(RuntimeError, match="policy"):
         torch.ops.fastgan_C.cpu_gemm_set(7, 0)
+    with pytest.raises(ValueError, match="policy"):
+        cpu_impl.set_gemm("widened")   # the path's name, not the policy's
 
 
 def _bf16_specials(n: int) -> torch.Tensor:

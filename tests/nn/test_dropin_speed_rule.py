@@ -29,30 +29,42 @@ def cpu_backend():
         pytest.skip("the cpu backend is not built here")
 
 
-def _sources():
-    return re.findall(r"bench/results/[\w.-]+\.json", "".join(speed.CALIBRATION))
+def _calibration():
+    """(dtype, GEMM path, result files, measure, noise) of each note in ``CALIBRATION``."""
+    for (dtype, gemm), note in speed.CALIBRATION.items():
+        note = "".join(note)
+        files = re.findall(r"bench/results/[\w.-]+\.json", note)
+        noise = float(re.search(r"noise ([0-9.]+)", note).group(1)) if "noise" in note else 0.0
+        yield dtype, gemm, files, "min" if "by min" in note else "median", noise
 
 
 def test_no_measured_loss_fuses():
     """Every cell of the calibration's result files where the forced fused op was
     slower than plain beyond the calibration's noise (by its own measure) takes
-    the plain path."""
-    files = [os.path.join(ROOT, f) for f in _sources()]
-    if not files or not all(os.path.exists(f) for f in files):
-        pytest.skip(f"the calibration's result files are not here: {speed.CALIBRATION}")
-    note = "".join(speed.CALIBRATION)
-    by = "min" if "by min" in note else "median"
-    noise = float(re.search(r"noise ([0-9.]+)", note).group(1)) if "noise" in note else 0.0
-    cells = [c for f in files for c in json.load(open(f))["cells"]]
-    assert cells
-    for c in cells:
-        dtype, bn, dropout, grad = speed.cell_key(c)
-        k, n = map(int, c["layer"].split("->"))
-        why = speed.no_gain("cpu", getattr(torch, dtype), c["batch"], k, n,
-                            None if bn == "none" else bn == "train", 0.2 if dropout else 0.0,
-                            grad, name="cpu")
-        if speed.cell_speedup(c, by) < 1.0 - noise:
-            assert why is not None, f"the rule fuses a cell measured slower: {c}"
+    the plain path, for the GEMM path it was measured with (whatever this machine's)."""
+    checked = 0
+    for dtype, gemm, files, by, noise in _calibration():
+        files = [os.path.join(ROOT, f) for f in files]
+        if not files or not all(os.path.exists(f) for f in files):
+            pytest.skip(f"the calibration's result files are not here: {files}")
+        cells = [c for f in files for c in json.load(open(f))["cells"]
+                 if speed.cell_key(c)[:2] == (dtype, gemm)]
+        assert cells, (dtype, gemm, files)
+        for c in cells:
+            _, _, bn, dropout, grad = speed.cell_key(c)
+            k, n = map(int, c["layer"].split("->"))
+            why = speed.no_gain("cpu", getattr(torch, dtype), c["batch"], k, n,
+                                None if bn == "none" else bn == "train",
+                                0.2 if dropout else 0.0, grad, name="cpu", gemm_path=gemm)
+            if speed.cell_speedup(c, by) < 1.0 - noise:
+                assert why is not None, f"the rule fuses a cell measured slower: {c}"
+            checked += 1
+    assert checked
+
+
+def test_every_row_has_its_calibration():
+    """Each (dtype, GEMM path) with rows names the run it was calibrated from."""
+    assert {key[:2] for key in speed.TABLE["cpu"]} == set(speed.CALIBRATION)
 
 
 def test_calibrate_leaves_every_loss_plain():
@@ -65,13 +77,13 @@ def test_calibrate_leaves_every_loss_plain():
              cell(64, "100->128", 0.6, dtype="bf16"),               # a kind that only lost
              cell(4, "8->8", 1.3, mode="eval", pass_="fwd")]        # a kind that only won
     rows = speed.calibrate(cells)
-    mb, mw = rows[("float32", "none", False, True)]
+    mb, mw = rows[("float32", "onednn", "none", False, True)]   # (cells without a path: oneDNN)
     for c in cells[:7]:
         fused = c["batch"] >= mb and speed.cell_work(c) >= mw
         assert fused == (c["speedup"] >= 1.0), c
     assert (mb, mw) == (1, 64 * 100 * 128)   # the most wins, every loss left out
-    assert rows[("bfloat16", "none", False, True)] == (65, 64 * 100 * 128 + 1)
-    assert rows[("float32", "none", False, False)] == (4, 4 * 64)
+    assert rows[("bfloat16", "onednn", "none", False, True)] == (65, 64 * 100 * 128 + 1)
+    assert rows[("float32", "onednn", "none", False, False)] == (4, 4 * 64)
 
 
 def test_calibrate_leaves_a_losing_narrow_layer_plain(monkeypatch):
@@ -83,17 +95,42 @@ def test_calibrate_leaves_a_losing_narrow_layer_plain(monkeypatch):
     cells = [cell(b, "256->1", 0.7) for b in (64, 1024, 4096)] + \
             [cell(b, "100->128", 1.2) for b in (16, 64, 1024)]
     rows = speed.calibrate(cells)
-    min_batch, min_work, min_out = rows[("float32", "none", False, True)]
+    key = ("float32", "onednn", "none", False, True)
+    min_batch, min_work, min_out = rows[key]
     assert (min_batch, min_out) == (16, 128) and min_work <= 16 * 100 * 128
     for c in cells:
-        assert speed.fused_in(c, rows[("float32", "none", False, True)]) == (c["speedup"] > 1)
+        assert speed.fused_in(c, rows[key]) == (c["speedup"] > 1)
     cpu_backend()
     monkeypatch.setitem(speed.TABLE, "cpu", rows)
     speed.reset()
-    assert "or 128 output features" in speed.no_gain("cpu", torch.float32, 4096, 256, 1, None, 0.0)
-    assert speed.no_gain("cpu", torch.float32, 64, 100, 128, None, 0.0) is None
+    assert "or 128 output features" in speed.no_gain("cpu", torch.float32, 4096, 256, 1, None, 0.0,
+                                                     gemm_path="onednn")
+    assert speed.no_gain("cpu", torch.float32, 64, 100, 128, None, 0.0, gemm_path="onednn") is None
     # a two-number row (no min_out) reads as min_out 1
     assert speed.fused_in(cell(64, "256->1", 0.7), (1, 0))
+
+
+def test_rows_are_per_gemm_path_and_follow_the_policy(monkeypatch):
+    """A row measured with one GEMM path is not read for another (oneDNN's rows say
+    nothing where the plain layers' GEMM is the fused op's own, or 6x slower); the
+    layers' cached answers follow a change of the cpu backend's GEMM policy."""
+    cpu_backend()
+    from fastgan.impl import cpu
+    kind = ("none", True, True)
+    monkeypatch.setitem(speed.TABLE, "cpu", {("bfloat16", "widened", *kind): (1, 0),
+                                             ("bfloat16", "aten", *kind): None})
+    speed.reset()
+    args = ("cpu", torch.bfloat16, 64, 256, 512, None, True, True)
+    try:
+        with cpu.gemm_policy("widen"):
+            assert speed.fused_wins(*args)
+        with cpu.gemm_policy("aten"):
+            assert not speed.fused_wins(*args)
+            assert speed.no_gain("cpu", torch.bfloat16, 64, 256, 512, None, 0.2) == speed.NEVER
+        assert speed.no_gain("cpu", torch.bfloat16, 64, 256, 512, None, 0.2,
+                             gemm_path="onednn") == speed.UNMEASURED
+    finally:
+        speed.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

@@ -21,7 +21,7 @@ from fastgan import nn as fnn
 from fastgan.fuse import fuse
 from fastgan.nn import layers
 from fastgan.nn.fuse import speed
-from helpers import require
+from helpers import GEMM_PATHS, require
 
 BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="reference")]
 
@@ -30,8 +30,9 @@ BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="referen
 def table(monkeypatch):
     """A rule for the ``cpu`` backend with known thresholds: fp32 and bf16 calls fuse
     from batch 16 and B*K*N >= 16 * 8 * 8, in every kind."""
-    rows = {(dt, bn, d, g): (16, 16 * 8 * 8) for dt in ("float32", "bfloat16")
-            for bn in ("none", "train", "eval") for d in (False, True) for g in (False, True)}
+    rows = {(dt, gemm, bn, d, g): (16, 16 * 8 * 8) for dt in ("float32", "bfloat16")
+            for gemm in GEMM_PATHS for bn in ("none", "train", "eval") for d in (False, True)
+            for g in (False, True)}
     monkeypatch.setitem(speed.TABLE, "cpu", rows)
     speed.reset()
     yield rows
@@ -72,8 +73,9 @@ def test_the_rule_picks_the_path(table, bn, grad):
 def test_the_rule_reads_dtype_dropout_and_grad(monkeypatch):
     """Each kind of call has its own row; a kind with no row runs plain on a backend
     that has a table (not measured), fused on one without (CUDA, no GPU measured)."""
-    monkeypatch.setitem(speed.TABLE, "cpu", {("float32", "none", True, True): (1, 0),
-                                             ("float32", "none", False, True): (10**6, 0)})
+    here = speed.gemm("cpu", torch.float32)
+    monkeypatch.setitem(speed.TABLE, "cpu", {("float32", here, "none", True, True): (1, 0),
+                                             ("float32", here, "none", False, True): (10**6, 0)})
     speed.reset()
     try:
         assert speed.no_gain("cpu", torch.float32, 4, 8, 8, None, 0.2, True) is None

@@ -6,8 +6,13 @@ Both users of fused ops read it: the fused layers (``fastgan.nn.LinearAct`` /
 in the report). Neither may make a model slower than the plain model.
 
 The rule is a table of measurements (``TABLE``), per backend and per kind of
-call: the compute dtype, BatchNorm1d (none, training or eval statistics),
-whether dropout is active and whether the call records a backward (grad on).
+call: the compute dtype, the path the backend's GEMMs of that dtype take on
+this machine (``fastgan.impl.cpu.gemm_path``: oneDNN on an AVX-512 CPU, ATen
+without AVX-512, "widened" for bf16 without native bf16 instructions; a row
+measured with one path says nothing about another, where the plain layers'
+GEMM may be 2x slower or 6x slower than the fused op's, or the same),
+BatchNorm1d (none, training or eval statistics), whether dropout is active
+and whether the call records a backward (grad on).
 A row holds the smallest batch, the smallest forward work ``B * K * N`` and
 (optionally, default 1) the fewest output features from which the fused op
 was measured ahead of the plain layers in every cell of the matrix; below
@@ -44,44 +49,82 @@ import torch
 from ...ops import dispatch
 
 # ---------------------------------------------------------------- the table
-# backend -> {(dtype, bn, dropout, grad): (min_batch, min_work[, min_out]) or None}
-#   dtype: "float32" | "bfloat16" | ...; bn: "none" | "train" | "eval";
+# backend -> {(dtype, gemm, bn, dropout, grad): (min_batch, min_work[, min_out]) or None}
+#   dtype: "float32" | "bfloat16" | ...; gemm: the backend's GEMM path for the
+#   dtype ("onednn" | "aten" | "widened"); bn: "none" | "train" | "eval";
 #   dropout: dropout active in this call; grad: the call records a backward.
 #   None: the fused op lost in every measured cell of the row.
 # BEGIN TABLE (written by bench/bench_cpu_matrix.py --write-rule)
 TABLE: dict = {
     "cpu": {
-        ('bfloat16', 'eval', False, False): (1, 256, 256),
-        ('bfloat16', 'eval', False, True): (1, 822083584),
-        ('bfloat16', 'none', False, False): (256, 1605632),
-        ('bfloat16', 'none', False, True): (1, 2147483648),
-        ('bfloat16', 'none', True, False): (1, 256, 128),
-        ('bfloat16', 'none', True, True): (1, 256, 128),
-        ('bfloat16', 'train', False, False): (2, 512),
-        ('bfloat16', 'train', False, True): (2, 52428800, 1024),
-        ('bfloat16', 'train', True, False): (2, 512, 128),
-        ('bfloat16', 'train', True, True): (2, 512, 128),
-        ('float32', 'eval', False, False): (1, 256, 128),
-        ('float32', 'eval', False, True): (1, 256, 256),
-        ('float32', 'none', False, False): (1, 2097152),
-        ('float32', 'none', False, True): (1, 2097152, 256),
-        ('float32', 'none', True, False): (1, 256, 128),
-        ('float32', 'none', True, True): (1, 256, 128),
-        ('float32', 'train', False, False): (2, 512),
-        ('float32', 'train', False, True): (16, 512, 128),
-        ('float32', 'train', True, False): (2, 512, 128),
-        ('float32', 'train', True, True): (2, 512, 128),
+        ('bfloat16', 'onednn', 'eval', False, False): (1, 256, 256),
+        ('bfloat16', 'onednn', 'eval', False, True): (1, 822083584),
+        ('bfloat16', 'onednn', 'none', False, False): (256, 1605632),
+        ('bfloat16', 'onednn', 'none', False, True): (1, 2147483648),
+        ('bfloat16', 'onednn', 'none', True, False): (1, 256, 128),
+        ('bfloat16', 'onednn', 'none', True, True): (1, 256, 128),
+        ('bfloat16', 'onednn', 'train', False, False): (2, 512),
+        ('bfloat16', 'onednn', 'train', False, True): (2, 52428800, 1024),
+        ('bfloat16', 'onednn', 'train', True, False): (2, 512, 128),
+        ('bfloat16', 'onednn', 'train', True, True): (2, 512, 128),
+        ('bfloat16', 'widened', 'eval', False, False): (16, 131072),
+        ('bfloat16', 'widened', 'eval', False, True): (1, 512),
+        ('bfloat16', 'widened', 'none', False, False): (16, 131072),
+        ('bfloat16', 'widened', 'none', False, True): (2, 409600),
+        ('bfloat16', 'widened', 'none', True, False): (16, 131072),
+        ('bfloat16', 'widened', 'none', True, True): (1, 65536),
+        ('bfloat16', 'widened', 'train', False, False): (16, 204800),
+        ('bfloat16', 'widened', 'train', False, True): (2, 512),
+        ('bfloat16', 'widened', 'train', True, False): (16, 512),
+        ('bfloat16', 'widened', 'train', True, True): (2, 512),
+        ('float32', 'aten', 'eval', False, False): (257, 205520897),
+        ('float32', 'aten', 'eval', False, True): (257, 205520897),
+        ('float32', 'aten', 'none', False, False): (257, 205520897),
+        ('float32', 'aten', 'none', False, True): (257, 205520897),
+        ('float32', 'aten', 'none', True, False): (1, 256),
+        ('float32', 'aten', 'none', True, True): (1, 205520896),
+        ('float32', 'aten', 'train', False, False): (257, 205520897),
+        ('float32', 'aten', 'train', False, True): (257, 205520897),
+        ('float32', 'aten', 'train', True, False): (2, 512, 784),
+        ('float32', 'aten', 'train', True, True): (2, 12845056, 784),
+        ('float32', 'onednn', 'eval', False, False): (1, 256, 128),
+        ('float32', 'onednn', 'eval', False, True): (1, 256, 256),
+        ('float32', 'onednn', 'none', False, False): (1, 2097152),
+        ('float32', 'onednn', 'none', False, True): (1, 2097152, 256),
+        ('float32', 'onednn', 'none', True, False): (1, 256, 128),
+        ('float32', 'onednn', 'none', True, True): (1, 256, 128),
+        ('float32', 'onednn', 'train', False, False): (2, 512),
+        ('float32', 'onednn', 'train', False, True): (16, 512, 128),
+        ('float32', 'onednn', 'train', True, False): (2, 512, 128),
+        ('float32', 'onednn', 'train', True, True): (2, 512, 128),
     },
 }
-CALIBRATION = (
-    'calibrated from bench/results/issue11-layer-matrix-session7.json (by median, noi'
-    'se 0.05, 2026-12-03)')
+# (dtype, GEMM path) -> where its rows come from
+CALIBRATION: dict = {
+    ('bfloat16', 'onednn'): (
+        'calibrated from bench/results/issue11-layer-matrix-session7.json (by med'
+        'ian, noise 0.05, 2026-12-03)'
+    ),
+    ('bfloat16', 'widened'): (
+        'calibrated from bench/results/issue11-layer-matrix-zen3.json (by median,'
+        ' noise 0.05, 2026-12-03)'
+    ),
+    ('float32', 'aten'): (
+        'calibrated from bench/results/issue11-layer-matrix-zen3.json (by median,'
+        ' noise 0.05, 2026-12-03)'
+    ),
+    ('float32', 'onednn'): (
+        'calibrated from bench/results/issue11-layer-matrix-session7.json (by med'
+        'ian, noise 0.05, 2026-12-03)'
+    ),
+}
 # END TABLE
 
 REFERENCE = "the reference backend runs the spec's plain-PyTorch math, slower than eager"
 NO_BACKEND = "no fused backend runs on this device"
 NEVER = "the fused op was measured slower than the plain layers for every size of this kind"
-UNMEASURED = "this kind of call (dtype, BatchNorm1d mode, dropout, grad) was not measured here"
+UNMEASURED = ("this kind of call (dtype, GEMM path, BatchNorm1d mode, dropout, grad) was not "
+              "measured")
 
 
 def _limits(row: tuple) -> tuple[int, int, int]:
@@ -114,27 +157,46 @@ def bn_kind(bn_training: Optional[bool]) -> str:
     return "none" if bn_training is None else ("train" if bn_training else "eval")
 
 
+def gemm(name: Optional[str], dtype: torch.dtype) -> str:
+    """The path backend ``name``'s GEMMs of ``dtype`` take here ("" for a backend
+    that has one path)."""
+    module = dispatch._load(name)[0] if name else None
+    path_of = getattr(module, "gemm_path", None)
+    if path_of is None:
+        return ""
+    listeners = getattr(module, "on_gemm_change", None)
+    if listeners is not None and reset not in listeners:
+        listeners.append(reset)   # a new GEMM policy changes the answers cached here
+    return path_of(dtype)
+
+
 def row(name: Optional[str], dtype: torch.dtype, bn_training: Optional[bool], dropout: bool,
-        grad: bool):
-    """The table's row for this kind of call on backend ``name``: (min_batch, min_work[, min_out]),
+        grad: bool, gemm_path: Optional[str] = None):
+    """The table's row for this kind of call on backend ``name`` (``gemm_path``: the
+    GEMM path it is for, None: this machine's): (min_batch, min_work[, min_out]),
     None (never gains), or ``...`` when it has none."""
     rows = TABLE.get(name)
     if rows is None:
         return ...
-    key = (str(dtype).rpartition(".")[2], bn_kind(bn_training), bool(dropout), bool(grad))
+    if gemm_path is None:
+        gemm_path = gemm(name, dtype)
+    key = (str(dtype).rpartition(".")[2], gemm_path, bn_kind(bn_training), bool(dropout),
+           bool(grad))
     return rows.get(key, ...)
 
 
 def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_features: int,
             out_features: int, bn_training: Optional[bool], p: float,
-            grad: bool = True, name: Optional[str] = "") -> Optional[str]:
+            grad: bool = True, name: Optional[str] = "",
+            gemm_path: Optional[str] = None) -> Optional[str]:
     """None if the fused op gains for this call, else why it would not.
 
     ``dtype``: the inputs' dtype after autocast; ``bn_training``: None without
     BatchNorm1d, else its mode; ``p``: this call's dropout probability (0: none
     active); ``grad``: the call records a backward (the report assumes so);
     ``batch`` None: not known (the report asks at fuse time), assumed large
-    enough; ``name``: the backend that would run it ("" asks ``backend``).
+    enough; ``name``: the backend that would run it ("" asks ``backend``);
+    ``gemm_path``: its GEMM path to read the table for (None: this machine's).
     """
     if name == "":
         name = backend(device_type)
@@ -142,7 +204,7 @@ def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_featu
         return NO_BACKEND
     if name == "reference":
         return REFERENCE
-    limits = row(name, dtype, bn_training, p > 0, grad)
+    limits = row(name, dtype, bn_training, p > 0, grad, gemm_path)
     if limits is ...:
         return None if name not in TABLE else UNMEASURED
     if limits is None:
@@ -187,11 +249,14 @@ def reset() -> None:
 
 # ---------------------------------------------------------------- calibration
 def cell_key(cell: dict) -> tuple:
-    """The table key of one cell of bench/bench_cpu_matrix.py's JSON."""
+    """The table key of one cell of bench/bench_cpu_matrix.py's JSON. (Cells written
+    before the GEMM path was recorded were all measured where oneDNN ran both
+    fp32 and bf16: their files' ``gemm_info``.)"""
     train = cell["mode"] == "train"
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cell["dtype"]]
     bn = ("train" if train else "eval") if cell["bn"] else "none"
-    return dtype, bn, bool(cell["dropout"] > 0 and train), cell["pass_"] == "fwd+bwd"
+    return (dtype, cell.get("gemm", "onednn"), bn, bool(cell["dropout"] > 0 and train),
+            cell["pass_"] == "fwd+bwd")
 
 
 def cell_work(cell: dict) -> int:

@@ -456,7 +456,7 @@ def _run(args) -> int:
         engine += f", {cfg.dtype} weights with fp32 master weights"
         if not cfg.reference and name == "cpu" and _widened(cfg.dtype):
             engine += (f" ({cfg.dtype} GEMMs computed in fp32: this CPU has no native "
-                       f"{cfg.dtype} instructions, so {cfg.dtype} is no faster than fp32 here)")
+                       f"{cfg.dtype} instructions, so fp32 trains faster here)")
 
     dataset = _load_data(args)
     if cfg.batch_size > len(dataset):

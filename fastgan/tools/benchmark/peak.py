@@ -75,6 +75,10 @@ def _measure(device: str, dtype: str, n: int, threads: int) -> dict:
                 best, spent, calls = min(best, dt), spent + dt, calls + 1
         out.update(gflops=2 * n ** 3 / best / 1e9, calls=calls)
     except Exception as e:  # a dtype this machine's GEMM lacks: no peak, said why
+        if "could not create a primitive" in str(e):   # oneDNN has no kernel for this ISA
+            out["note"] = (f"no oneDNN {dtype} GEMM on this CPU (no native {dtype} "
+                           f"instructions; fastgan's cpu backend computes {dtype} products in fp32)")
+            return out
         out["note"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
     return out
 

@@ -218,26 +218,34 @@ def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_featu
     return None
 
 
+def plain_reason(name: Optional[str], dtype: torch.dtype, batch: int, in_features: int,
+                 out_features: int, bn_training: Optional[bool], dropout: bool,
+                 grad: bool) -> Optional[str]:
+    """Why a fused layer's call of this kind on backend ``name`` runs the plain
+    computation (its children), or None when it runs the fused op."""
+    if name == "reference" and dispatch.forced() == "reference":
+        # The reference forced (use_backend / FASTGAN_BACKEND: tests, gold runs) is
+        # what runs; the rule's "never gains" is about choosing it automatically.
+        return None
+    return no_gain("", dtype, batch, in_features, out_features, bn_training,
+                   1.0 if dropout else 0.0, grad, name)
+
+
 _decisions: dict = {}   # the fused layers' per-call question, answered once per kind
 
 
 def fused_wins(name: Optional[str], dtype: torch.dtype, batch: int, in_features: int,
                out_features: int, bn_training: Optional[bool], dropout: bool,
                grad: bool) -> bool:
-    """``no_gain(...) is None`` for backend ``name``, cached: the fused layers ask on
-    every forward."""
-    if name == "reference" and dispatch.forced() == "reference":
-        # The reference forced (use_backend / FASTGAN_BACKEND: tests, gold runs) is
-        # what runs; the rule's "never gains" is about choosing it automatically.
-        return True
-    key = (name, dtype, batch, in_features, out_features, bn_training, dropout, grad)
+    """``plain_reason(...) is None``, cached: the fused layers ask on every forward."""
+    key = (name, dtype, batch, in_features, out_features, bn_training, dropout, grad,
+           name == "reference" and dispatch.forced() == "reference")
     hit = _decisions.get(key)
     if hit is None:
         if len(_decisions) > 4096:   # shapes a run no longer uses
             _decisions.clear()
-        hit = _decisions[key] = no_gain("", dtype, batch, in_features, out_features,
-                                        bn_training, 1.0 if dropout else 0.0, grad,
-                                        name) is None
+        hit = _decisions[key] = plain_reason(name, dtype, batch, in_features, out_features,
+                                             bn_training, dropout, grad) is None
     return hit
 
 

@@ -74,13 +74,13 @@ from .records import (RECORD_FIELDS, SCHEMA, add_peaks, add_speedups, cpu_model,
 from .runner import CPU_BATCHES, DTYPES, GPU_BATCHES, Config, peaks, profile_step, run
 from .timing import Timing, measure, measure_many, sample, warm
 from .workloads import (OP_SHAPES, OPS, PASSES, build_op, build_step, first_layer_flops,
-                        forward_flops, linear_shapes, op_flops, step_flops)
+                        forward_flops, linear_shapes, op_flops, op_plain_reason, step_flops)
 
 __all__ = [
     "CPU_BATCHES", "DTYPES", "FAMILIES", "GPU_BATCHES", "OP_SHAPES", "OPS", "PASSES", "PEAK_N",
     "RECORD_FIELDS", "SCHEMA", "Config", "Contender", "Timing", "add_peaks", "add_speedups",
     "build_op", "build_step", "contenders", "cpu_model", "eager_baseline", "first_layer_flops",
     "forward_flops", "gemm_peak", "gemm_peaks", "linear_shapes", "machine_info", "measure",
-    "measure_many", "op_flops", "peaks", "precision", "profile_step", "result", "run", "runs",
-    "sample", "step_flops", "validate", "warm",
+    "measure_many", "op_flops", "op_plain_reason", "peaks", "precision", "profile_step",
+    "result", "run", "runs", "sample", "step_flops", "validate", "warm",
 ]

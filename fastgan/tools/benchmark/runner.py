@@ -15,7 +15,8 @@ from .contenders import Contender, contenders, runs
 from .peak import PEAK_N, gemm_peaks
 from .records import add_peaks, add_speedups, record
 from .timing import measure_many, sync, warm
-from .workloads import OPS, PASSES, build_op, build_step, op_flops, seed_gan, step_flops
+from .workloads import (OPS, PASSES, build_op, build_step, op_flops, op_plain_reason, seed_gan,
+                        step_flops)
 
 GPU_BATCHES = (32, 64, 256, 1024, 4096, 16384)
 CPU_BATCHES = (32, 64, 256)
@@ -116,7 +117,11 @@ def run(cfg: Config, on_record: Optional[Callable[[dict], None]] = None) -> list
                     fns[key] = fn
                     if (c.backend and _backend_calls(c.backend) == before
                             and (op, pass_) != ("gan_bce", "backward")):
-                        notes[key] = f"backend {c.backend} never ran"  # the label must be true
+                        # The label must be true: the speed rule's plain path, or a bug.
+                        why = (op_plain_reason(c, op, pass_, batch, device, d)
+                               if kind == "op" else None)
+                        notes[key] = (f"plain path (speed rule: {why})" if why
+                                      else f"backend {c.backend} never ran")
                 except Exception as e:
                     notes[key] = _error(e)
             try:

@@ -3,10 +3,13 @@ fused op, built for a contender; and the GEMM FLOPs of each (see the package
 docstring for the FLOP model)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...nn.fuse import speed
 from ...nn.layers import LinearAct, LinearBNAct, linear_act_sequential, linear_bn_act_sequential
 from ...nn.models import Discriminator, Generator
 from ...ops import functional as FG
@@ -17,6 +20,7 @@ OPS = ("linear_bn_act", "linear_act", "gan_bce")
 # The layer each op is measured on: the generator's widest BN block and the
 # discriminator's first block, with the seed's dropout and slope.
 OP_SHAPES = {"linear_bn_act": (512, 1024), "linear_act": (784, 1024), "gan_bce": (1, 1)}
+OP_DROPOUT = 0.2
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -159,12 +163,32 @@ def _fused_loss_d(real_logits, fake_logits):
 def _op_module(op: str, c: Contender, device: torch.device) -> nn.Module:
     k, n = OP_SHAPES[op]
     if op == "linear_bn_act":
-        m = LinearBNAct(k, n, dropout=0.2) if c.fused else linear_bn_act_sequential(k, n, dropout=0.2)
+        m = (LinearBNAct(k, n, dropout=OP_DROPOUT) if c.fused
+             else linear_bn_act_sequential(k, n, dropout=OP_DROPOUT))
     elif op == "linear_act":
-        m = LinearAct(k, n, dropout=0.2) if c.fused else linear_act_sequential(k, n, dropout=0.2)
+        m = (LinearAct(k, n, dropout=OP_DROPOUT) if c.fused
+             else linear_act_sequential(k, n, dropout=OP_DROPOUT))
     else:
         m = _GanBCE(c.fused)
     return m.to(device).train()
+
+
+def op_plain_reason(c: Contender, op: str, pass_: str, batch: int, device: torch.device,
+                    dtype: str = "fp32") -> Optional[str]:
+    """Why the speed rule sends contender ``c``'s fused layer of ``op`` at ``batch``
+    to the plain computation (``fastgan.nn.fuse.speed``), or None when it runs
+    fused. The fused layers ask the same question on every forward: a contender
+    whose backend never ran is either this (what a user of the layer gets here)
+    or a bug."""
+    if not (c.fused and c.backend) or op == "gan_bce":
+        return None
+    k, n = OP_SHAPES[op]
+    dt = ({"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.dtype or dtype, torch.float32)
+          if low_precision_training(c, c.dtype or dtype) else torch.float32)
+    bn_training = True if op == "linear_bn_act" else None   # _op_module's layers train
+    with forced_backend(c):   # as the layer asks it, in build_op's block
+        return speed.plain_reason(speed.backend(device.type), dt, batch, k, n, bn_training,
+                                  OP_DROPOUT > 0, grad=pass_ != "forward")
 
 
 class _GanBCE(nn.Module):

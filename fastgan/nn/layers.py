@@ -207,16 +207,17 @@ _speed = None
 GENERAL, NO_GRAD, GRAD, PLAIN = 0, 1, 2, 3
 
 
-def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_training: Optional[bool],
-           p: float, bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None
-           ) -> int:
+def _route(memo: dict, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+           bn_training: Optional[bool], p: float, bn_weight: Optional[Tensor] = None,
+           bn_bias: Optional[Tensor] = None) -> int:
     """How this call runs: ``PLAIN`` (the children), ``NO_GRAD`` (the fused op's body
     with no autograd node: plain eager tensors, nothing needs a gradient), ``GRAD``
     (its autograd, ``call_grad``: plain eager tensors) or ``GENERAL``
     (the op's ``call``: torch.compile, meta or subclass tensors, arguments the
     op's check refuses: it raises the op's error). The
     fused layers ask on every forward, so it reads only attributes; the speed
-    rule's answer is cached per kind of call."""
+    rule's answer is cached per kind of call, the plain path's check in ``memo``
+    (the layer's ``__dict__``)."""
     path = _path_state.path or current_path()
     if x.__class__ not in _PLAIN or weight.__class__ not in _PLAIN or x.dim() != 2 \
             or x.is_meta or torch.compiler.is_compiling():
@@ -224,11 +225,11 @@ def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_training: Optio
     grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         or (bn_weight is not None and (bn_weight.requires_grad or bn_bias.requires_grad)))
+    b, k = x.shape
     if path == "auto":
         global _speed
         if _speed is None:  # (imported here: fastgan.nn.fuse imports this module)
             from .fuse import speed as _speed
-        b, k = x.shape
         device_type = "cpu" if x.is_cpu else x.device.type   # (is_cpu: a quarter of the cost)
         if _speed.fused_wins(_speed.backend(device_type), x.dtype, b, k, weight.shape[0],
                              bn_training, p > 0, grad):
@@ -238,12 +239,22 @@ def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_training: Optio
     # The plain path, for arguments the fused op accepts (else its check raises):
     # the Linear's quick check here, the rest on the way (``_Fused._plain``).
     dtype, device = x.dtype, x.device
+    if b * weight.shape[0] >= checks.MAX_OUTPUT_NUMEL:
+        return GENERAL
+    # The check's answer for these very tensors and this kind of x, kept on the
+    # layer: it is most of the plain path's cost at small shapes, and the plain
+    # path must cost no more than the nn.Sequential. The tensors' own dtype, device
+    # and shape change only through the layer's ``_apply`` (which forgets it) or
+    # by hand (then F.linear raises its own error instead of the op's).
+    key = (dtype, device, k, id(weight), id(bias))
+    if key == memo.get("_plain_ok"):
+        return PLAIN
     if (dtype in checks.FLOAT_DTYPES and weight.dtype is dtype and weight.device == device
-            and weight.dim() == 2 and weight.shape[1] == x.shape[1]
+            and weight.dim() == 2 and weight.shape[1] == k
             and (bias is None or (bias.__class__ in _PLAIN and bias.dtype is dtype
                                   and bias.shape == weight.shape[:1]
-                                  and bias.device == device))
-            and x.shape[0] * weight.shape[0] < checks.MAX_OUTPUT_NUMEL):
+                                  and bias.device == device))):
+        memo["_plain_ok"] = key
         return PLAIN
     return GENERAL
 
@@ -428,8 +439,17 @@ class _Fused(nn.Sequential):
         # functions do not pickle); the next forward makes it again.
         state = super().__getstate__()
         state.pop("_plan", None)
-        state.pop("_bn_checked", None)   # object ids: meaningless in another process
+        for memo in self._MEMOS:   # object ids: meaningless in another process
+            state.pop(memo, None)
         return state
+
+    _MEMOS = ("_bn_checked", "_plain_ok")   # the plain path's passed checks (by tensor id)
+
+    def _apply(self, fn, recurse=True):
+        # A conversion changes the tensors' dtype or device under the same ids.
+        for memo in self._MEMOS:
+            self.__dict__.pop(memo, None)
+        return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------ structure
     def _make_plan(self) -> _Plan:
@@ -695,7 +715,8 @@ class LinearBNAct(_Fused):
         drop, bn = plan.dropout, plan.bn
         p = float(drop.p) if drop is not None and drop.training else 0.0
         bn_tensors = _bn_tensors(bn)
-        route = _route(xc, weight, bias, bn.training, p, bn_tensors[0], bn_tensors[1])
+        route = _route(self.__dict__, xc, weight, bias, bn.training, p, bn_tensors[0],
+                       bn_tensors[1])
         if route == PLAIN:
             return route, p
         seed, offset = self.dropout_key(p)
@@ -728,7 +749,7 @@ class LinearAct(_Fused):
         xc, weight, bias = autocast_inputs(x, *_linear_tensors(plan.linear))
         drop = plan.dropout
         p = float(drop.p) if drop is not None and drop.training else 0.0
-        route = _route(xc, weight, bias, None, p)
+        route = _route(self.__dict__, xc, weight, bias, None, p)
         if route == PLAIN:
             return route, p
         seed, offset = self.dropout_key(p)

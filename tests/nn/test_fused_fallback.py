@@ -281,3 +281,33 @@ def test_the_plain_path_checks_a_replaced_bn_tensor_again():
         layer[1].running_mean = torch.zeros(5)
         with pytest.raises(ValueError, match="running_mean"):
             layer(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_plain_path_checks_a_replaced_linear_tensor_again(bn):
+    """The plain path keeps the Linear's passed check on the layer (by tensor id); a
+    weight swapped in later is checked again (the op's error, naming the argument)."""
+    layer = _layer(bn, p=0.0)
+    with layers.fused_path("plain"), torch.no_grad():
+        layer(torch.randn(4, 8))
+        assert "_plain_ok" in layer.__dict__
+        layer[0].weight = nn.Parameter(torch.randn(8, 5))
+        with pytest.raises(ValueError, match="weight"):
+            layer(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_the_plain_path_forgets_its_check_on_a_conversion(bn):
+    """``.double()`` keeps the tensors' ids but changes their dtype: the passed check
+    is dropped, and the converted layer runs as the converted plain block does."""
+    layer = _layer(bn, p=0.0).eval()
+    twin = copy.deepcopy(layer)
+    with layers.fused_path("plain"), torch.no_grad():
+        layer(torch.randn(4, 8))
+        layer.double()
+        assert "_plain_ok" not in layer.__dict__
+        x = torch.randn(4, 8, dtype=torch.float64)
+        got = layer(x)
+        want = nn.Sequential(*twin.children()).double()(x)
+    assert got.dtype is torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -60,6 +60,8 @@ inline void dispatch_activation(int64_t act, const F& f) {
 // no aliasing and vectorizes it. The AVX-512 clone is x86-64-v4 (F, BW, VL,
 // DQ, CD), not bare AVX-512F: packing fp32 lanes into bf16 needs AVX-512BW's
 // 16-bit lane ops, and with F alone GCC leaves every bf16 loop scalar.
+// The build's -fno-trapping-math (setup.py) is what lets the AVX2 and SSE
+// clones turn a compare-and-select (leaky_relu, the dropout mask) into blends.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
     __GNUC__ >= 11
 #define FASTGAN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))

@@ -2,7 +2,8 @@
 // and what Python sees of it (fastgan.impl.cpu.gemm_info / set_gemm):
 //   fastgan_C::cpu_gemm_set(int policy, int min_work) -> int[]  previous pair
 //   fastgan_C::cpu_gemm_info() -> int[]  [policy, min_work, aten calls,
-//       onednn calls, widened calls, onednn usable for fp32, bf16, fp16]
+//       onednn calls, widened calls, onednn usable for fp32, bf16, fp16,
+//       ATen's fp32 GEMM runs AVX-512 (so auto leaves fp32 to it)]
 //   fastgan_C::cpu_gemm_path(ScalarType dtype, int m, int k, int n) -> int
 //       the path (Path) a product of that size takes under the current policy
 // The per-path call counters let tests prove which path ran.
@@ -71,11 +72,32 @@ bool onednn_usable(at::ScalarType dt) {
          linear_pointwise().has_value();
 }
 
+// Whether ATen's own fp32 GEMM already runs AVX-512 kernels. It is MKL's (the
+// x86 wheels), and MKL picks its AVX-512 kernels on Intel CPUs only: on an AMD
+// CPU with AVX-512 (Zen 4, Zen 5) it runs its AVX2 ones at ~40% of the peak,
+// where oneDNN's fp32 is ~2x faster. On an Intel Xeon (AVX-512, AMX) oneDNN's
+// fp32 linear was 1.08-1.5x slower than MKL's at batch 64 and within 3% from
+// batch 256, forward + backward of linear_act: there ATen goes first.
+bool aten_fp32_is_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool intel_mkl = at::hasMKL() && __builtin_cpu_is("intel");
+  return intel_mkl;
+#else
+  return false;
+#endif
+}
+
+// oneDNN is the auto rule's pick for dt where it runs natively and ATen's GEMM
+// is not as fast already. Under the "onednn" policy it runs wherever usable.
+bool onednn_preferred(at::ScalarType dt) {
+  return onednn_usable(dt) && !(dt == at::kFloat && aten_fp32_is_avx512());
+}
+
 bool reduced(at::ScalarType dt) { return dt == at::kBFloat16 || dt == at::kHalf; }
 
 // The auto rule for fp32 and fp64, also the inner product of a widened call.
 Path auto_path(at::ScalarType dt, int64_t m, int64_t k, int64_t n) {
-  if (!onednn_usable(dt)) return kPathAten;
+  if (!onednn_preferred(dt)) return kPathAten;
   return m * k * n >= g_min_work.load(std::memory_order_relaxed) ? kPathOnednn : kPathAten;
 }
 
@@ -191,7 +213,8 @@ std::vector<int64_t> cpu_gemm_info() {
   return {g_policy.load(),         g_min_work.load(),
           g_calls_aten.load(),      g_calls_onednn.load(),
           g_calls_widened.load(),   onednn_usable(at::kFloat),
-          onednn_usable(at::kBFloat16), onednn_usable(at::kHalf)};
+          onednn_usable(at::kBFloat16), onednn_usable(at::kHalf),
+          aten_fp32_is_avx512()};
 }
 
 std::vector<int64_t> cpu_gemm_set(int64_t policy, int64_t min_work) {

@@ -3,11 +3,12 @@
 //
 // * oneDNN, the copy bundled in torch, reached through its registered op
 //   mkldnn::_linear_pointwise (the dispatcher: one library, one OpenMP
-//   runtime). On AVX-512 CPUs where ATen's fp32 GEMM goes to MKL it runs about
-//   2x faster (MKL does not use AVX-512 on AMD CPUs).
+//   runtime). Its fp32 GEMM runs about 2x faster than ATen's on an AMD CPU
+//   with AVX-512, where MKL (ATen's fp32 GEMM) uses only AVX2.
 // * ATen (at::linear / at::mm: MKL, OpenBLAS, or oneDNN for bf16): where
 //   oneDNN is absent, disabled, lacks the ISA for the dtype, or the product is
-//   so small that oneDNN's fixed per-call cost (~15 us) exceeds the GEMM.
+//   so small that oneDNN's fixed per-call cost (~15 us) exceeds the GEMM; and
+//   fp32 on an Intel CPU, where MKL runs its AVX-512 kernels and is as fast.
 // * widened: a bf16 / fp16 product on a CPU without native instructions for
 //   it (no AVX512_BF16 / AMX / AVX512_FP16): both inputs converted to fp32,
 //   the fp32 product (by the rule above), the output rounded once. There

@@ -11,7 +11,9 @@ check again only what protects memory (csrc/checks.h).
 GEMMs (csrc/cpu/gemm.h) take one of three paths, chosen per call at run time:
 torch's bundled oneDNN (``mkldnn::_linear_pointwise``) where this CPU has the
 ISA for the dtype (AVX-512 for fp32, AVX512_BF16/AMX for bf16, AVX512_FP16
-for fp16) and the product is large enough to repay oneDNN's fixed cost;
+for fp16), ATen's GEMM is not as fast already (fp32 on an Intel CPU: MKL runs
+AVX-512 there, not on AMD) and the product is large enough to repay oneDNN's
+fixed cost;
 "widened" for a bf16 / fp16 product without that ISA (computed in fp32 and
 rounded once: ATen's bf16 GEMM is 6-10x slower than its fp32 one there);
 ATen otherwise. fp32 stays IEEE on all. ``gemm_info()`` reports the policy and
@@ -58,11 +60,13 @@ GEMM_PATHS = ("aten", "onednn", "widened")            # and its Path
 
 def gemm_info() -> dict:
     """The GEMM policy, ``min_work`` (oneDNN from M*K*N on, under "auto"), calls per path
-    since load, and whether oneDNN is usable here per dtype."""
-    policy, min_work, *calls, fp32, bf16, fp16 = torch.ops.fastgan_C.cpu_gemm_info()
+    since load, whether oneDNN is usable here per dtype, and whether ATen's fp32 GEMM
+    already runs AVX-512 (MKL on an Intel CPU: then "auto" leaves fp32 to ATen)."""
+    policy, min_work, *calls, fp32, bf16, fp16, aten_avx512 = torch.ops.fastgan_C.cpu_gemm_info()
     return dict(policy=GEMM_POLICIES[policy], min_work=min_work,
                 calls=dict(zip(GEMM_PATHS, calls)),
-                onednn={"float32": bool(fp32), "bfloat16": bool(bf16), "float16": bool(fp16)})
+                onednn={"float32": bool(fp32), "bfloat16": bool(bf16), "float16": bool(fp16)},
+                aten_fp32_avx512=bool(aten_avx512))
 
 
 _BIG = 1 << 12   # gemm_path's default size: every path's size threshold is below 4096^3

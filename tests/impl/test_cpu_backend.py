@@ -9,6 +9,7 @@ bit for bit against the reference Philox, and results independent of the
 thread count.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -564,13 +565,37 @@ def test_auto_policy_picks_by_size_and_dtype():
         after = calls()
         assert after["aten"] == before["aten"] + 3 and after["onednn"] == before["onednn"]
         _linear_act_once(64, 512, 1024)
-        grew = "onednn" if info["onednn"]["float32"] else "aten"
+        grew = "onednn" if info["onednn"]["float32"] and not info["aten_fp32_avx512"] else "aten"
         assert calls()[grew] == after[grew] + 3
         with cpu_impl.gemm_policy("onednn"):  # oneDNN has no fp64 GEMM: ATen under any policy
             before = calls()
             _linear_act_once(64, 512, 1024, torch.float64)
             assert calls()["aten"] == before["aten"] + 3
         assert cpu_impl.gemm_info()["policy"] == "auto"  # the inner context restored it
+
+
+def _cpu_vendor() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("vendor_id"):
+                return line.split(":")[1].strip()
+    return ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU vendor from /proc")
+def test_auto_leaves_fp32_to_mkl_on_an_intel_cpu():
+    """MKL runs AVX-512 kernels on Intel CPUs only: there its fp32 GEMM is as fast as
+    oneDNN's and "auto" keeps ATen; on an AMD CPU with AVX-512, oneDNN (2x faster)."""
+    info = cpu_impl.gemm_info()
+    intel_mkl = _cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
+    assert info["aten_fp32_avx512"] == intel_mkl
+    want = "onednn" if info["onednn"]["float32"] and not intel_mkl else "aten"
+    with cpu_impl.gemm_policy("auto"):
+        assert cpu_impl.gemm_path(torch.float32) == want
+        assert cpu_impl.gemm_path(torch.bfloat16) != "aten"  # bf16 is not MKL's
+    if info["onednn"]["float32"]:
+        with cpu_impl.gemm_policy("onednn"):  # forcing it still runs it (the tests do)
+            assert cpu_impl.gemm_path(torch.float32) == "onednn"
 
 
 def test_auto_widens_bf16_where_onednn_cannot_run_it():

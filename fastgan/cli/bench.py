@@ -212,10 +212,10 @@ def peaks_line(peaks: dict) -> str:
     if not peaks:
         return "GEMM peak: not measured (--no-peak)"
     any_ = next(iter(peaks.values()))
-    parts = [f"{d} {p['gflops']:.0f} GFLOP/s" if p["gflops"] else f"{d} - ({p['note']})"
-             for d, p in peaks.items()]
-    return (f"GEMM peak ({any_['op']}, {any_['n']}³, {any_['threads']} threads, best of a few "
-            f"calls): " + ", ".join(parts))
+    parts = [f"{d} {p['gflops']:.0f} GFLOP/s ({p['op']})" if p["gflops"]
+             else f"{d} - ({p['note']})" for d, p in peaks.items()]
+    return (f"GEMM peak ({any_['n']}³, {any_['threads']} threads, best of a few calls): "
+            + ", ".join(parts))
 
 
 def table(records) -> str:

@@ -161,8 +161,8 @@ def test_gemm_peak_measured_and_cached():
     p = B.gemm_peak(CPU, "fp32", 192)
     assert p["gflops"] > 0 and p["n"] == 192 and p["threads"] == torch.get_num_threads()
     assert p["calls"] >= 1 and p["note"] == ""
-    if torch.backends.mkldnn.is_available():
-        assert p["op"] == "mkldnn._linear_pointwise"   # oneDNN, not MKL's torch.mm
+    if torch.backends.mkldnn.is_available():   # the faster of oneDNN and MKL's torch.mm
+        assert p["op"] in ("mkldnn._linear_pointwise", "torch.mm")
     hits = P._measure.cache_info().hits
     assert B.gemm_peak(CPU, "fp32", 192) == p    # cached: measured once per process
     assert P._measure.cache_info().hits == hits + 1
@@ -172,6 +172,24 @@ def test_gemm_peak_measured_and_cached():
     with pytest.raises(ValueError, match="dtype"):
         B.gemm_peak(CPU, "int8")
     assert B.PEAK_N == 4096
+
+
+def test_gemm_peak_is_the_faster_gemm(monkeypatch):
+    """On the CPU the fp32 peak is the faster of oneDNN and MKL's torch.mm (MKL wins
+    on an Intel CPU, oneDNN on an AMD one with AVX-512); bf16 is oneDNN's alone."""
+    from fastgan.tools.benchmark import peak as P
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    assert [op for _, op in P._gemms(CPU, "fp32", 8)] == ["mkldnn._linear_pointwise", "torch.mm"]
+    assert [op for _, op in P._gemms(CPU, "bf16", 8)] == ["mkldnn._linear_pointwise"]
+    for fast in ("mkldnn._linear_pointwise", "torch.mm"):
+        secs = {op: (1.0 if op == fast else 2.0) for op in ("mkldnn._linear_pointwise", "torch.mm")}
+        calls = iter(op for _, op in P._gemms(CPU, "fp32", 8))
+        monkeypatch.setattr(P, "_best_seconds", lambda fn, dev: (secs[next(calls)], 1))
+        P._measure.cache_clear()
+        p = B.gemm_peak(CPU, "fp32", 8)
+        assert p["op"] == fast and p["gflops"] == pytest.approx(2 * 8 ** 3 / 1e9)
+    P._measure.cache_clear()
 
 
 def test_gemm_peak_fp32_is_ieee():
@@ -185,12 +203,12 @@ def test_gemm_peak_fp32_is_ieee():
     try:
         mm.fp32_precision = "bf16"
         seen = []
-        fn, _ = P._gemm(CPU, "fp32", 64)
-        with P._ieee_onednn("fp32"):
-            seen.append(mm.fp32_precision)
-            y = fn()
-        assert seen == ["ieee"] and mm.fp32_precision == "bf16"
-        assert y.dtype == torch.float32
+        for fn, _ in P._gemms(CPU, "fp32", 64):
+            with P._ieee_onednn("fp32"):
+                seen.append(mm.fp32_precision)
+                y = fn()
+            assert y.dtype == torch.float32
+        assert set(seen) == {"ieee"} and mm.fp32_precision == "bf16"
     finally:
         mm.fp32_precision = prev
 

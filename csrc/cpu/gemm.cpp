@@ -192,6 +192,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   }
 }
 
+bool needs_contiguous_a(at::ScalarType dt, int64_t m, int64_t k, int64_t n) {
+  return choose(dt, m, k, n) != kPathAten;
+}
+
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b) {
   const StrictFp32 strict(a.scalar_type());
   // a @ b = a @ (b^T)^T: oneDNN's linear with weight b^T, a view. Its input

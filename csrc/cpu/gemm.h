@@ -46,6 +46,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 // a (M, K) @ b (K, N), any strides (the backward products dz @ W, dz^T @ x).
 at::Tensor mm(const at::Tensor& a, const at::Tensor& b);
 
+// Whether mm of an (m, k) @ (k, n) product of dtype dt reads `a` only
+// contiguous (oneDNN's linear and the widened path copy any other `a`, through
+// ATen's slow transposing copy), so that a kernel should hand it dz^T written
+// by itself; ATen's BLAS takes the transposed view dz.t() as it is, for free.
+bool needs_contiguous_a(at::ScalarType dt, int64_t m, int64_t k, int64_t n);
+
 }  // namespace gemm
 }  // namespace cpu
 }  // namespace fastgan

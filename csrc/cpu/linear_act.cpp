@@ -6,7 +6,8 @@
 // Backward: one parallel pass over column blocks computes dz from grad_y and
 //           the saved output y (mask recomputed from (seed, offset), the
 //           activation derivative recovered from y) and the column sums of dz
-//           (db), and dz^T from each column slab; then dW = dz^T x (unless
+//           (db), and dz^T from each column slab where the dW GEMM needs it
+//           contiguous (gemm::needs_contiguous_a); then dW = dz^T x (unless
 //           compute_dw is false) and dx = dz W
 //           (if compute_dx) through csrc/cpu/gemm.h.
 #include <torch/library.h>
@@ -112,8 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
 
   const at::Tensor gy = grad_y.contiguous(), yc = y.contiguous();
   at::Tensor dz = at::empty({B, N}, x.options());
-  // dz^T for the dW product, written slab by slab (see transpose_block)
-  at::Tensor dzt = compute_dw ? at::empty({N, B}, x.options()) : at::Tensor();
+  // dz^T for the dW product where its GEMM wants it contiguous, written slab by
+  // slab (see transpose_block); ATen's takes the view dz.t().
+  const bool write_dzt = compute_dw && gemm::needs_contiguous_a(dt, N, B, x.size(1));
+  at::Tensor dzt = write_dzt ? at::empty({N, B}, x.options()) : at::Tensor();
   at::Tensor db = at::empty({N}, x.options());
   const Dropout drop(p, seed, offset);
 
@@ -122,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
     const scalar_t* yp = yc.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
-    scalar_t* dztp = compute_dw ? dzt.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dztp = write_dzt ? dzt.data_ptr<scalar_t>() : nullptr;
     scalar_t* dbp = db.data_ptr<scalar_t>();
     const acc_t slope = grad_slope<acc_t>(negative_slope);
     const acc_t scale = static_cast<acc_t>(drop.scale);
@@ -153,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(
 
   const at::Tensor xc = x.contiguous();
   // compute_dw is false where the weight needs no gradient (a frozen layer).
-  at::Tensor dweight = compute_dw ? gemm::mm(dzt, xc) : at::empty({0}, weight.options());
+  at::Tensor dweight = compute_dw ? gemm::mm(write_dzt ? dzt : dz.t(), xc)
+                                 : at::empty({0}, weight.options());
   at::Tensor dx = compute_dx ? gemm::mm(dz, weight) : at::empty({0}, x.options());
   return {dx, dweight, db};
 }

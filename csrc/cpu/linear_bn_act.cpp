@@ -216,8 +216,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
   const at::Tensor gamma = bn_weight.contiguous(), beta = bn_bias.contiguous();
   const at::Tensor mu = mean.contiguous(), rs = rstd.contiguous();
   at::Tensor dh = at::empty({B, N}, x.options());
-  // dh^T for the dW product, written slab by slab (see transpose_block)
-  at::Tensor dht = compute_dw ? at::empty({N, B}, x.options()) : at::Tensor();
+  // dh^T for the dW product where its GEMM wants it contiguous, written slab by
+  // slab (see transpose_block); ATen's takes the view dh.t().
+  const bool write_dht = compute_dw && gemm::needs_contiguous_a(dt, N, B, x.size(1));
+  at::Tensor dht = write_dht ? at::empty({N, B}, x.options()) : at::Tensor();
   at::Tensor dgamma = at::empty({N}, bn_weight.options());
   at::Tensor dbeta = at::empty({N}, bn_weight.options());
   at::Tensor db = at::empty({N}, x.options());
@@ -230,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
     const scalar_t* gyp = gy.data_ptr<scalar_t>();
     const scalar_t* hp = hc.data_ptr<scalar_t>();
     scalar_t* dhp = dh.data_ptr<scalar_t>();
-    scalar_t* dhtp = compute_dw ? dht.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dhtp = write_dht ? dht.data_ptr<scalar_t>() : nullptr;
     scalar_t* dbp = db.data_ptr<scalar_t>();
     acc_t* dzp = dz_scratch.data_ptr<acc_t>();
     const acc_t *gp = gamma.data_ptr<acc_t>(), *bp = beta.data_ptr<acc_t>();
@@ -290,7 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_bn
 
   const at::Tensor xc = x.contiguous();
   // compute_dw is false where the weight needs no gradient (a frozen layer).
-  at::Tensor dweight = compute_dw ? gemm::mm(dht, xc) : at::empty({0}, weight.options());
+  at::Tensor dweight = compute_dw ? gemm::mm(write_dht ? dht : dh.t(), xc)
+                                 : at::empty({0}, weight.options());
   at::Tensor dx = compute_dx ? gemm::mm(dh, weight) : at::empty({0}, x.options());
   return {dx, dweight, db, dgamma, dbeta};
 }

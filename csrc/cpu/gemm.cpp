@@ -80,7 +80,8 @@ bool onednn_usable(at::ScalarType dt) {
 // batch 256, forward + backward of linear_act: there ATen goes first.
 bool aten_fp32_is_avx512() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool intel_mkl = at::hasMKL() && __builtin_cpu_is("intel");
+  static const bool intel_mkl =
+      at::hasMKL() && __builtin_cpu_is("intel") && isa_for(at::kFloat);  // isa: AVX-512
   return intel_mkl;
 #else
   return false;

@@ -574,11 +574,11 @@ def test_auto_policy_picks_by_size_and_dtype():
         assert cpu_impl.gemm_info()["policy"] == "auto"  # the inner context restored it
 
 
-def _cpu_vendor() -> str:
+def _cpuinfo(field: str) -> str:
     with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("vendor_id"):
-                return line.split(":")[1].strip()
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     return ""
 
 
@@ -587,7 +587,9 @@ def test_auto_leaves_fp32_to_mkl_on_an_intel_cpu():
     """MKL runs AVX-512 kernels on Intel CPUs only: there its fp32 GEMM is as fast as
     oneDNN's and "auto" keeps ATen; on an AMD CPU with AVX-512, oneDNN (2x faster)."""
     info = cpu_impl.gemm_info()
-    intel_mkl = _cpu_vendor() == "GenuineIntel" and torch.backends.mkl.is_available()
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(_cpuinfo("flags").split())
+    intel_mkl = (_cpuinfo("vendor_id") == "GenuineIntel" and torch.backends.mkl.is_available()
+                 and avx512)
     assert info["aten_fp32_avx512"] == intel_mkl
     want = "onednn" if info["onednn"]["float32"] and not intel_mkl else "aten"
     with cpu_impl.gemm_policy("auto"):

@@ -132,6 +132,7 @@ def cell(b, k, n, dropout, bn, dt, mode, backward, iters, min_time_s, with_aten=
     fused_ms, plain_ms = t["fused"].median_ms, t["plain"].median_ms
     out = dict(batch=b, layer=f"{k}->{n}", dropout=dropout, bn=bn, dtype=dt, mode=mode,
                gemm=cpu_impl.gemm_path(dtype),   # the rule's rows are per GEMM path
+               hardware=cpu_impl.hardware(),     # and per kind of CPU
                pass_="fwd+bwd" if backward else "fwd", fused_ms=fused_ms, plain_ms=plain_ms,
                speedup=plain_ms / fused_ms, forced_ms=t["forced"].median_ms,
                fallback_ms=t["fallback"].median_ms)
@@ -205,7 +206,7 @@ def main(argv=None):
                 machine=f"{platform.processor() or platform.machine()}, "
                         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
                 note=a.note, torch=torch.__version__, threads=a.threads, gemm=a.gemm,
-                freed_memory_kept=heap_kept,
+                freed_memory_kept=heap_kept, hardware=cpu_impl.hardware(),
                 gemm_info=cpu_impl.gemm_info(), seconds=time.perf_counter() - t0)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
@@ -234,8 +235,7 @@ def calibrate_from(a) -> list:
     """--write-rule from saved result files (no timing)."""
     cells = []
     for path in a.from_json:
-        with open(path) as f:
-            cells += json.load(f)["cells"]
+        cells += speed.load_cells(path)
     rows = speed.calibrate(cells, a.noise, a.by)
     if a.write_rule:
         write_rule(rows, _calibration_note(a.from_json, a))
@@ -257,10 +257,10 @@ def predicted(c: dict, rows: dict) -> float:
 
 def write_rule(rows: dict, note: str) -> None:
     """Rewrite the block between ``# BEGIN TABLE`` and ``# END TABLE`` of speed.py: the
-    rows of the (dtype, GEMM path) pairs this calibration measured replace the old
-    ones; the other pairs' rows (another machine's paths) and notes stay."""
-    measured = {key[:2] for key in rows}
-    table = {k: v for k, v in speed.TABLE.get("cpu", {}).items() if k[:2] not in measured}
+    rows of the (dtype, GEMM path, hardware) triples this calibration measured replace
+    the old ones; the other triples' rows (other machines') and notes stay."""
+    measured = {key[:3] for key in rows}
+    table = {k: v for k, v in speed.TABLE.get("cpu", {}).items() if k[:3] not in measured}
     table.update(rows)
     notes = {k: v for k, v in speed.CALIBRATION.items() if k not in measured}
     notes.update({pair: note for pair in measured})
@@ -272,7 +272,7 @@ def write_rule(rows: dict, note: str) -> None:
     lines = [f"        {key!r}: {value!r}," for key, value in sorted(table.items())]
     block = ("# BEGIN TABLE (written by bench/bench_cpu_matrix.py --write-rule)\n"
              "TABLE: dict = {\n    \"cpu\": {\n" + "\n".join(lines) + "\n    },\n}\n"
-             "# (dtype, GEMM path) -> where its rows come from\n"
+             "# (dtype, GEMM path, hardware) -> where its rows come from\n"
              "CALIBRATION: dict = {\n" + "".join(
                  f"    {pair!r}: (\n" + "".join(f"        {text[i:i + 72]!r}\n"
                                                for i in range(0, len(text), 72)) + "    ),\n"

@@ -3,7 +3,8 @@
 //   fastgan_C::cpu_gemm_set(int policy, int min_work) -> int[]  previous pair
 //   fastgan_C::cpu_gemm_info() -> int[]  [policy, min_work, aten calls,
 //       onednn calls, widened calls, onednn usable for fp32, bf16, fp16,
-//       ATen's fp32 GEMM runs AVX-512 (so auto leaves fp32 to it)]
+//       ATen's fp32 GEMM runs AVX-512 (so auto leaves fp32 to it), CPU vendor
+//       (0 unknown / not x86, 1 Intel, 2 AMD: the speed rule's rows are per CPU kind)]
 //   fastgan_C::cpu_gemm_path(ScalarType dtype, int m, int k, int n) -> int
 //       the path (Path) a product of that size takes under the current policy
 // The per-path call counters let tests prove which path ran.
@@ -86,6 +87,16 @@ bool aten_fp32_is_avx512() {
 #else
   return false;
 #endif
+}
+
+// The CPU's vendor, as the speed rule (fastgan/nn/fuse/speed.py) tells CPU kinds
+// apart: the same ISA runs at different relative speeds on Intel and AMD (MKL).
+int64_t cpu_vendor() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (__builtin_cpu_is("intel")) return 1;
+  if (__builtin_cpu_is("amd")) return 2;
+#endif
+  return 0;
 }
 
 // oneDNN is the auto rule's pick for dt where it runs natively and ATen's GEMM
@@ -219,7 +230,7 @@ std::vector<int64_t> cpu_gemm_info() {
           g_calls_aten.load(),      g_calls_onednn.load(),
           g_calls_widened.load(),   onednn_usable(at::kFloat),
           onednn_usable(at::kBFloat16), onednn_usable(at::kHalf),
-          aten_fp32_is_avx512()};
+          aten_fp32_is_avx512(),    cpu_vendor()};
 }
 
 std::vector<int64_t> cpu_gemm_set(int64_t policy, int64_t min_work) {

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 
 import torch
 
@@ -60,13 +61,36 @@ GEMM_PATHS = ("aten", "onednn", "widened")            # and its Path
 
 def gemm_info() -> dict:
     """The GEMM policy, ``min_work`` (oneDNN from M*K*N on, under "auto"), calls per path
-    since load, whether oneDNN is usable here per dtype, and whether ATen's fp32 GEMM
-    already runs AVX-512 (MKL on an Intel CPU: then "auto" leaves fp32 to ATen)."""
-    policy, min_work, *calls, fp32, bf16, fp16, aten_avx512 = torch.ops.fastgan_C.cpu_gemm_info()
+    since load, whether oneDNN is usable here per dtype, whether ATen's fp32 GEMM
+    already runs AVX-512 (MKL on an Intel CPU: then "auto" leaves fp32 to ATen), and
+    the CPU kind (``hardware``)."""
+    (policy, min_work, *calls, fp32, bf16, fp16, aten_avx512,
+     vendor) = torch.ops.fastgan_C.cpu_gemm_info()
     return dict(policy=GEMM_POLICIES[policy], min_work=min_work,
                 calls=dict(zip(GEMM_PATHS, calls)),
                 onednn={"float32": bool(fp32), "bfloat16": bool(bf16), "float16": bool(fp16)},
-                aten_fp32_avx512=bool(aten_avx512))
+                aten_fp32_avx512=bool(aten_avx512), hardware=_hardware(vendor))
+
+
+_VENDORS = ("", "intel", "amd")   # csrc/cpu/gemm.cpp's cpu_vendor()
+_HARDWARE = None
+
+
+def _hardware(vendor: int) -> str:
+    # vendor + the ISA ATen's kernels run ("avx512", "avx2", "default", ...)
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    return f"{_VENDORS[vendor] or platform.machine().lower()}-{isa}"
+
+
+def hardware() -> str:
+    """This CPU's kind, e.g. "amd-avx512" (Zen 4, Zen 5), "intel-avx512" (Xeon),
+    "amd-avx2" (Zen 3): the vendor and the ISA level of ATen's kernels. The speed
+    rule keeps rows per kind (``fastgan.nn.fuse.speed``): MKL runs AVX-512 on Intel
+    only, so the same ISA gives the plain layers a 2x different GEMM."""
+    global _HARDWARE
+    if _HARDWARE is None:
+        _HARDWARE = gemm_info()["hardware"]
+    return _HARDWARE
 
 
 _BIG = 1 << 12   # gemm_path's default size: every path's size threshold is below 4096^3

@@ -214,23 +214,43 @@ def _route(memo: dict, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     with no autograd node: plain eager tensors, nothing needs a gradient), ``GRAD``
     (its autograd, ``call_grad``: plain eager tensors) or ``GENERAL``
     (the op's ``call``: torch.compile, meta or subclass tensors, arguments the
-    op's check refuses: it raises the op's error). The
-    fused layers ask on every forward, so it reads only attributes; the speed
-    rule's answer is cached per kind of call, the plain path's check in ``memo``
-    (the layer's ``__dict__``)."""
+    op's check refuses: it raises the op's error).
+
+    The fused layers ask on every forward, and where the answer is PLAIN this
+    must cost no more than the nn.Sequential's own module calls. So the answer
+    is kept in ``memo`` (the layer's ``__dict__``) with everything it depends
+    on: the forced path and backend, the speed rule's generation (its table and
+    the GEMM policy), x's shape, dtype and device, grad, the BatchNorm1d mode,
+    p, and the very weight and bias (a new tensor, or one converted by the
+    layer's ``_apply``, which forgets the memo, is checked again)."""
     path = _path_state.path or current_path()
-    if x.__class__ not in _PLAIN or weight.__class__ not in _PLAIN or x.dim() != 2 \
-            or x.is_meta or torch.compiler.is_compiling():
+    if x.__class__ not in _PLAIN or weight.__class__ not in _PLAIN \
+            or torch.compiler.is_compiling():
         return PLAIN if path == "plain" else GENERAL
     grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         or (bn_weight is not None and (bn_weight.requires_grad or bn_bias.requires_grad)))
+    global _speed
+    if _speed is None:  # (imported here: fastgan.nn.fuse imports this module)
+        from .fuse import speed as _speed
+    key = (path, grad, x.shape, x.dtype, x.device, bn_training, p, id(weight), id(bias),
+           dispatch.forced(), _speed.generation)
+    hit = memo.get("_route")
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    route = _decide(path, grad, x, weight, bias, bn_training, p)
+    memo["_route"] = (key, route)
+    return route
+
+
+def _decide(path: str, grad: bool, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+            bn_training: Optional[bool], p: float) -> int:
+    """``_route``'s answer for a kind of call it has not seen (plain eager tensors)."""
+    if x.dim() != 2 or x.is_meta:
+        return PLAIN if path == "plain" else GENERAL
     b, k = x.shape
     if path == "auto":
-        global _speed
-        if _speed is None:  # (imported here: fastgan.nn.fuse imports this module)
-            from .fuse import speed as _speed
-        device_type = "cpu" if x.is_cpu else x.device.type   # (is_cpu: a quarter of the cost)
+        device_type = "cpu" if x.is_cpu else x.device.type
         if _speed.fused_wins(_speed.backend(device_type), x.dtype, b, k, weight.shape[0],
                              bn_training, p > 0, grad):
             return GRAD if grad else NO_GRAD
@@ -241,20 +261,11 @@ def _route(memo: dict, x: Tensor, weight: Tensor, bias: Optional[Tensor],
     dtype, device = x.dtype, x.device
     if b * weight.shape[0] >= checks.MAX_OUTPUT_NUMEL:
         return GENERAL
-    # The check's answer for these very tensors and this kind of x, kept on the
-    # layer: it is most of the plain path's cost at small shapes, and the plain
-    # path must cost no more than the nn.Sequential. The tensors' own dtype, device
-    # and shape change only through the layer's ``_apply`` (which forgets it) or
-    # by hand (then F.linear raises its own error instead of the op's).
-    key = (dtype, device, k, id(weight), id(bias))
-    if key == memo.get("_plain_ok"):
-        return PLAIN
     if (dtype in checks.FLOAT_DTYPES and weight.dtype is dtype and weight.device == device
             and weight.dim() == 2 and weight.shape[1] == k
             and (bias is None or (bias.__class__ in _PLAIN and bias.dtype is dtype
                                   and bias.shape == weight.shape[:1]
                                   and bias.device == device))):
-        memo["_plain_ok"] = key
         return PLAIN
     return GENERAL
 
@@ -443,7 +454,7 @@ class _Fused(nn.Sequential):
             state.pop(memo, None)
         return state
 
-    _MEMOS = ("_bn_checked", "_plain_ok")   # the plain path's passed checks (by tensor id)
+    _MEMOS = ("_bn_checked", "_route")   # answers for these very tensors (by id)
 
     def _apply(self, fn, recurse=True):
         # A conversion changes the tensors' dtype or device under the same ids.

@@ -8,7 +8,6 @@ checked structurally, with no timing.
   model calls no fastgan op and computes exactly what the plain model does.
 """
 import copy
-import json
 import os
 import re
 
@@ -30,32 +29,35 @@ def cpu_backend():
 
 
 def _calibration():
-    """(dtype, GEMM path, result files, measure, noise) of each note in ``CALIBRATION``."""
-    for (dtype, gemm), note in speed.CALIBRATION.items():
+    """(dtype, GEMM path, hardware, result files, measure, noise) of each note in
+    ``CALIBRATION``."""
+    for (dtype, gemm, kind), note in speed.CALIBRATION.items():
         note = "".join(note)
         files = re.findall(r"bench/results/[\w.-]+\.json", note)
         noise = float(re.search(r"noise ([0-9.]+)", note).group(1)) if "noise" in note else 0.0
-        yield dtype, gemm, files, "min" if "by min" in note else "median", noise
+        yield dtype, gemm, kind, files, "min" if "by min" in note else "median", noise
 
 
 def test_no_measured_loss_fuses():
     """Every cell of the calibration's result files where the forced fused op was
     slower than plain beyond the calibration's noise (by its own measure) takes
-    the plain path, for the GEMM path it was measured with (whatever this machine's)."""
+    the plain path, for the GEMM path and hardware it was measured with (whatever
+    this machine's)."""
     checked = 0
-    for dtype, gemm, files, by, noise in _calibration():
+    for dtype, gemm, kind, files, by, noise in _calibration():
         files = [os.path.join(ROOT, f) for f in files]
         if not files or not all(os.path.exists(f) for f in files):
             pytest.skip(f"the calibration's result files are not here: {files}")
-        cells = [c for f in files for c in json.load(open(f))["cells"]
-                 if speed.cell_key(c)[:2] == (dtype, gemm)]
-        assert cells, (dtype, gemm, files)
+        cells = [c for f in files for c in speed.load_cells(f)
+                 if speed.cell_key(c)[:3] == (dtype, gemm, kind)]
+        assert cells, (dtype, gemm, kind, files)
         for c in cells:
-            _, _, bn, dropout, grad = speed.cell_key(c)
+            *_, bn, dropout, grad = speed.cell_key(c)
             k, n = map(int, c["layer"].split("->"))
             why = speed.no_gain("cpu", getattr(torch, dtype), c["batch"], k, n,
                                 None if bn == "none" else bn == "train",
-                                0.2 if dropout else 0.0, grad, name="cpu", gemm_path=gemm)
+                                0.2 if dropout else 0.0, grad, name="cpu", gemm_path=gemm,
+                                kind=kind)
             if speed.cell_speedup(c, by) < 1.0 - noise:
                 assert why is not None, f"the rule fuses a cell measured slower: {c}"
             checked += 1
@@ -63,8 +65,8 @@ def test_no_measured_loss_fuses():
 
 
 def test_every_row_has_its_calibration():
-    """Each (dtype, GEMM path) with rows names the run it was calibrated from."""
-    assert {key[:2] for key in speed.TABLE["cpu"]} == set(speed.CALIBRATION)
+    """Each (dtype, GEMM path, hardware) with rows names the run it was calibrated from."""
+    assert {key[:3] for key in speed.TABLE["cpu"]} == set(speed.CALIBRATION)
 
 
 def test_calibrate_leaves_every_loss_plain():
@@ -77,13 +79,13 @@ def test_calibrate_leaves_every_loss_plain():
              cell(64, "100->128", 0.6, dtype="bf16"),               # a kind that only lost
              cell(4, "8->8", 1.3, mode="eval", pass_="fwd")]        # a kind that only won
     rows = speed.calibrate(cells)
-    mb, mw = rows[("float32", "onednn", "none", False, True)]   # (cells without a path: oneDNN)
+    mb, mw = rows[("float32", "onednn", "", "none", False, True)]   # (no path: oneDNN)
     for c in cells[:7]:
         fused = c["batch"] >= mb and speed.cell_work(c) >= mw
         assert fused == (c["speedup"] >= 1.0), c
     assert (mb, mw) == (1, 64 * 100 * 128)   # the most wins, every loss left out
-    assert rows[("bfloat16", "onednn", "none", False, True)] == (65, 64 * 100 * 128 + 1)
-    assert rows[("float32", "onednn", "none", False, False)] == (4, 4 * 64)
+    assert rows[("bfloat16", "onednn", "", "none", False, True)] == (65, 64 * 100 * 128 + 1)
+    assert rows[("float32", "onednn", "", "none", False, False)] == (4, 4 * 64)
 
 
 def test_calibrate_leaves_a_losing_narrow_layer_plain(monkeypatch):
@@ -95,7 +97,7 @@ def test_calibrate_leaves_a_losing_narrow_layer_plain(monkeypatch):
     cells = [cell(b, "256->1", 0.7) for b in (64, 1024, 4096)] + \
             [cell(b, "100->128", 1.2) for b in (16, 64, 1024)]
     rows = speed.calibrate(cells)
-    key = ("float32", "onednn", "none", False, True)
+    key = ("float32", "onednn", "", "none", False, True)
     min_batch, min_work, min_out = rows[key]
     assert (min_batch, min_out) == (16, 128) and min_work <= 16 * 100 * 128
     for c in cells:
@@ -104,8 +106,9 @@ def test_calibrate_leaves_a_losing_narrow_layer_plain(monkeypatch):
     monkeypatch.setitem(speed.TABLE, "cpu", rows)
     speed.reset()
     assert "or 128 output features" in speed.no_gain("cpu", torch.float32, 4096, 256, 1, None, 0.0,
-                                                     gemm_path="onednn")
-    assert speed.no_gain("cpu", torch.float32, 64, 100, 128, None, 0.0, gemm_path="onednn") is None
+                                                     gemm_path="onednn", kind="")
+    assert speed.no_gain("cpu", torch.float32, 64, 100, 128, None, 0.0, gemm_path="onednn",
+                         kind="") is None
     # a two-number row (no min_out) reads as min_out 1
     assert speed.fused_in(cell(64, "256->1", 0.7), (1, 0))
 
@@ -116,7 +119,7 @@ def test_rows_are_per_gemm_path_and_follow_the_policy(monkeypatch):
     layers' cached answers follow a change of the cpu backend's GEMM policy."""
     cpu_backend()
     from fastgan.impl import cpu
-    kind = ("none", True, True)
+    kind = (speed.hardware("cpu"), "none", True, True)
     monkeypatch.setitem(speed.TABLE, "cpu", {("bfloat16", "widened", *kind): (1, 0),
                                              ("bfloat16", "aten", *kind): None})
     speed.reset()
@@ -131,6 +134,58 @@ def test_rows_are_per_gemm_path_and_follow_the_policy(monkeypatch):
                              gemm_path="onednn") == speed.UNMEASURED
     finally:
         speed.reset()
+
+
+def test_rows_are_per_hardware_kind(monkeypatch):
+    """Each kind of CPU reads its own rows (MKL runs AVX-512 on Intel only: the plain
+    layers' fp32 GEMM is 2x faster there than on an AMD CPU with the same ISA); a
+    kind with no rows reads those of the same ISA level, else of any kind measured
+    with the GEMM path."""
+    call = ("float32", "aten", "none", True, True)
+
+    def rows(*kinds):
+        return {(*call[:2], kind, *call[2:]): (1, 0) if kind == "intel-avx512" else None
+                for kind in kinds}
+    args = (torch.float32, 64, 512, 1024, None, 0.2)
+    monkeypatch.setitem(speed.TABLE, "cpu", rows("intel-avx512", "amd-avx512", "amd-avx2"))
+    speed.reset()
+    try:
+        def no_gain(kind):
+            return speed.no_gain("cpu", *args, name="cpu", gemm_path="aten", kind=kind)
+        assert no_gain("intel-avx512") is None
+        assert no_gain("amd-avx512") == speed.NEVER
+        assert no_gain("intel-avx2") == speed.NEVER            # amd-avx2's rows: same ISA
+        assert speed.measured_kind("cpu", "float32", "aten", "intel-avx2") == "amd-avx2"
+        assert speed.measured_kind("cpu", "float32", "aten", "aarch64-default") == "amd-avx2"
+        assert speed.measured_kind("cpu", "float32", "onednn", "intel-avx512") == ""
+        monkeypatch.setitem(speed.TABLE, "cpu", rows("intel-avx512"))
+        speed.reset()
+        assert no_gain("amd-avx2") is None                      # the only kind measured
+    finally:
+        speed.reset()
+
+
+def test_this_machine_has_a_hardware_kind():
+    cpu_backend()
+    from fastgan.impl import cpu
+    vendor, _, isa = cpu.hardware().rpartition("-")
+    assert vendor and isa == torch.backends.cpu.get_cpu_capability().lower()
+    assert speed.hardware("cpu") == cpu.hardware() == cpu.gemm_info()["hardware"]
+    if os.path.exists("/proc/cpuinfo"):
+        info = open("/proc/cpuinfo").read()
+        want = ("intel" if "GenuineIntel" in info else "amd" if "AuthenticAMD" in info
+                else None)
+        if want is not None:
+            assert vendor == want
+
+
+def test_old_result_files_get_their_hardware():
+    """Result files written before the hardware was recorded: told apart by their
+    gemm_info (the three machines they came from)."""
+    assert speed.file_hardware({"gemm_info": {"aten_fp32_avx512": True}}) == "intel-avx512"
+    assert speed.file_hardware({"gemm_info": {"onednn": {"float32": True}}}) == "amd-avx512"
+    assert speed.file_hardware({"gemm_info": {"onednn": {"float32": False}}}) == "amd-avx2"
+    assert speed.file_hardware({"hardware": "intel-avx2", "gemm_info": {}}) == "intel-avx2"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])

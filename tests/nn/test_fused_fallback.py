@@ -30,7 +30,8 @@ BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("reference", id="referen
 def table(monkeypatch):
     """A rule for the ``cpu`` backend with known thresholds: fp32 and bf16 calls fuse
     from batch 16 and B*K*N >= 16 * 8 * 8, in every kind."""
-    rows = {(dt, gemm, bn, d, g): (16, 16 * 8 * 8) for dt in ("float32", "bfloat16")
+    here = speed.hardware("cpu")
+    rows = {(dt, gemm, here, bn, d, g): (16, 16 * 8 * 8) for dt in ("float32", "bfloat16")
             for gemm in GEMM_PATHS for bn in ("none", "train", "eval") for d in (False, True)
             for g in (False, True)}
     monkeypatch.setitem(speed.TABLE, "cpu", rows)
@@ -70,12 +71,49 @@ def test_the_rule_picks_the_path(table, bn, grad):
             assert _ran("cpu", before) == ({forward} if fused else set()), b
 
 
+@pytest.mark.parametrize("bn", [False, True])
+def test_a_layer_follows_a_new_rule(table, monkeypatch, bn):
+    """A layer keeps its last answer for the same kind of call (``layers._route``), and
+    asks again after the rule changes (``speed.reset``: a new table, a new GEMM
+    policy), after a switch of the path, and for another kind of call."""
+    require("cpu", "cpu")
+    layer = _layer(bn)
+    forward = "linear_bn_act_forward" if bn else "linear_act_forward"
+    x = torch.randn(4, 8)
+
+    def fused():
+        before = _calls("cpu")
+        layer(x)
+        return _ran("cpu", before) == {forward}
+    with backend.use_backend("cpu"), layers.fused_path("auto"), torch.no_grad():
+        assert not fused() and not fused()           # below the table's batch 16
+        monkeypatch.setitem(speed.TABLE, "cpu", {k: (1, 0) for k in table})
+        assert not fused()                           # (the same answer until reset)
+        speed.reset()
+        assert fused()
+        with layers.fused_path("plain"):
+            assert not fused()
+        assert fused()
+        monkeypatch.setitem(speed.TABLE, "cpu", table)
+        speed.reset()
+        assert not fused()
+        layer.eval()                                 # eval: another kind of call
+        assert not fused()
+        # no row for calls without BatchNorm1d with active dropout (unmeasured: plain)
+        monkeypatch.setitem(speed.TABLE, "cpu", {k: (1, 0) for k in table if k[3] != "none"
+                                                 or k[4] is False})
+        speed.reset()
+        assert fused()                               # eval: no active dropout, fuses
+        layer.train()
+        assert fused() is bn                         # LinearAct with training dropout: plain
+
+
 def test_the_rule_reads_dtype_dropout_and_grad(monkeypatch):
     """Each kind of call has its own row; a kind with no row runs plain on a backend
     that has a table (not measured), fused on one without (CUDA, no GPU measured)."""
-    here = speed.gemm("cpu", torch.float32)
-    monkeypatch.setitem(speed.TABLE, "cpu", {("float32", here, "none", True, True): (1, 0),
-                                             ("float32", here, "none", False, True): (10**6, 0)})
+    here = (speed.gemm("cpu", torch.float32), speed.hardware("cpu"))
+    monkeypatch.setitem(speed.TABLE, "cpu", {("float32", *here, "none", True, True): (1, 0),
+                                             ("float32", *here, "none", False, True): (10**6, 0)})
     speed.reset()
     try:
         assert speed.no_gain("cpu", torch.float32, 4, 8, 8, None, 0.2, True) is None
@@ -290,7 +328,7 @@ def test_the_plain_path_checks_a_replaced_linear_tensor_again(bn):
     layer = _layer(bn, p=0.0)
     with layers.fused_path("plain"), torch.no_grad():
         layer(torch.randn(4, 8))
-        assert "_plain_ok" in layer.__dict__
+        assert "_route" in layer.__dict__
         layer[0].weight = nn.Parameter(torch.randn(8, 5))
         with pytest.raises(ValueError, match="weight"):
             layer(torch.randn(4, 8))
@@ -305,7 +343,7 @@ def test_the_plain_path_forgets_its_check_on_a_conversion(bn):
     with layers.fused_path("plain"), torch.no_grad():
         layer(torch.randn(4, 8))
         layer.double()
-        assert "_plain_ok" not in layer.__dict__
+        assert "_route" not in layer.__dict__
         x = torch.randn(4, 8, dtype=torch.float64)
         got = layer(x)
         want = nn.Sequential(*twin.children()).double()(x)

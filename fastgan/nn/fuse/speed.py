@@ -10,8 +10,11 @@ call: the compute dtype, the path the backend's GEMMs of that dtype take on
 this machine (``fastgan.impl.cpu.gemm_path``: oneDNN on an AVX-512 CPU, ATen
 without AVX-512, "widened" for bf16 without native bf16 instructions; a row
 measured with one path says nothing about another, where the plain layers'
-GEMM may be 2x slower or 6x slower than the fused op's, or the same),
-BatchNorm1d (none, training or eval statistics), whether dropout is active
+GEMM may be 2x slower or 6x slower than the fused op's, or the same), the
+hardware kind (``fastgan.impl.cpu.hardware``: vendor and ISA level, e.g.
+"amd-avx512"; MKL runs AVX-512 on Intel CPUs only, so on the same ISA the
+plain layers' fp32 GEMM is 2x faster on an Intel CPU than on an AMD one and
+the fused op's gains differ), BatchNorm1d (none, training or eval statistics), whether dropout is active
 and whether the call records a backward (grad on).
 A row holds the smallest batch, the smallest forward work ``B * K * N`` and
 (optionally, default 1) the fewest output features from which the fused op
@@ -25,7 +28,10 @@ measured: a dtype the matrix did not time, fp16 and fp64 on the CPU). A
 backend without a table runs the fused op everywhere (the CUDA backends: no
 GPU has run the matrix yet). The ``reference`` backend (plain-PyTorch math
 of the spec, a test oracle) never gains; a device with no fused backend
-neither. ``calibrate`` makes the rows from the matrix's cells: per kind, the
+neither. On a hardware kind that has no rows for a (dtype, GEMM path), the
+rows measured on the nearest kind are read: the same ISA level from another
+vendor first, else any kind measured with that GEMM path (``measured_kind``).
+``calibrate`` makes the rows from the matrix's cells: per kind, the
 thresholds that leave every cell where the fused op lost on the plain path
 and fuse the most of the others.
 
@@ -42,6 +48,7 @@ the rule for ``fuse``.
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
@@ -49,71 +56,73 @@ import torch
 from ...ops import dispatch
 
 # ---------------------------------------------------------------- the table
-# backend -> {(dtype, gemm, bn, dropout, grad): (min_batch, min_work[, min_out]) or None}
+# backend -> {(dtype, gemm, hardware, bn, dropout, grad): (min_batch, min_work[, min_out])
+#             or None}
 #   dtype: "float32" | "bfloat16" | ...; gemm: the backend's GEMM path for the
-#   dtype ("onednn" | "aten" | "widened"); bn: "none" | "train" | "eval";
+#   dtype ("onednn" | "aten" | "widened"); hardware: the kind of machine it was
+#   measured on ("amd-avx512", ...); bn: "none" | "train" | "eval";
 #   dropout: dropout active in this call; grad: the call records a backward.
 #   None: the fused op lost in every measured cell of the row.
 # BEGIN TABLE (written by bench/bench_cpu_matrix.py --write-rule)
 TABLE: dict = {
     "cpu": {
-        ('bfloat16', 'onednn', 'eval', False, False): (1, 256, 256),
-        ('bfloat16', 'onednn', 'eval', False, True): (1, 822083584),
-        ('bfloat16', 'onednn', 'none', False, False): (256, 1605632),
-        ('bfloat16', 'onednn', 'none', False, True): (1, 2147483648),
-        ('bfloat16', 'onednn', 'none', True, False): (1, 256, 128),
-        ('bfloat16', 'onednn', 'none', True, True): (1, 256, 128),
-        ('bfloat16', 'onednn', 'train', False, False): (2, 512),
-        ('bfloat16', 'onednn', 'train', False, True): (2, 52428800, 1024),
-        ('bfloat16', 'onednn', 'train', True, False): (2, 512, 128),
-        ('bfloat16', 'onednn', 'train', True, True): (2, 512, 128),
-        ('bfloat16', 'widened', 'eval', False, False): (16, 131072),
-        ('bfloat16', 'widened', 'eval', False, True): (1, 512),
-        ('bfloat16', 'widened', 'none', False, False): (16, 131072),
-        ('bfloat16', 'widened', 'none', False, True): (2, 409600),
-        ('bfloat16', 'widened', 'none', True, False): (16, 131072),
-        ('bfloat16', 'widened', 'none', True, True): (1, 65536),
-        ('bfloat16', 'widened', 'train', False, False): (16, 204800),
-        ('bfloat16', 'widened', 'train', False, True): (2, 512),
-        ('bfloat16', 'widened', 'train', True, False): (16, 512),
-        ('bfloat16', 'widened', 'train', True, True): (2, 512),
-        ('float32', 'aten', 'eval', False, False): (257, 205520897),
-        ('float32', 'aten', 'eval', False, True): (257, 205520897),
-        ('float32', 'aten', 'none', False, False): (257, 205520897),
-        ('float32', 'aten', 'none', False, True): (257, 205520897),
-        ('float32', 'aten', 'none', True, False): (1, 256),
-        ('float32', 'aten', 'none', True, True): (1, 205520896),
-        ('float32', 'aten', 'train', False, False): (257, 205520897),
-        ('float32', 'aten', 'train', False, True): (257, 205520897),
-        ('float32', 'aten', 'train', True, False): (2, 512, 784),
-        ('float32', 'aten', 'train', True, True): (2, 12845056, 784),
-        ('float32', 'onednn', 'eval', False, False): (1, 256, 128),
-        ('float32', 'onednn', 'eval', False, True): (1, 256, 256),
-        ('float32', 'onednn', 'none', False, False): (1, 2097152),
-        ('float32', 'onednn', 'none', False, True): (1, 2097152, 256),
-        ('float32', 'onednn', 'none', True, False): (1, 256, 128),
-        ('float32', 'onednn', 'none', True, True): (1, 256, 128),
-        ('float32', 'onednn', 'train', False, False): (2, 512),
-        ('float32', 'onednn', 'train', False, True): (16, 512, 128),
-        ('float32', 'onednn', 'train', True, False): (2, 512, 128),
-        ('float32', 'onednn', 'train', True, True): (2, 512, 128),
+        ('bfloat16', 'onednn', 'amd-avx512', 'eval', False, False): (1, 256, 256),
+        ('bfloat16', 'onednn', 'amd-avx512', 'eval', False, True): (1, 822083584),
+        ('bfloat16', 'onednn', 'amd-avx512', 'none', False, False): (256, 1605632),
+        ('bfloat16', 'onednn', 'amd-avx512', 'none', False, True): (1, 2147483648),
+        ('bfloat16', 'onednn', 'amd-avx512', 'none', True, False): (1, 256, 128),
+        ('bfloat16', 'onednn', 'amd-avx512', 'none', True, True): (1, 256, 128),
+        ('bfloat16', 'onednn', 'amd-avx512', 'train', False, False): (2, 512),
+        ('bfloat16', 'onednn', 'amd-avx512', 'train', False, True): (2, 52428800, 1024),
+        ('bfloat16', 'onednn', 'amd-avx512', 'train', True, False): (2, 512, 128),
+        ('bfloat16', 'onednn', 'amd-avx512', 'train', True, True): (2, 512, 128),
+        ('bfloat16', 'widened', 'amd-avx2', 'eval', False, False): (16, 131072),
+        ('bfloat16', 'widened', 'amd-avx2', 'eval', False, True): (1, 512),
+        ('bfloat16', 'widened', 'amd-avx2', 'none', False, False): (16, 131072),
+        ('bfloat16', 'widened', 'amd-avx2', 'none', False, True): (2, 409600),
+        ('bfloat16', 'widened', 'amd-avx2', 'none', True, False): (16, 131072),
+        ('bfloat16', 'widened', 'amd-avx2', 'none', True, True): (1, 65536),
+        ('bfloat16', 'widened', 'amd-avx2', 'train', False, False): (16, 204800),
+        ('bfloat16', 'widened', 'amd-avx2', 'train', False, True): (2, 512),
+        ('bfloat16', 'widened', 'amd-avx2', 'train', True, False): (16, 512),
+        ('bfloat16', 'widened', 'amd-avx2', 'train', True, True): (2, 512),
+        ('float32', 'aten', 'amd-avx2', 'eval', False, False): (257, 205520897),
+        ('float32', 'aten', 'amd-avx2', 'eval', False, True): (257, 205520897),
+        ('float32', 'aten', 'amd-avx2', 'none', False, False): (257, 205520897),
+        ('float32', 'aten', 'amd-avx2', 'none', False, True): (257, 205520897),
+        ('float32', 'aten', 'amd-avx2', 'none', True, False): (1, 256),
+        ('float32', 'aten', 'amd-avx2', 'none', True, True): (1, 205520896),
+        ('float32', 'aten', 'amd-avx2', 'train', False, False): (257, 205520897),
+        ('float32', 'aten', 'amd-avx2', 'train', False, True): (257, 205520897),
+        ('float32', 'aten', 'amd-avx2', 'train', True, False): (2, 512, 784),
+        ('float32', 'aten', 'amd-avx2', 'train', True, True): (2, 12845056, 784),
+        ('float32', 'onednn', 'amd-avx512', 'eval', False, False): (1, 256, 128),
+        ('float32', 'onednn', 'amd-avx512', 'eval', False, True): (1, 256, 256),
+        ('float32', 'onednn', 'amd-avx512', 'none', False, False): (1, 2097152),
+        ('float32', 'onednn', 'amd-avx512', 'none', False, True): (1, 2097152, 256),
+        ('float32', 'onednn', 'amd-avx512', 'none', True, False): (1, 256, 128),
+        ('float32', 'onednn', 'amd-avx512', 'none', True, True): (1, 256, 128),
+        ('float32', 'onednn', 'amd-avx512', 'train', False, False): (2, 512),
+        ('float32', 'onednn', 'amd-avx512', 'train', False, True): (16, 512, 128),
+        ('float32', 'onednn', 'amd-avx512', 'train', True, False): (2, 512, 128),
+        ('float32', 'onednn', 'amd-avx512', 'train', True, True): (2, 512, 128),
     },
 }
-# (dtype, GEMM path) -> where its rows come from
+# (dtype, GEMM path, hardware) -> where its rows come from
 CALIBRATION: dict = {
-    ('bfloat16', 'onednn'): (
+    ('bfloat16', 'onednn', 'amd-avx512'): (
         'calibrated from bench/results/issue11-layer-matrix-session7.json (by med'
         'ian, noise 0.05, 2026-12-03)'
     ),
-    ('bfloat16', 'widened'): (
+    ('bfloat16', 'widened', 'amd-avx2'): (
         'calibrated from bench/results/issue11-layer-matrix-zen3.json (by median,'
         ' noise 0.05, 2026-12-03)'
     ),
-    ('float32', 'aten'): (
+    ('float32', 'aten', 'amd-avx2'): (
         'calibrated from bench/results/issue11-layer-matrix-zen3.json (by median,'
         ' noise 0.05, 2026-12-03)'
     ),
-    ('float32', 'onednn'): (
+    ('float32', 'onednn', 'amd-avx512'): (
         'calibrated from bench/results/issue11-layer-matrix-session7.json (by med'
         'ian, noise 0.05, 2026-12-03)'
     ),
@@ -124,7 +133,7 @@ REFERENCE = "the reference backend runs the spec's plain-PyTorch math, slower th
 NO_BACKEND = "no fused backend runs on this device"
 NEVER = "the fused op was measured slower than the plain layers for every size of this kind"
 UNMEASURED = ("this kind of call (dtype, GEMM path, BatchNorm1d mode, dropout, grad) was not "
-              "measured")
+              "measured on any hardware")
 
 
 def _limits(row: tuple) -> tuple[int, int, int]:
@@ -170,25 +179,54 @@ def gemm(name: Optional[str], dtype: torch.dtype) -> str:
     return path_of(dtype)
 
 
+def hardware(name: Optional[str]) -> str:
+    """The kind of machine backend ``name`` runs on ("" for a backend that does not say)."""
+    module = dispatch._load(name)[0] if name else None
+    kind = getattr(module, "hardware", None)
+    return kind() if kind is not None else ""
+
+
+_kinds: dict = {}   # (backend, dtype, gemm, hardware) -> the kind whose rows are read
+
+
+def measured_kind(name: Optional[str], dtype: str, gemm_path: str, kind: str) -> str:
+    """The hardware kind whose rows backend ``name`` reads for ``dtype`` and ``gemm_path``
+    on hardware ``kind``: ``kind`` itself where it was measured, else a kind of the
+    same ISA level ("intel-avx512" reads "amd-avx512"), else the first kind measured
+    with this GEMM path ("" where none was)."""
+    key = (name, dtype, gemm_path, kind)
+    hit = _kinds.get(key)
+    if hit is None:
+        kinds = sorted({k[2] for k in TABLE.get(name, {}) if k[:2] == (dtype, gemm_path)})
+        isa = kind.rpartition("-")[2]
+        same_isa = [k for k in kinds if k.rpartition("-")[2] == isa]
+        hit = _kinds[key] = (kind if kind in kinds else
+                             (same_isa or kinds or [""])[0])
+    return hit
+
+
 def row(name: Optional[str], dtype: torch.dtype, bn_training: Optional[bool], dropout: bool,
-        grad: bool, gemm_path: Optional[str] = None):
+        grad: bool, gemm_path: Optional[str] = None, kind: Optional[str] = None):
     """The table's row for this kind of call on backend ``name`` (``gemm_path``: the
-    GEMM path it is for, None: this machine's): (min_batch, min_work[, min_out]),
-    None (never gains), or ``...`` when it has none."""
+    GEMM path it is for, ``kind``: the hardware; None: this machine's):
+    (min_batch, min_work[, min_out]), None (never gains), or ``...`` when it has none."""
     rows = TABLE.get(name)
     if rows is None:
         return ...
     if gemm_path is None:
         gemm_path = gemm(name, dtype)
-    key = (str(dtype).rpartition(".")[2], gemm_path, bn_kind(bn_training), bool(dropout),
-           bool(grad))
+    if kind is None:
+        kind = hardware(name)
+    dt = str(dtype).rpartition(".")[2]
+    key = (dt, gemm_path, measured_kind(name, dt, gemm_path, kind), bn_kind(bn_training),
+           bool(dropout), bool(grad))
     return rows.get(key, ...)
 
 
 def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_features: int,
             out_features: int, bn_training: Optional[bool], p: float,
             grad: bool = True, name: Optional[str] = "",
-            gemm_path: Optional[str] = None) -> Optional[str]:
+            gemm_path: Optional[str] = None, kind: Optional[str] = None) -> Optional[str]:
     """None if the fused op gains for this call, else why it would not.
 
     ``dtype``: the inputs' dtype after autocast; ``bn_training``: None without
@@ -196,7 +234,8 @@ def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_featu
     active); ``grad``: the call records a backward (the report assumes so);
     ``batch`` None: not known (the report asks at fuse time), assumed large
     enough; ``name``: the backend that would run it ("" asks ``backend``);
-    ``gemm_path``: its GEMM path to read the table for (None: this machine's).
+    ``gemm_path``, ``kind``: its GEMM path and hardware kind to read the table for
+    (None: this machine's).
     """
     if name == "":
         name = backend(device_type)
@@ -204,7 +243,7 @@ def no_gain(device_type: str, dtype: torch.dtype, batch: Optional[int], in_featu
         return NO_BACKEND
     if name == "reference":
         return REFERENCE
-    limits = row(name, dtype, bn_training, p > 0, grad, gemm_path)
+    limits = row(name, dtype, bn_training, p > 0, grad, gemm_path, kind)
     if limits is ...:
         return None if name not in TABLE else UNMEASURED
     if limits is None:
@@ -232,6 +271,8 @@ def plain_reason(name: Optional[str], dtype: torch.dtype, batch: int, in_feature
 
 
 _decisions: dict = {}   # the fused layers' per-call question, answered once per kind
+# Bumped by ``reset``: the fused layers keep their last answer with it (``layers._route``).
+generation = 0
 
 
 def fused_wins(name: Optional[str], dtype: torch.dtype, batch: int, in_features: int,
@@ -251,20 +292,47 @@ def fused_wins(name: Optional[str], dtype: torch.dtype, batch: int, in_features:
 
 def reset() -> None:
     """Forget the cached answers (after ``TABLE`` changes, in tests)."""
+    global generation
+    generation += 1
     _decisions.clear()
     _chosen.clear()
+    _kinds.clear()
 
 
 # ---------------------------------------------------------------- calibration
 def cell_key(cell: dict) -> tuple:
-    """The table key of one cell of bench/bench_cpu_matrix.py's JSON. (Cells written
+    """The table key of one cell of bench/bench_cpu_matrix.py's JSON (``load_cells``
+    fills in the hardware of cells written before it was recorded). (Cells written
     before the GEMM path was recorded were all measured where oneDNN ran both
     fp32 and bf16: their files' ``gemm_info``.)"""
     train = cell["mode"] == "train"
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cell["dtype"]]
     bn = ("train" if train else "eval") if cell["bn"] else "none"
-    return (dtype, cell.get("gemm", "onednn"), bn, bool(cell["dropout"] > 0 and train),
-            cell["pass_"] == "fwd+bwd")
+    return (dtype, cell.get("gemm", "onednn"), cell.get("hardware", ""), bn,
+            bool(cell["dropout"] > 0 and train), cell["pass_"] == "fwd+bwd")
+
+
+def file_hardware(meta: dict) -> str:
+    """The hardware kind a result file of bench/bench_cpu_matrix.py was measured on.
+    Files written before it was recorded came from three machines, which their
+    ``gemm_info`` tells apart: ATen's fp32 GEMM on AVX-512 (the Intel Xeon), oneDNN
+    usable for fp32 (the AMD EPYC Zen 5), neither (the AMD EPYC Zen 3, AVX2)."""
+    info = meta.get("gemm_info", {})
+    if meta.get("hardware") or info.get("hardware"):
+        return meta.get("hardware") or info["hardware"]
+    if info.get("aten_fp32_avx512"):
+        return "intel-avx512"
+    return "amd-avx512" if info.get("onednn", {}).get("float32", True) else "amd-avx2"
+
+
+def load_cells(path: str) -> list:
+    """The cells of a result file of bench/bench_cpu_matrix.py, each with its hardware."""
+    with open(path) as f:
+        data = json.load(f)
+    kind = file_hardware(data.get("meta", {}))
+    for c in data["cells"]:
+        c.setdefault("hardware", kind)
+    return data["cells"]
 
 
 def cell_work(cell: dict) -> int:

@@ -127,8 +127,11 @@ def cell(b, k, n, dropout, bn, dt, mode, backward, iters, min_time_s, with_aten=
     # A sample is >= ~2 ms of calls: a single 100 us call is at the mercy of the
     # timer and of interrupts (medians 2x the fastest sample), which made the
     # small cells' ratios noise.
+    # settle: one untimed call before each sample, so that a sample of a few large
+    # calls does not hold the first call after another contender (which pays for
+    # its leftovers in the caches and the heap: up to 10% of a 400 us call).
     t = measure_many(fns, torch.device("cpu"), warmup=3, iters=iters, min_time_s=min_time_s,
-                     repeat={key: calls_per_sample(fn) for key, fn in fns.items()})
+                     repeat={key: calls_per_sample(fn) for key, fn in fns.items()}, settle=1)
     fused_ms, plain_ms = t["fused"].median_ms, t["plain"].median_ms
     out = dict(batch=b, layer=f"{k}->{n}", dropout=dropout, bn=bn, dtype=dt, mode=mode,
                gemm=cpu_impl.gemm_path(dtype),   # the rule's rows are per GEMM path

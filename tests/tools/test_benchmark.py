@@ -56,6 +56,24 @@ def test_measure_counts_and_percentiles():
     assert t.percentile(20) == pytest.approx(1.8) and t.percentile(80) == pytest.approx(4.2)
 
 
+def test_measure_many_rotates_the_order_and_settles():
+    """Each callable follows each other one equally often (the first call after a switch
+    pays for the previous callable's leftovers), and ``settle`` untimed calls come
+    before each sample."""
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    t = B.measure_many(fns, CPU, warmup=0, iters=6, repeat=2, settle=1)
+    assert all(len(t[k].samples_ms) == 6 for k in "abc")
+    assert len(calls) == 6 * 3 * (1 + 2)
+    samples = calls[::3]                       # the first call of each settle + sample
+    assert all(calls[i:i + 3] == [calls[i]] * 3 for i in range(0, len(calls), 3))
+    followers = {}
+    for prev, nxt in zip(samples, samples[1:]):
+        if prev != nxt:
+            followers.setdefault(nxt, set()).add(prev)
+    assert all(followers[k] == set("abc") - {k} for k in "abc")
+
+
 def by_name(device):
     return {c.name: c for c in B.contenders(device)}
 

@@ -76,6 +76,16 @@ TABLE: dict = {
         ('bfloat16', 'onednn', 'amd-avx512', 'train', False, True): (2, 52428800, 1024),
         ('bfloat16', 'onednn', 'amd-avx512', 'train', True, False): (2, 512, 128),
         ('bfloat16', 'onednn', 'amd-avx512', 'train', True, True): (2, 512, 128),
+        ('bfloat16', 'onednn', 'intel-avx512', 'eval', False, False): (1, 51200, 128),
+        ('bfloat16', 'onednn', 'intel-avx512', 'eval', False, True): (4097, 3288334337),
+        ('bfloat16', 'onednn', 'intel-avx512', 'none', False, False): (1, 1638400),
+        ('bfloat16', 'onednn', 'intel-avx512', 'none', False, True): (4097, 3288334337),
+        ('bfloat16', 'onednn', 'intel-avx512', 'none', True, False): (1, 256, 128),
+        ('bfloat16', 'onednn', 'intel-avx512', 'none', True, True): (1, 256, 128),
+        ('bfloat16', 'onednn', 'intel-avx512', 'train', False, False): (2, 512, 128),
+        ('bfloat16', 'onednn', 'intel-avx512', 'train', False, True): (4097, 3288334337),
+        ('bfloat16', 'onednn', 'intel-avx512', 'train', True, False): (2, 512, 128),
+        ('bfloat16', 'onednn', 'intel-avx512', 'train', True, True): (2, 512, 128),
         ('bfloat16', 'widened', 'amd-avx2', 'eval', False, False): (16, 131072),
         ('bfloat16', 'widened', 'amd-avx2', 'eval', False, True): (1, 512),
         ('bfloat16', 'widened', 'amd-avx2', 'none', False, False): (16, 131072),
@@ -96,6 +106,16 @@ TABLE: dict = {
         ('float32', 'aten', 'amd-avx2', 'train', False, True): (257, 205520897),
         ('float32', 'aten', 'amd-avx2', 'train', True, False): (2, 512, 784),
         ('float32', 'aten', 'amd-avx2', 'train', True, True): (2, 12845056, 784),
+        ('float32', 'aten', 'intel-avx512', 'eval', False, False): (256, 33554432, 256),
+        ('float32', 'aten', 'intel-avx512', 'eval', False, True): (1, 256, 256),
+        ('float32', 'aten', 'intel-avx512', 'none', False, False): (1, 26214400),
+        ('float32', 'aten', 'intel-avx512', 'none', False, True): (256, 33554432),
+        ('float32', 'aten', 'intel-avx512', 'none', True, False): (1, 256, 128),
+        ('float32', 'aten', 'intel-avx512', 'none', True, True): (1, 256, 128),
+        ('float32', 'aten', 'intel-avx512', 'train', False, False): (2, 512),
+        ('float32', 'aten', 'intel-avx512', 'train', False, True): (2, 512, 256),
+        ('float32', 'aten', 'intel-avx512', 'train', True, False): (2, 512),
+        ('float32', 'aten', 'intel-avx512', 'train', True, True): (2, 512),
         ('float32', 'onednn', 'amd-avx512', 'eval', False, False): (1, 256, 128),
         ('float32', 'onednn', 'amd-avx512', 'eval', False, True): (1, 256, 256),
         ('float32', 'onednn', 'amd-avx512', 'none', False, False): (1, 2097152),
@@ -114,6 +134,10 @@ CALIBRATION: dict = {
         'calibrated from bench/results/issue11-layer-matrix-session7.json (by med'
         'ian, noise 0.05, 2026-12-03)'
     ),
+    ('bfloat16', 'onednn', 'intel-avx512'): (
+        'calibrated from bench/results/issue11-layer-matrix-xeon-calib.json (by m'
+        'edian, noise 0.05, 2026-12-04)'
+    ),
     ('bfloat16', 'widened', 'amd-avx2'): (
         'calibrated from bench/results/issue11-layer-matrix-zen3.json (by median,'
         ' noise 0.05, 2026-12-03)'
@@ -121,6 +145,10 @@ CALIBRATION: dict = {
     ('float32', 'aten', 'amd-avx2'): (
         'calibrated from bench/results/issue11-layer-matrix-zen3.json (by median,'
         ' noise 0.05, 2026-12-03)'
+    ),
+    ('float32', 'aten', 'intel-avx512'): (
+        'calibrated from bench/results/issue11-layer-matrix-xeon-calib.json (by m'
+        'edian, noise 0.05, 2026-12-04)'
     ),
     ('float32', 'onednn', 'amd-avx512'): (
         'calibrated from bench/results/issue11-layer-matrix-session7.json (by med'

@@ -209,7 +209,7 @@ def main(argv=None):
                 machine=f"{platform.processor() or platform.machine()}, "
                         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
                 note=a.note, torch=torch.__version__, threads=a.threads, gemm=a.gemm,
-                freed_memory_kept=heap_kept, hardware=cpu_impl.hardware(),
+                freed_memory_kept=heap_kept,
                 gemm_info=cpu_impl.gemm_info(), seconds=time.perf_counter() - t0)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:

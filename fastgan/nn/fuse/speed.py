@@ -14,8 +14,9 @@ GEMM may be 2x slower or 6x slower than the fused op's, or the same), the
 hardware kind (``fastgan.impl.cpu.hardware``: vendor and ISA level, e.g.
 "amd-avx512"; MKL runs AVX-512 on Intel CPUs only, so on the same ISA the
 plain layers' fp32 GEMM is 2x faster on an Intel CPU than on an AMD one and
-the fused op's gains differ), BatchNorm1d (none, training or eval statistics), whether dropout is active
-and whether the call records a backward (grad on).
+the fused op's gains differ), BatchNorm1d (none, training or eval
+statistics), whether dropout is active and whether the call records a
+backward (grad on).
 A row holds the smallest batch, the smallest forward work ``B * K * N`` and
 (optionally, default 1) the fewest output features from which the fused op
 was measured ahead of the plain layers in every cell of the matrix; below
@@ -346,8 +347,8 @@ def file_hardware(meta: dict) -> str:
     ``gemm_info`` tells apart: ATen's fp32 GEMM on AVX-512 (the Intel Xeon), oneDNN
     usable for fp32 (the AMD EPYC Zen 5), neither (the AMD EPYC Zen 3, AVX2)."""
     info = meta.get("gemm_info", {})
-    if meta.get("hardware") or info.get("hardware"):
-        return meta.get("hardware") or info["hardware"]
+    if info.get("hardware"):
+        return info["hardware"]
     if info.get("aten_fp32_avx512"):
         return "intel-avx512"
     return "amd-avx512" if info.get("onednn", {}).get("float32", True) else "amd-avx2"
